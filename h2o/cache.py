@@ -1,0 +1,201 @@
+"""A transformers `Cache` whose layers keep a bounded set of tokens chosen by a policy.
+
+Each `CompressedLayer` holds, per row and KV head, the kept keys and values in temporal order,
+plus per-slot bookkeeping that moves with them through one gather: the arrival index of the token
+(`times`), its accumulated attention (`scores`, float32, H2O only), and per row which slots are
+padding (`valid`). `keys`/`values` always hold exactly the kept tokens.
+
+Eviction is lazy: after attention, a layer holding more than `budget + buffer` tokens is cut
+back to exactly `budget`. It runs inside the score-capturing attention function
+(`h2o.attention`), which is also where the padding mask and the reindex rotation are applied.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from . import rope as rope_ops
+from .policies import Policy, keep_indices
+
+# The layer whose `update` ran last on this thread. The attention function of the same layer
+# runs right after it and picks it up (checking it received that layer's keys).
+_pending = threading.local()
+
+
+def take_pending(key: torch.Tensor) -> "CompressedLayer | None":
+    layer = getattr(_pending, "layer", None)
+    _pending.layer = None
+    return layer if layer is not None and layer.keys is key else None
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's kept tokens under an evicting policy."""
+
+    is_croppable = False
+
+    def __init__(self, policy: Policy, buffer: int, reindex: bool, rope: tuple | None = None):
+        super().__init__()
+        self.policy, self.buffer, self.reindex, self.rope = policy, buffer, reindex, rope
+        self._clear()
+
+    def _clear(self) -> None:
+        self.seen = 0  # tokens seen, padding included: the next token's arrival index
+        self.times = self.scores = self.valid = self.pads = None
+        self.has_padding = False  # any kept slot is padding (a host-side flag: no per-step sync)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor = None) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty(b, h, 0, d)
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
+        self.times = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
+        self.valid = torch.empty(b, 0, dtype=torch.bool, device=self.device)
+        self.pads = torch.zeros(b, dtype=torch.long, device=self.device)
+        if self.policy.needs_scores:
+            self.scores = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, _ = key_states.shape
+        arrival = torch.arange(self.seen, self.seen + q, device=self.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.times = torch.cat([self.times, arrival.expand(b, h, q)], dim=-1)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(b, q)], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, q)], dim=-1)
+        self.seen += q
+        _pending.layer = self
+        return self.keys, self.values
+
+    # --- called by the attention function, in this order -------------------------------------
+
+    def mark_padding(self, new_valid: torch.Tensor) -> None:
+        """Record which of the tokens just appended are (left) padding: new_valid [B, q]."""
+        q = new_valid.shape[-1]
+        self.valid[:, -q:] = new_valid
+        self.pads += (~new_valid).sum(-1)
+        self.has_padding = self.has_padding or not bool(new_valid.all())
+
+    def reposition(self, query: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """reindex mode: move the new keys and the queries from the model's positions to their slots."""
+        q = query.shape[-2]
+        kept = self.keys.shape[-2] - q
+        if position_ids is None:  # what the model uses when it is given none
+            position_ids = torch.arange(self.seen - q, self.seen, device=self.device)
+        slots = torch.arange(kept, kept + q, device=self.device)
+        delta = (slots - position_ids.to(self.device)).view(-1, 1, q)  # [B or 1, 1, q]
+        inv_freq, dims = self.rope
+        self.keys[:, :, kept:] = rope_ops.rotate(self.keys[:, :, kept:], delta, inv_freq, dims)
+        return rope_ops.rotate(query, delta, inv_freq, dims)
+
+    def attention_mask(self, q: int) -> torch.Tensor | None:
+        """Boolean mask [B, 1, q, L] over the kept slots, or None where plain causal attention is exact."""
+        length = self.keys.shape[-2]
+        kept = length - q
+        if not self.has_padding and (q == 1 or kept == 0):
+            return None
+        causal = torch.ones(q, length, dtype=torch.bool, device=self.device).tril(diagonal=kept)
+        mask = causal & self.valid[:, None, None, :]
+        # A padding query sees nothing real; let it see itself so no row is empty (no NaN).
+        own = torch.zeros_like(causal)
+        own[:, kept:] = torch.eye(q, dtype=torch.bool, device=self.device)
+        return mask | own
+
+    def add_scores(self, mass: torch.Tensor) -> None:
+        self.scores += mass
+
+    def evict_if_needed(self) -> bool:
+        if self.keys.shape[-2] <= self.policy.budget + self.buffer:
+            return False
+        idx = keep_indices(self.policy, self.scores, self.times, self.valid, self.pads, self.seen)
+        d = self.keys.shape[-1]
+        self.keys = self.keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+        self.values = self.values.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
+        self.times = self.times.gather(2, idx)
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, idx)
+        # Padding is dropped first and sits at the oldest slots, so head 0 speaks for every head.
+        self.valid = self.valid.gather(1, idx[:, 0])
+        if self.has_padding:
+            self.has_padding = not bool(self.valid.all())
+        if self.reindex:
+            slots = torch.arange(idx.shape[-1], device=self.device)
+            self.keys = rope_ops.rotate(self.keys, slots - idx, *self.rope)
+        return True
+
+    # --- transformers' layer interface ------------------------------------------------------
+
+    def get_seq_length(self) -> int:
+        # Tokens seen, not kept: default position ids and the mask's query offset derive from it.
+        return self.seen
+
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        # transformers 5.x passes the query length, 4.5x the cache_position tensor.
+        q = query if isinstance(query, int) else query.shape[0]
+        kept = self.keys.shape[-2] if self.is_initialized else 0
+        return kept + q, self.seen - kept
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        super().reset()
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        for name in ("keys", "values", "times", "scores", "valid", "pads"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._select_rows(torch.as_tensor(indices, device=self.device).flatten())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            rows = self.keys.shape[0]
+            self._select_rows(torch.arange(rows, device=self.device).repeat_interleave(repeats))
+
+
+class CompressedCache(Cache):
+    """A `Cache` of one layer per model layer; a `full` policy uses plain `DynamicLayer`s."""
+
+    def __init__(self, policy: Policy, num_layers: int, positions: str = "original", buffer: int = 64,
+                 rope: tuple | None = None):
+        if policy.evicts:
+            layers = [CompressedLayer(policy, buffer, positions == "reindex", rope) for _ in range(num_layers)]
+        else:
+            layers = [DynamicLayer() for _ in range(num_layers)]
+        super().__init__(layers=layers)
+        self.policy, self.positions, self.buffer = policy, positions, buffer
+
+    def __repr__(self) -> str:
+        return f"CompressedCache({self.policy.name}, positions={self.positions}, buffer={self.buffer})"
+
+    def kept_lengths(self) -> list[int]:
+        """Tokens each layer holds now."""
+        return [layer.keys.shape[-2] if layer.is_initialized else 0 for layer in self.layers]
+
+    def kv_bytes(self) -> int:
+        """Exact bytes held by the cache: keys, values and the per-slot bookkeeping."""
+        total = 0
+        for layer in self.layers:
+            for name in ("keys", "values", "times", "scores", "valid", "pads"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total

@@ -1,0 +1,99 @@
+"""What differs per architecture, and the two entry points: `make_cache` and `restore`."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from . import attention
+from .cache import CompressedCache
+from .policies import Policy, parse
+
+# Decoder-only families whose attention goes through transformers' attention registry, applies
+# rotate-half RoPE before `cache.update`, and has no sliding-window layers.
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
+POSITION_MODES = ("original", "reindex")
+
+_original_attention: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def _attn_implementation(model) -> str:
+    return model.config._attn_implementation
+
+
+def _set_attn_implementation(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older transformers
+        model.config._attn_implementation = name
+
+
+def rotary_embedding(model) -> tuple[torch.Tensor, int]:
+    """(inverse frequencies, rotated dims per head) of the model's RoPE; error if it has none."""
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb") and isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            rope_type = getattr(module, "rope_type", "default")
+            if rope_type not in ("default", "linear", "llama3", "yarn", "longrope"):
+                raise ValueError(f"positions='reindex' needs position-independent RoPE; {rope_type!r} is not")
+            inv_freq = module.inv_freq.detach().to(torch.float32).clone()
+            return inv_freq, 2 * inv_freq.numel()
+    raise ValueError(
+        f"positions='reindex' needs a model with rotary position embeddings; "
+        f"{model.config.model_type!r} has none. Use positions='original'."
+    )
+
+
+def check_model(model) -> None:
+    config = model.config
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model family {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or (
+        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    ):
+        raise ValueError(
+            f"{family!r} model uses sliding-window attention layers, which this library does not handle; "
+            "load it with sliding_window=None"
+        )
+
+
+def make_cache(model, policy: str | Policy, positions: str = "original", buffer: int = 64,
+               score: str | None = None) -> CompressedCache:
+    """A `transformers` Cache applying `policy` to `model`, for `generate` or manual forward loops.
+
+    policy: "full", "streaming_<sinks>_<window>", "h2o_<sinks>_<recent>_<budget>[_mean|_sum]".
+    positions: "original" (keys keep their absolute positions) or "reindex" (positions are cache
+        slots, keys re-rotated after eviction: StreamingLLM's shift, to stream past the trained context).
+    buffer: lazy eviction; a layer is cut back to `budget` once it holds more than `budget + buffer`.
+    score: H2O scoring rule, "mean" (default) or "sum" (the paper's).
+
+    For evicting policies the model's attention implementation is switched to the matching
+    ``h2o_*`` function (undo with `restore(model)`); the model's code is not modified.
+    """
+    policy = parse(policy, score)
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 0:
+        raise ValueError(f"buffer must be an int >= 0, got {buffer!r}")
+    check_model(model)
+    rope = rotary_embedding(model) if positions == "reindex" else None
+    if policy.evicts:
+        current = _original_attention.get(model, _attn_implementation(model))
+        if current not in attention.NAMES:
+            raise ValueError(
+                f"attention implementation {current!r} cannot give attention scores or per-slot masks; "
+                f"load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        attention.register()
+        _original_attention.setdefault(model, current)
+        _set_attn_implementation(model, attention.NAMES[current])
+    return CompressedCache(policy, model.config.num_hidden_layers, positions, buffer, rope)
+
+
+def restore(model) -> None:
+    """Give the model back its own attention implementation (a no-op if `make_cache` changed nothing)."""
+    original = _original_attention.pop(model, None)
+    if original is not None:
+        _set_attn_implementation(model, original)
