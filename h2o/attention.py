@@ -34,8 +34,9 @@ NAMES = {"sdpa": "h2o_sdpa", "eager": "h2o_eager"}
 def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=SCORE_BLOCK_ELEMENTS):
     """Attention each key received, summed over queries and over the query heads of its KV head.
 
-    query [B, Hq, q, D], key [B, Hkv, L, D], mask bool [B, 1, q, L] or None (no masking),
-    query_valid bool [B, q] or None. Returns float32 [B, Hkv, L].
+    query [B, Hq, q, D], key [B, Hkv, L, D] (the last q keys belong to the queries),
+    mask bool [B, 1, q, L] or None (plain causal), query_valid bool [B, q] or None.
+    Returns float32 [B, Hkv, L].
     """
     b, hq, q, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
@@ -49,6 +50,9 @@ def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=S
         logits = torch.matmul(grouped[:, :, :, start:stop].to(torch.float32), keys_t) * scaling
         if mask is not None:
             logits.masked_fill_(~mask[:, :, start:stop].unsqueeze(2), -torch.inf)
+        elif q > 1:
+            rows = torch.arange(start, stop, device=key.device).unsqueeze(-1) + (length - q)
+            logits.masked_fill_(torch.arange(length, device=key.device) > rows, -torch.inf)
         probs = logits.softmax(dim=-1)
         if query_valid is not None:
             probs = probs * query_valid[:, None, None, start:stop, None]
@@ -83,7 +87,7 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
         layer.mark_padding(new_valid)
     if layer.reindex:
         query = layer.reposition(query, kwargs.get("position_ids"))
-    mask = layer.attention_mask(q)
+    mask = layer.attention_mask(q, causal_by_default=inner is sdpa_attention_forward)
     out = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
     if layer.scores is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5

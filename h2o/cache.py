@@ -94,11 +94,12 @@ class CompressedLayer(DynamicLayer):
         self.keys[:, :, kept:] = rope_ops.rotate(self.keys[:, :, kept:], delta, inv_freq, dims)
         return rope_ops.rotate(query, delta, inv_freq, dims)
 
-    def attention_mask(self, q: int) -> torch.Tensor | None:
-        """Boolean mask [B, 1, q, L] over the kept slots, or None where plain causal attention is exact."""
+    def attention_mask(self, q: int, causal_by_default: bool) -> torch.Tensor | None:
+        """Boolean mask [B, 1, q, L] over the kept slots, or None where no mask is needed: a single
+        query seeing every slot, or (if the attention is causal without a mask) a fresh prefill."""
         length = self.keys.shape[-2]
         kept = length - q
-        if not self.has_padding and (q == 1 or kept == 0):
+        if not self.has_padding and (q == 1 or (kept == 0 and causal_by_default)):
             return None
         causal = torch.ones(q, length, dtype=torch.bool, device=self.device).tril(diagonal=kept)
         mask = causal & self.valid[:, None, None, :]
@@ -113,17 +114,15 @@ class CompressedLayer(DynamicLayer):
     def evict_if_needed(self) -> bool:
         if self.keys.shape[-2] <= self.policy.budget + self.buffer:
             return False
-        idx = keep_indices(self.policy, self.scores, self.times, self.valid, self.pads, self.seen)
+        idx, kept = keep_indices(self.policy, self.scores, self.times, self.valid, self.pads, self.seen, self.buffer)
         d = self.keys.shape[-1]
         self.keys = self.keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
         self.values = self.values.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
         self.times = self.times.gather(2, idx)
         if self.scores is not None:
             self.scores = self.scores.gather(2, idx)
-        # Padding is dropped first and sits at the oldest slots, so head 0 speaks for every head.
-        self.valid = self.valid.gather(1, idx[:, 0])
-        if self.has_padding:
-            self.has_padding = not bool(self.valid.all())
+        self.valid = kept
+        self.has_padding = not bool(kept.all())
         if self.reindex:
             slots = torch.arange(idx.shape[-1], device=self.device)
             self.keys = rope_ops.rotate(self.keys, slots - idx, *self.rope)

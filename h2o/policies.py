@@ -153,25 +153,40 @@ def keep_indices(
     valid: torch.Tensor,
     first_real: torch.Tensor,
     seen: int,
-) -> torch.Tensor:
-    """Slots to keep, per row and head, in temporal order: LongTensor [B, H, budget].
+    buffer: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots to keep after an eviction, per row and head: (idx [B, H, n], kept [B, n]).
 
     scores: [B, H, L] float32 accumulated attention (None for policies without scores).
     times: [B, H, L] arrival index of the token in each slot (0 = first token seen).
-    valid: [B, L] False for padding slots (padding is at the same slots in every head).
+    valid: [B, L] True where a slot holds a token the row still keeps (False: padding, or a token
+        evicted earlier that stayed as a masked slot). Invalid slots are the same in every head.
     first_real: [B] arrival index of each row's first real token (its left-padding length).
     seen: number of tokens seen so far (padding included).
+    buffer: lazy-eviction slack. Each row is judged on its own count of kept tokens, exactly as
+        if it ran alone: a row holding more than budget + buffer is cut to `budget`, any other row
+        keeps all its tokens and only sheds padding.
 
-    Sinks (the first `sinks` real tokens) and the `recent` newest tokens are always kept, padding is
-    dropped before any real token, and the rest is ranked by `policy.priority`.
+    Within an evicting row, sinks (its first `sinks` real tokens) and its `recent` newest tokens are
+    always kept and the rest is ranked by `policy.priority`. Rows keep different numbers of tokens,
+    so the result has n = the largest count; a row's unused slots come first and are marked False
+    in `kept`, then its kept tokens follow in temporal order (the same layout in every head).
     """
     budget = policy.budget
-    if budget is None or times.shape[-1] <= budget:
-        raise ValueError(f"nothing to evict: {times.shape[-1]} slots for a budget of {budget}")
+    if budget is None:
+        raise ValueError(f"policy {policy.name!r} never evicts")
+    real = valid.sum(-1)
+    target = torch.where(real > budget + buffer, torch.full_like(real, budget), real)
+    n = int(target.max())
     since_first = times - first_real.view(-1, 1, 1)
     protected = (since_first < policy.sinks) | (times >= seen - policy.recent)
+    protected |= (target == real).view(-1, 1, 1)  # rows that do not evict keep every token
     rank = policy.priority(scores, times, seen).to(torch.float32)
     rank = torch.where(protected, torch.inf, rank)
     rank = torch.where(valid.unsqueeze(1), rank, -torch.inf)
-    idx = rank.topk(budget, dim=-1, sorted=False).indices
-    return idx.sort(dim=-1).values
+    best = rank.topk(n, dim=-1, sorted=True).indices  # best first
+    kept = torch.arange(n, device=times.device) < target.view(-1, 1, 1)  # [B, 1, n]
+    # unused slots first, then kept tokens in temporal order
+    order = torch.where(kept, best + times.shape[-1], best).sort(dim=-1).indices
+    idx = best.gather(-1, order)
+    return idx, kept.expand_as(best).gather(-1, order)[:, 0]

@@ -45,30 +45,31 @@ def eviction_case(draw):
 @given(eviction_case())
 def test_keep_indices_invariants(case):
     policy, scores, times, valid, pads, seen = case
-    idx = keep_indices(policy, scores, times, valid, pads, seen)
+    buffer = policy.budget  # exercise rows that evict next to rows that only shed padding
+    idx, kept = keep_indices(policy, scores, times, valid, pads, seen, buffer)
     batch, heads, length = times.shape
-    # capacity: exactly the budget, distinct slots, in range
-    assert idx.shape == (batch, heads, policy.budget)
+    real = valid.sum(-1)
+    target = torch.where(real > policy.budget + buffer, policy.budget, real)
+    assert idx.shape == (batch, heads, int(target.max())) and kept.shape == (batch, idx.shape[-1])
     assert ((idx >= 0) & (idx < length)).all()
-    # order preservation: strictly increasing slots, so kept tokens stay in temporal order
-    assert (idx[..., 1:] > idx[..., :-1]).all()
     kept_times = times.gather(2, idx)
-    kept_valid = valid.unsqueeze(1).expand_as(times).gather(2, idx)
     for b in range(batch):
-        real = int(valid[b].sum())
+        # capacity: an evicting row keeps exactly the budget, any other row all its real tokens
+        assert int(kept[b].sum()) == int(target[b])
+        # unused slots come first (same layout in every head)
+        assert (kept[b].int().diff() >= 0).all()
         for h in range(heads):
-            kept = set(kept_times[b, h][kept_valid[b, h]].tolist())
+            slots = idx[b, h][kept[b]]
+            # only tokens the row still had are kept; padding never takes a slot
+            assert valid[b, slots].all()
+            # order preservation: kept slots strictly increase, so tokens stay in temporal order
+            assert (slots[1:] > slots[:-1]).all()
+            kept_set = set(kept_times[b, h][kept[b]].tolist())
             real_times = times[b, h][valid[b]].tolist()
-            # padding never takes a slot a real token could have
-            assert int(kept_valid[b, h].sum()) == min(real, policy.budget)
             # sink retention: the first `sinks` real tokens (by arrival) that are still cached
-            sinks = [t for t in real_times if t - pads[b] < policy.sinks]
-            assert set(sinks) <= kept
+            assert {t for t in real_times if t - pads[b] < policy.sinks} <= kept_set
             # the recent window is always kept
-            recent = [t for t in real_times if t >= seen - policy.recent]
-            assert set(recent) <= kept
-            # padding slots are identical across heads (the cache's per-row padding mask relies on it)
-            assert (kept_valid[b, h] == kept_valid[b, 0]).all()
+            assert {t for t in real_times if t >= seen - policy.recent} <= kept_set
 
 
 @settings(max_examples=100, deadline=None)
@@ -81,7 +82,7 @@ def test_h2o_keeps_heavy_hitters(sinks, recent, hitters, surplus, seed):
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(2, 3, length, generator=g)
     times = torch.arange(length).expand(2, 3, length)
-    idx = keep_indices(policy, scores, times, torch.ones(2, length, dtype=torch.bool), torch.zeros(2, dtype=torch.long), length)
+    idx, _ = keep_indices(policy, scores, times, torch.ones(2, length, dtype=torch.bool), torch.zeros(2, dtype=torch.long), length)
     middle = torch.arange(sinks, length - recent)
     for b in range(2):
         for h in range(3):
@@ -95,8 +96,8 @@ def test_mean_rule_normalises_by_queries_seen():
     times = torch.tensor([[[1, 8]]])
     scores = torch.tensor([[[3.0, 0.9]]])
     args = (times, torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, dtype=torch.long), 9)
-    assert keep_indices(policy_sum, scores, *args).tolist() == [[[0]]]
-    assert keep_indices(policy_mean, scores, *args).tolist() == [[[1]]]
+    assert keep_indices(policy_sum, scores, *args)[0].tolist() == [[[0]]]
+    assert keep_indices(policy_mean, scores, *args)[0].tolist() == [[[1]]]
 
 
 def test_parse_names():

@@ -1,0 +1,224 @@
+"""Equivalence oracles on tiny random models: the compressed cache computes exactly what it claims.
+
+- a budget >= sequence length gives the logits of transformers' DynamicCache;
+- H2O / StreamingLLM with real eviction (original positions) give the logits of one full forward
+  whose attention hides, per layer, head and query, exactly the tokens the cache had evicted;
+- StreamingLLM with reindex equals recomputing from scratch on the kept tokens at contiguous
+  positions (one-layer model: there the kept keys/values depend only on token and position);
+- a left-padded batch equals its rows run alone.
+"""
+
+import sys
+
+import pytest
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import h2o
+from tiny import tiny_model, token_ids
+
+FAMILIES = ["llama", "gpt_neox", "qwen2", "mistral"]
+ATTN = ["sdpa", "eager"]
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def run_steps(model, cache, ids, prefill):
+    """Prefill `prefill` tokens, then one token at a time; return logits [B, T, V] and, per step,
+    each layer's kept arrival times (what the next query attends to, besides itself)."""
+    logits, kept = [], []
+    with torch.no_grad():
+        logits.append(model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits)
+        for t in range(prefill, ids.shape[1]):
+            kept.append([(layer.times.clone(), layer.valid.clone()) if hasattr(layer, "times") else None
+                         for layer in cache.layers])
+            logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(logits, dim=1), kept
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["h2o_2_4_64", "streaming_2_62"])
+def test_budget_above_length_equals_dynamic_cache(family, attn, policy):
+    model = tiny_model(family, attn)
+    ids = token_ids(40)
+    reference, _ = run_steps(model, DynamicCache(), ids, prefill=24)
+    cache = h2o.make_cache(model, policy, buffer=0)
+    ours, _ = run_steps(model, cache, ids, prefill=24)
+    h2o.restore(model)
+    torch.testing.assert_close(ours, reference, **TOL)
+    assert cache.kept_lengths() == [40] * model.config.num_hidden_layers
+
+
+def test_full_policy_leaves_the_model_alone_and_matches_generate():
+    model = tiny_model("llama")
+    ids = token_ids(12)
+    expect = model.generate(ids, max_new_tokens=10, do_sample=False)
+    cache = h2o.make_cache(model, "full")
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False), expect)
+    assert cache.kept_lengths() == [21, 21]
+
+
+# --- the masked full-attention oracle --------------------------------------------------------
+
+_ORACLE_MASKS = {}
+
+
+def _oracle_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Eager attention over the whole sequence with a per-layer, per-KV-head boolean mask."""
+    groups = query.shape[1] // key.shape[1]
+    allowed = _ORACLE_MASKS[module.layer_idx].repeat_interleave(groups, dim=1)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    probs = scores.masked_fill(~allowed, -torch.inf).softmax(-1)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register("h2o_test_oracle", _oracle_attention)
+AttentionMaskInterface.register("h2o_test_oracle", sdpa_mask)
+
+
+def masked_oracle_logits(model, ids, prefill, kept):
+    """One full forward in which query t (t >= prefill) of layer l sees only what the cache kept."""
+    batch, total = ids.shape
+    heads = model.config.num_key_value_heads if hasattr(model.config, "num_key_value_heads") else model.config.num_attention_heads
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    for layer in range(model.config.num_hidden_layers):
+        mask = causal.expand(batch, heads, total, total).clone()
+        for step, per_layer in enumerate(kept):
+            t = prefill + step
+            times, valid = per_layer[layer]
+            row = torch.zeros(batch, heads, total, dtype=torch.bool)
+            row.scatter_(2, times, valid.unsqueeze(1).expand_as(times))
+            row[:, :, t] = True
+            mask[:, :, t] = row
+        _ORACLE_MASKS[layer] = mask
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("h2o_test_oracle")
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy, buffer", [("h2o_2_4_12_sum", 0), ("h2o_2_4_12_mean", 3), ("streaming_2_10", 2)])
+def test_eviction_equals_full_attention_with_evicted_tokens_masked(family, attn, policy, buffer):
+    model = tiny_model(family, attn)
+    ids = token_ids(48, batch=2)
+    cache = h2o.make_cache(model, policy, buffer=buffer)
+    ours, kept = run_steps(model, cache, ids, prefill=20)
+    h2o.restore(model)
+    evictions = sum(1 for step in kept if step[0][0].shape[-1] < 20 + len(kept))
+    assert evictions > 0
+    assert max(cache.kept_lengths()) <= cache.policy.budget + buffer
+    # per-head selection: H2O heads keep different tokens somewhere
+    if policy.startswith("h2o"):
+        assert any(not torch.equal(layer[0][:, 0], layer[0][:, 1]) for step in kept for layer in step)
+    torch.testing.assert_close(ours, masked_oracle_logits(model, ids, 20, kept), **TOL)
+
+
+# --- reindex -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("buffer", [0, 3])
+def test_streaming_reindex_equals_recompute_on_kept_tokens(family, attn, buffer):
+    model = tiny_model(family, attn, layers=1)
+    ids = token_ids(40)
+    cache = h2o.make_cache(model, "streaming_2_8", positions="reindex", buffer=buffer)
+    ours, kept = run_steps(model, cache, ids, prefill=16)
+    h2o.restore(model)
+    with torch.no_grad():
+        for step, per_layer in enumerate(kept):
+            t = 16 + step
+            times = per_layer[0][0][0, 0]
+            window = torch.cat([ids[:, times], ids[:, t:t + 1]], dim=1)
+            recomputed = model(window).logits[:, -1]  # positions 0..n-1, no cache
+            torch.testing.assert_close(ours[:, t], recomputed, **TOL)
+
+
+def test_reindex_streams_past_the_trained_context():
+    """A reindexed cache never presents a position beyond budget + buffer to the model's keys."""
+    model = tiny_model("gpt_neox", layers=1)
+    ids = token_ids(300)  # > max_position_embeddings (256)
+    cache = h2o.make_cache(model, "streaming_2_14", positions="reindex", buffer=4)
+    ours, kept = run_steps(model, cache, ids, prefill=8)
+    h2o.restore(model)
+    times = kept[-1][0][0][0, 0]
+    with torch.no_grad():
+        recomputed = model(torch.cat([ids[:, times], ids[:, -1:]], dim=1)).logits[:, -1]
+    torch.testing.assert_close(ours[:, -1], recomputed, **TOL)
+
+
+# --- padding -------------------------------------------------------------------------------------
+
+def left_pad(rows, pad_id=0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("policy, positions", [("h2o_2_4_16", "original"), ("h2o_2_4_16_sum", "original"),
+                                               ("streaming_2_14", "original"), ("h2o_2_4_16", "reindex")])
+def test_padded_batch_equals_rows_alone(family, attn, policy, positions):
+    model = tiny_model(family, attn)
+    rows = [token_ids(30, seed=3)[0], token_ids(13, seed=4)[0]]
+    ids, mask = left_pad(rows)
+    settings = dict(max_new_tokens=25, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    batch_cache = h2o.make_cache(model, policy, positions=positions, buffer=5)
+    batch = model.generate(ids, attention_mask=mask, past_key_values=batch_cache, **settings)
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                               past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5),
+                               **settings)
+        assert torch.equal(batch.sequences[i, ids.shape[1]:], alone.sequences[0, len(row):])
+        torch.testing.assert_close(torch.stack(batch.logits)[:, i], torch.stack(alone.logits)[:, 0], **TOL)
+    h2o.restore(model)
+    assert max(batch_cache.kept_lengths()) <= 16 + 5
+
+
+# --- scores ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_h2o_scores_are_attention_received_per_kv_head(family, attn):
+    """Scores = column sums of the eager attention probabilities over every query that saw the key
+    and over the query heads of each KV head (no eviction yet, so nothing is hidden)."""
+    model = tiny_model(family, attn)
+    ids = token_ids(30, batch=2)
+    cache = h2o.make_cache(model, "h2o_2_4_64", buffer=0)
+    run_steps(model, cache, ids, prefill=22)
+    h2o.restore(model)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model(ids, output_attentions=True).attentions  # per layer [B, Hq, T, T]
+    model.set_attn_implementation(attn)
+    for layer, p in zip(cache.layers, probs):
+        kv_heads = layer.keys.shape[1]
+        expect = p.sum(dim=2).view(2, kv_heads, -1, 30).sum(dim=2)
+        assert layer.scores.dtype == torch.float32
+        torch.testing.assert_close(layer.scores, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_scoring_matches_one_block():
+    from h2o.attention import attention_mass
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(2, 6, 50, 8, generator=g), torch.randn(2, 3, 70, 8, generator=g)
+    mask = torch.rand(2, 1, 50, 70, generator=g) > 0.3
+    mask[..., -50:] |= torch.eye(50, dtype=torch.bool)
+    whole = attention_mass(query, key, mask, 0.3, block_elements=1 << 30)
+    chunked = attention_mass(query, key, mask, 0.3, block_elements=6 * 2 * 70 * 3)  # 3 queries a block
+    torch.testing.assert_close(chunked, whole)
+    causal_none = attention_mass(query, key, None, 0.3, block_elements=500)
+    causal = torch.ones(50, 70, dtype=torch.bool).tril(diagonal=20).expand(2, 1, 50, 70)
+    torch.testing.assert_close(causal_none, attention_mass(query, key, causal, 0.3))

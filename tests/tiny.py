@@ -1,0 +1,35 @@
+"""Tiny random-weight models of each supported family, for the equivalence oracles."""
+
+import torch
+from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 97
+
+
+def tiny_model(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=256,
+                  initializer_range=0.2)  # peaky attention, so heads disagree on heavy hitters
+    gqa = dict(num_key_value_heads=2)
+    if family == "gpt_neox":
+        config, cls = GPTNeoXConfig(**common, rotary_pct=0.25), GPTNeoXForCausalLM
+    elif family == "llama":
+        config, cls = LlamaConfig(**common, **gqa), LlamaForCausalLM
+    elif family == "mistral":
+        config, cls = MistralConfig(**common, **gqa, sliding_window=None), MistralForCausalLM
+    elif family == "qwen2":
+        config, cls = Qwen2Config(**common, **gqa, use_sliding_window=False), Qwen2ForCausalLM
+    else:
+        raise ValueError(family)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def token_ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
