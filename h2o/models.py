@@ -77,8 +77,8 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 0:
         raise ValueError(f"buffer must be an int >= 0, got {buffer!r}")
-    check_model(model)
     rope = rotary_embedding(model) if positions == "reindex" else None
+    check_model(model)
     if policy.evicts:
         current = _original_attention.get(model, _attn_implementation(model))
         if current not in attention.NAMES:

@@ -1,0 +1,1 @@
+"""Evaluation helpers: models, data, benchmarks (needs the `eval` extra)."""
