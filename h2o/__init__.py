@@ -10,10 +10,10 @@ Not to be confused with the unrelated `h2o` ML platform package, which has the s
 
 from .cache import CompressedCache, CompressedLayer
 from .models import SUPPORTED_FAMILIES, make_cache, restore
-from .policies import DEFAULT_SCORE, H2O, Full, Streaming, keep_indices, parse
+from .policies import DEFAULT_SCORE, H2O, Full, Streaming, keep_indices, parse, resolve
 
 __all__ = [
-    "make_cache", "restore", "parse", "keep_indices", "Full", "Streaming", "H2O",
+    "make_cache", "restore", "parse", "resolve", "keep_indices", "Full", "Streaming", "H2O",
     "CompressedCache", "CompressedLayer", "DEFAULT_SCORE", "SUPPORTED_FAMILIES",
 ]
 __version__ = "0.1.0"

@@ -26,8 +26,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 from .cache import take_pending
 
-# Largest attention-probability block materialised while scoring (float32 elements, 64 MiB).
-SCORE_BLOCK_ELEMENTS = 1 << 24
+# Largest attention-probability block materialised while scoring (float32 elements: 16 MiB).
+SCORE_BLOCK_ELEMENTS = 1 << 22
 NAMES = {"sdpa": "h2o_sdpa", "eager": "h2o_eager"}
 
 
@@ -36,27 +36,31 @@ def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=S
 
     query [B, Hq, q, D], key [B, Hkv, L, D] (the last q keys belong to the queries),
     mask bool [B, 1, q, L] or None (plain causal), query_valid bool [B, q] or None.
-    Returns float32 [B, Hkv, L].
+    Returns float32 [B, Hkv, L]. Queries are taken in blocks of about `block_elements`
+    probabilities, and each block only reads the keys its queries can see.
     """
     b, hq, q, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     groups = hq // hkv
     grouped = query.view(b, hkv, groups, q, d)
-    keys_t = key.to(torch.float32).transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, L]
+    keys_t = key.to(torch.float32).transpose(-1, -2)  # [B, Hkv, D, L]
     mass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device)
     step = max(1, block_elements // max(1, b * hq * length))
     for start in range(0, q, step):
         stop = min(q, start + step)
-        logits = torch.matmul(grouped[:, :, :, start:stop].to(torch.float32), keys_t) * scaling
+        visible = length - q + stop  # later keys are in every query's future
+        block = grouped[:, :, :, start:stop].reshape(b, hkv, groups * (stop - start), d).to(torch.float32)
+        logits = torch.matmul(block, keys_t[..., :visible]).view(b, hkv, groups, stop - start, visible)
+        logits *= scaling
         if mask is not None:
-            logits.masked_fill_(~mask[:, :, start:stop].unsqueeze(2), -torch.inf)
-        elif q > 1:
+            logits.masked_fill_(~mask[:, :, start:stop, :visible].unsqueeze(2), -torch.inf)
+        elif stop - start > 1:
             rows = torch.arange(start, stop, device=key.device).unsqueeze(-1) + (length - q)
-            logits.masked_fill_(torch.arange(length, device=key.device) > rows, -torch.inf)
+            logits.masked_fill_(torch.arange(visible, device=key.device) > rows, -torch.inf)
         probs = logits.softmax(dim=-1)
         if query_valid is not None:
-            probs = probs * query_valid[:, None, None, start:stop, None]
-        mass += probs.sum(dim=(2, 3))
+            probs *= query_valid[:, None, None, start:stop, None]
+        mass[..., :visible] += probs.sum(dim=(2, 3))
     return mass
 
 

@@ -39,6 +39,7 @@ class CompressedLayer(DynamicLayer):
     def __init__(self, policy: Policy, buffer: int, reindex: bool, rope: tuple | None = None):
         super().__init__()
         self.policy, self.buffer, self.reindex, self.rope = policy, buffer, reindex, rope
+        self.is_initialized = False  # not set by the 4.56 base class
         self._clear()
 
     def _clear(self) -> None:
@@ -144,7 +145,8 @@ class CompressedLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        super().reset()
+        self.keys = self.values = None
+        self.is_initialized = False
         self._clear()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -187,7 +189,8 @@ class CompressedCache(Cache):
 
     def kept_lengths(self) -> list[int]:
         """Tokens each layer holds now."""
-        return [layer.keys.shape[-2] if layer.is_initialized else 0 for layer in self.layers]
+        return [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
+                for layer in self.layers]
 
     def kv_bytes(self) -> int:
         """Exact bytes held by the cache: keys, values and the per-slot bookkeeping."""

@@ -146,6 +146,11 @@ def parse(spec: Union[str, Policy], score: str | None = None) -> Policy:
     return policy
 
 
+def resolve(names: list[str], score: str | None = None) -> list[str]:
+    """Canonical names, with the H2O scoring rule spelled out (`score` applies to H2O names only)."""
+    return [parse(n, score if n.startswith("h2o") else None).name for n in names]
+
+
 def keep_indices(
     policy: Policy,
     scores: torch.Tensor | None,

@@ -214,11 +214,11 @@ def test_chunked_scoring_matches_one_block():
     from h2o.attention import attention_mass
     g = torch.Generator().manual_seed(0)
     query, key = torch.randn(2, 6, 50, 8, generator=g), torch.randn(2, 3, 70, 8, generator=g)
-    mask = torch.rand(2, 1, 50, 70, generator=g) > 0.3
+    causal = torch.ones(50, 70, dtype=torch.bool).tril(diagonal=20)  # the last 50 keys are the queries'
+    mask = (torch.rand(2, 1, 50, 70, generator=g) > 0.3) & causal
     mask[..., -50:] |= torch.eye(50, dtype=torch.bool)
     whole = attention_mass(query, key, mask, 0.3, block_elements=1 << 30)
     chunked = attention_mass(query, key, mask, 0.3, block_elements=6 * 2 * 70 * 3)  # 3 queries a block
     torch.testing.assert_close(chunked, whole)
     causal_none = attention_mass(query, key, None, 0.3, block_elements=500)
-    causal = torch.ones(50, 70, dtype=torch.bool).tril(diagonal=20).expand(2, 1, 50, 70)
-    torch.testing.assert_close(causal_none, attention_mass(query, key, causal, 0.3))
+    torch.testing.assert_close(causal_none, attention_mass(query, key, causal.expand(2, 1, 50, 70), 0.3))
