@@ -1,0 +1,175 @@
+"""Evaluation text: WikiText-2 and PG-19 from a local data dir or the hub, user files, token ids.
+
+Local layout (CI: H2O_DATA_DIR=../shared/data; the corpora never live in this repo):
+
+    <data dir>/wikitext-2-raw/wiki.test.raw     the raw file, read byte for byte
+    <data dir>/pg19/test/<book id>.txt          one PG-19 book per file
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+CORPORA = ("wikitext", "pg19")
+SPLITS = ("train", "validation", "test")
+PG19_FIRST_BOOK = "10146"  # first book of the PG-19 test split, the one papers report on
+_CHARS_PER_TOKEN = 8  # generous: English text runs ~4 characters per token
+_MARGIN = 64  # extra tokens past the cut, so the cut cannot change the tokens kept
+
+
+def default_data_dir() -> Path | None:
+    """$H2O_DATA_DIR, else <repo root>/../shared/data if it exists, else None (use the hub)."""
+    if os.environ.get("H2O_DATA_DIR"):
+        return Path(os.environ["H2O_DATA_DIR"]).expanduser()
+    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return shared if shared.is_dir() else None
+
+
+def load_documents(corpus: str, data_dir: str | Path | None = None, split: str = "test") -> tuple[dict[str, str], str]:
+    """All documents of a corpus split as {document id: text}, and where they came from.
+
+    WikiText-2 is one document (id = split); PG-19 is one document per book (id = Gutenberg id).
+    """
+    _check(corpus, split)
+    root = _root(data_dir)
+    if root is None:
+        return _hub(corpus, split)
+    if corpus == "wikitext":
+        path = _wikitext_file(root, split)
+        return {split: _read(path)}, f"local:{path}"
+    books = _pg19_files(root, split)
+    return {p.stem: _read(p) for p in books}, f"local:{books[0].parent}"
+
+
+def load_document(corpus: str, doc: str | None = None, data_dir: str | Path | None = None) -> tuple[str, str]:
+    """One test document: WikiText-2's test split, or the PG-19 test book `doc` (default 10146)."""
+    _check(corpus, "test")
+    if corpus == "wikitext":
+        if doc not in (None, "test"):
+            raise ValueError(f"wikitext is a single document; got doc={doc!r} (leave it unset)")
+        docs, source = load_documents(corpus, data_dir)
+        return docs["test"], source
+    doc = PG19_FIRST_BOOK if doc is None else str(doc)
+    root = _root(data_dir)
+    if root is not None:
+        path = root / "pg19" / "test" / f"{doc}.txt"
+        if path.is_file():  # read one book, not all 90
+            return _read(path), f"local:{path}"
+        ids, source = [p.stem for p in _pg19_files(root, "test")], f"local:{path.parent}"
+    else:
+        docs, source = _hub(corpus, "test")
+        if doc in docs:
+            return docs[doc], f"{source} book {doc}"
+        ids = list(docs)
+    raise ValueError(f"no PG-19 test book {doc!r} in {source}; it has {len(ids)} books, e.g. {', '.join(ids[:8])}")
+
+
+def load_text_file(path: str | Path) -> tuple[str, str]:
+    """A user's text file (--text-file), read as is."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no text file at {path}")
+    text = _read(path)
+    if not text.strip():
+        raise ValueError(f"{path} holds no text (empty or whitespace only)")
+    return text, f"file:{path.resolve()}"
+
+
+def tokenize(tokenizer, text: str, n_tokens: int | None = None, add_bos: bool = False) -> torch.Tensor:
+    """Token ids [1, n] of `text` (its first n_tokens if given), BOS prepended only if add_bos.
+
+    Special tokens are never added by the tokenizer itself: tokenizers (and transformers
+    versions) disagree on whether they prepend BOS, so it is decided here, explicitly.
+    """
+    if not text.strip():
+        raise ValueError("cannot tokenize empty text")
+    bos = []
+    if add_bos:
+        if tokenizer.bos_token_id is None:
+            raise ValueError(f"add_bos: this tokenizer ({type(tokenizer).__name__}) has no BOS token")
+        bos = [tokenizer.bos_token_id]
+    if n_tokens is None:
+        return torch.tensor([bos + _encode(tokenizer, text)])
+    if n_tokens <= len(bos):
+        raise ValueError(f"n_tokens must be more than {len(bos)}, got {n_tokens}")
+    want = n_tokens - len(bos)
+    chars = _CHARS_PER_TOKEN * (want + _MARGIN)
+    while True:  # tokenize a prefix, not a whole book; widen it until it holds enough tokens
+        ids = _encode(tokenizer, text[:chars])
+        if len(ids) >= want + _MARGIN or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < want:
+        raise ValueError(f"the text has {len(bos) + len(ids)} tokens{' with BOS' if bos else ''}, "
+                         f"fewer than the {n_tokens} asked for")
+    return torch.tensor([bos + ids[:want]])
+
+
+def random_ids(vocab_size: int, n_tokens: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """Uniform random token ids [batch, n_tokens], the same for the same seed (random-weight models)."""
+    if min(vocab_size, n_tokens, batch) < 1:
+        raise ValueError(f"vocab_size, n_tokens and batch must be positive, got {vocab_size}, {n_tokens}, {batch}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab_size, (batch, n_tokens), generator=generator)
+
+
+def _root(data_dir: str | Path | None) -> Path | None:
+    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+
+
+def _check(corpus: str, split: str) -> None:
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPORA)}, or pass a text file")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _read(path: Path) -> str:
+    # newline="" keeps the bytes as they are: wiki.test.raw has \r\n line ends.
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def _missing(what: Path, root: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{what} not found. Point --data-dir or H2O_DATA_DIR (now: {root}) at a folder laid out as\n"
+        "  wikitext-2-raw/wiki.test.raw\n  pg19/test/<book id>.txt\n"
+        "or unset both to load from the Hugging Face hub.")
+
+
+def _wikitext_file(root: Path, split: str) -> Path:
+    path = root / "wikitext-2-raw" / f"wiki.{'valid' if split == 'validation' else split}.raw"
+    if not path.is_file():
+        raise _missing(path, root)
+    return path
+
+
+def _pg19_files(root: Path, split: str) -> list[Path]:
+    books = sorted((root / "pg19" / split).glob("*.txt"))  # file-name order is the split's order
+    if not books:
+        raise _missing(root / "pg19" / split / "<book id>.txt", root)
+    return books
+
+
+def _hub(corpus: str, split: str) -> tuple[dict[str, str], str]:
+    """The hub copies (only reached when no local data dir is known)."""
+    import datasets
+
+    repo = "Salesforce/wikitext" if corpus == "wikitext" else "deepmind/pg19"
+    try:
+        if corpus == "wikitext":
+            rows = datasets.load_dataset(repo, "wikitext-2-raw-v1", split=split)
+            return {split: "".join(rows["text"])}, f"hub:{repo}"  # each row keeps its newline
+        # PG-19 is a loading script, which datasets>=4 no longer runs: take the hub's parquet export.
+        rows = datasets.load_dataset(repo, split=split, revision="refs/convert/parquet")
+        return {r["url"].rstrip("/").rsplit("/", 1)[-1]: r["text"] for r in rows}, f"hub:{repo}"
+    except Exception as e:
+        raise FileNotFoundError(
+            f"no local data dir and the hub copy of {corpus} ({repo}) could not be loaded: {e}\n"
+            "Offline, pass --data-dir or set H2O_DATA_DIR to a folder laid out as\n"
+            "  wikitext-2-raw/wiki.test.raw\n  pg19/test/<book id>.txt") from e

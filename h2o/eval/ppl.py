@@ -1,0 +1,109 @@
+"""Perplexity with the policy's eviction really in force.
+
+`token_losses` feeds a document through the model with a compressed cache, `chunk` tokens per
+forward, exactly as generation would feed it: chunk=1 is StreamingLLM's `eval_long_ppl`
+protocol (token by token, eviction after every step); chunk=C>1 is the faster chunked mode
+(each forward scores C tokens over the compressed cache, then the cache is cut back), labelled
+as such wherever it is reported. The full-cache baseline runs through the same loop, so it
+always keeps the whole context.
+
+Guards (raise `ValidityError`): every layer's cache stays within its policy's bound after each
+forward; once the text outgrows the budget, a compressed policy's losses must differ from the
+full cache's (identical losses mean no eviction was in force); with original positions, a run
+past the model's trained context is reported (`past_trained_context`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import h2o
+
+
+class ValidityError(RuntimeError):
+    """A measurement that would not mean what it claims."""
+
+
+@dataclass
+class PPLResult:
+    policy: str
+    mode: str  # "stream" (token by token) or "chunked-<C>"
+    losses: torch.Tensor  # [B, N-1] float32 NLL of tokens 1..N-1
+    first_eviction: int | None  # index into `losses` of the first token scored after an eviction
+    max_kept: int  # largest cache length seen after any forward
+    past_trained_context: bool
+    notes: list[str] = field(default_factory=list)
+
+    def ppl(self, row: int | None = None, after_eviction: bool = False, start: int = 0) -> float:
+        """PPL over all scored tokens from loss index `start` on (or from this run's first eviction)."""
+        losses = self.losses if row is None else self.losses[row : row + 1]
+        if after_eviction:
+            if self.first_eviction is None:
+                return math.nan
+            start = self.first_eviction
+        return math.exp(losses[:, start:].double().mean().item())
+
+
+def trained_context(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def token_losses(model, ids: torch.Tensor, policy: str, *, chunk: int = 1, prefill: int | None = None,
+                 positions: str = "original", buffer: int = 64, progress: bool = True, desc: str | None = None) -> PPLResult:
+    """Per-token NLL of `ids` [B, N] under `policy`, `prefill` tokens first, then `chunk` at a time."""
+    batch, n = ids.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {n}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    prefill = chunk if prefill is None else prefill
+    if not 1 <= prefill < n:
+        raise ValueError(f"prefill must be in [1, {n - 1}], got {prefill}")
+    cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer)
+    bound = None if cache.policy.budget is None else cache.policy.budget + buffer
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    losses, first_eviction, max_kept = [], None, 0
+    starts = list(range(prefill, n, chunk))
+    bar = tqdm(total=n, desc=desc or policy, disable=not progress, unit="tok", leave=False)
+    with torch.no_grad():
+        for start, stop in zip([0] + starts, starts + [n]):
+            logits = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits
+            targets = ids[:, start + 1 : stop + 1]
+            step = F.cross_entropy(logits[:, : targets.shape[1]].float().transpose(1, 2), targets, reduction="none")
+            losses.append(step.cpu())
+            kept = max(cache.kept_lengths())
+            max_kept = max(max_kept, kept)
+            if bound is not None and kept > bound:
+                raise ValidityError(f"{policy}: a layer holds {kept} tokens, above budget + buffer = {bound}")
+            if first_eviction is None and kept < stop:
+                first_eviction = stop  # logits at position `stop` (loss index `stop`) are the first computed after it
+            bar.update(stop - start)
+    bar.close()
+    losses = torch.cat(losses, dim=1)
+    context = trained_context(model)
+    past = positions == "original" and context is not None and n > context
+    result = PPLResult(policy=cache.policy.name, mode="stream" if chunk == 1 else f"chunked-{chunk}",
+                       losses=losses, first_eviction=first_eviction, max_kept=max_kept, past_trained_context=past)
+    if past:
+        result.notes.append(f"{n} tokens with original positions pass the model's trained context of {context}")
+    if cache.policy.evicts and first_eviction is None:
+        result.notes.append(f"the text ({n} tokens) never outgrew budget + buffer: no eviction happened")
+    return result
+
+
+def check_eviction_in_force(full: PPLResult, compressed: PPLResult) -> None:
+    """A compressed run whose losses equal the full cache's after its first eviction measured nothing."""
+    if compressed.first_eviction is None:
+        return
+    a, b = full.losses[:, compressed.first_eviction :], compressed.losses[:, compressed.first_eviction :]
+    if a.shape == b.shape and torch.equal(a, b):
+        raise ValidityError(
+            f"{compressed.policy}: token losses after the first eviction are identical to the full cache's; "
+            "eviction was not in force"
+        )
