@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK)
     bench.add_argument("--text-file", default=None, help="also measure PPL on this text file")
     bench.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per text")
+    bench.add_argument("--no-ppl", action="store_true", help="speed and memory only")
     bench.add_argument("--ppl-mode", default="chunked", choices=["stream", "chunked"],
                        help="stream: token by token (StreamingLLM protocol); chunked: --chunk tokens per forward")
     bench.add_argument("--chunk", type=int, default=32)
@@ -116,7 +117,7 @@ def load_texts(args) -> dict[str, tuple[str, str]]:
 def run_bench(args) -> int:
     policies = resolve(["full"] + [p for p in args.policies if p != "full"], args.score)
     budgets = [parse(p).budget for p in policies if parse(p).budget is not None]
-    if budgets and args.ppl_tokens <= max(budgets) + args.buffer:
+    if budgets and not args.no_ppl and args.ppl_tokens <= max(budgets) + args.buffer:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} never outgrows the largest budget + buffer "
                          f"({max(budgets)} + {args.buffer}): no eviction would be measured")
     if args.context < 1 or args.new_tokens < 2 or args.repeats < 1 or args.batch < 1 or args.chunk < 1:
@@ -131,7 +132,7 @@ def run_bench(args) -> int:
     ppl, ppl_sources = {}, {}
     if tokenizer is None:
         print(f"note: {args.model} has random weights: perplexity is not measured, only speed and memory")
-    else:
+    elif not args.no_ppl:
         rows = [data.tokenize(tokenizer, text, args.ppl_tokens, args.bos) for text, _ in texts.values()]
         ids = torch.cat(rows)
         chunk = 1 if args.ppl_mode == "stream" else args.chunk
@@ -174,7 +175,7 @@ def run_bench(args) -> int:
         f"model {info['name']} ({info['family']}, {info['dtype']}, {info['device']}, attention {args.attn}); "
         f"positions {args.positions}, lazy buffer {args.buffer}",
         f"PPL: {args.ppl_tokens} tokens per text, {mode}, BOS {'on' if args.bos else 'off'}; texts: "
-        + "; ".join(f"{k}={v}" for k, v in ppl_sources.items()) if ppl else "PPL: not measured (random weights)",
+        + "; ".join(f"{k}={v}" for k, v in ppl_sources.items()) if ppl else "PPL: not measured",
         f"speed: prompt = {prompt_source} x batch {args.batch}; {args.new_tokens} new tokens, {args.repeats} "
         "interleaved repeats; TPOT median (min in CSV/JSON); Avg Attn = time in the attention modules per decode "
         f"step, all layers; Peak Mem = {rows[0]['peak_mem_kind']}; KV MiB = exact cache bytes at the end",

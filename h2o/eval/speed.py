@@ -137,24 +137,54 @@ def measure_speed(model, ids: torch.Tensor, policies: list[str], *, new_tokens: 
     return results
 
 
+class PeakMemory:
+    """Peak memory from `start()` to `stop()`: CUDA's peak allocated bytes, or on CPU the process's
+    peak resident set (Linux: VmHWM, reset through /proc/self/clear_refs; elsewhere psutil, sampled
+    at each `sample()`). `stop()` returns (bytes, kind)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.process = device, psutil.Process()
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self.sampled = self.process.memory_info().rss
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.kind = "peak_rss"
+        except OSError:
+            self.kind = "peak_rss_sampled"
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            self.sampled = max(self.sampled, self.process.memory_info().rss)
+
+    def stop(self) -> tuple[int, str]:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device), "cuda_peak_allocated"
+        self.sample()
+        if self.kind == "peak_rss":
+            with open("/proc/self/status") as f:
+                hwm = next(line for line in f if line.startswith("VmHWM:"))
+            return max(self.sampled, int(hwm.split()[1]) * 1024), self.kind
+        return self.sampled, self.kind
+
+
 def _memory_and_attention_pass(model, ids, policy, result, steps, positions, buffer, device):
-    gc.collect()
-    process = psutil.Process()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    peak_rss = process.memory_info().rss
+    meter = PeakMemory(device)
+    meter.start()
     cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer)
     nxt = _step(model, ids, cache)
     timer = AttentionTimer(model, device)
     try:
         for _ in range(steps):
             nxt = _step(model, nxt, cache)
-            peak_rss = max(peak_rss, process.memory_info().rss)
+            meter.sample()
     finally:
         timer.close()
     result.attn_ms_per_step = 1000 * timer.total / steps
-    if device.type == "cuda":
-        result.peak_mem_bytes, result.peak_mem_kind = torch.cuda.max_memory_allocated(device), "cuda_peak_allocated"
-    else:
-        result.peak_mem_bytes, result.peak_mem_kind = peak_rss, "peak_rss"
+    result.peak_mem_bytes, result.peak_mem_kind = meter.stop()
