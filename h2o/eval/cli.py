@@ -45,6 +45,7 @@ def common_options() -> argparse.ArgumentParser:
     g.add_argument("--positions", default="original", choices=["original", "reindex"])
     g.add_argument("--buffer", type=int, default=64, help="lazy eviction slack (0 = evict every step)")
     g.add_argument("--score", default=None, choices=["mean", "sum"], help="H2O scoring rule for names without one")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="results", help="output directory (default: results/)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -94,6 +95,11 @@ def _optional_command(name):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"h2o {args.command}: error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     try:
         return args.run(args) or 0
     except (ValueError, FileNotFoundError, ValidityError) as err:

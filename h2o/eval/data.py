@@ -173,3 +173,25 @@ def _hub(corpus: str, split: str) -> tuple[dict[str, str], str]:
             f"no local data dir and the hub copy of {corpus} ({repo}) could not be loaded: {e}\n"
             "Offline, pass --data-dir or set H2O_DATA_DIR to a folder laid out as\n"
             "  wikitext-2-raw/wiki.test.raw\n  pg19/test/<book id>.txt") from e
+
+
+# --- command-line helpers shared by the h2o commands ---------------------------------------
+
+def add_text_arguments(p, corpus: str) -> None:
+    p.add_argument("--corpus", default=corpus, choices=list(CORPORA), help="text to stream (pretrained models)")
+    p.add_argument("--pg19-book", default=PG19_FIRST_BOOK, help="PG-19 test book id (--corpus pg19)")
+    p.add_argument("--text-file", default=None, help="use this text file instead of --corpus")
+
+
+def load_text(args) -> tuple[str, str]:
+    """(text, source) from --text-file or --corpus/--pg19-book; errors before any model is loaded."""
+    if args.text_file:
+        return load_text_file(args.text_file)
+    return load_document(args.corpus, args.pg19_book if args.corpus == "pg19" else None, args.data_dir)
+
+
+def token_ids(args, tokenizer, model, text: tuple[str, str] | None, n: int) -> tuple[torch.Tensor, str]:
+    """[1, n] ids of the text (pretrained models) or random ids (random-weight models: no tokenizer)."""
+    if tokenizer is None:
+        return random_ids(model.config.vocab_size, n), "random ids (random-weight model, no tokenizer)"
+    return tokenize(tokenizer, text[0], n, args.bos), f"first {n} tokens of {text[1]}"

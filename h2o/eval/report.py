@@ -36,12 +36,21 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    _atomic_write(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    """JSON with NaN written as null (json.dumps would write the invalid token NaN)."""
+    _atomic_write(path, json.dumps(_nan_to_none(payload), indent=2, allow_nan=False, default=_jsonable) + "\n")
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def _jsonable(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
     if isinstance(value, (torch.dtype, torch.device, Path)):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
@@ -65,7 +74,8 @@ def save_figure(fig, path: Path) -> None:
 def environment() -> dict:
     """What every result carries: versions and machine."""
     info = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -87,3 +97,15 @@ def format_table(rows: list[dict], columns: dict[str, str]) -> str:
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def log_y(ax, label: str) -> None:
+    """Log y axis with plain numbers; minor ticks labelled too (all within a decade, 2 and 5 within three)."""
+    from matplotlib import ticker
+    ax.set_yscale("log")
+    ax.set_ylabel(label)
+    low, high = ax.get_ylim()
+    keep = (lambda m: True) if high / low < 10 else (lambda m: m in (2, 5)) if high / low < 1000 else (lambda m: False)
+    mantissa = lambda v: round(v / 10 ** math.floor(math.log10(v)), 6)
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if v > 0 and keep(mantissa(v)) else ""))

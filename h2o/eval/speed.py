@@ -61,13 +61,13 @@ class SpeedResult:
         return self.batch * self.new_tokens / self.total_s
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _step(model, ids, cache):
-    logits = model(ids, past_key_values=cache, use_cache=True).logits
+    logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     return logits[:, -1:].argmax(-1)
 
 
@@ -86,11 +86,11 @@ class AttentionTimer:
             self._handles.append(module.register_forward_hook(self._exit))
 
     def _enter(self, *_):
-        _sync(self.device)
+        sync(self.device)
         self._start = time.perf_counter()
 
     def _exit(self, *_):
-        _sync(self.device)
+        sync(self.device)
         self.total += time.perf_counter() - self._start
 
     def close(self):
@@ -114,18 +114,18 @@ def measure_speed(model, ids: torch.Tensor, policies: list[str], *, new_tokens: 
             caches = {p: h2o.make_cache(model, p, positions=positions, buffer=buffer) for p in policies}
             nxt = {}
             for p, cache in caches.items():
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 nxt[p] = _step(model, ids, cache)
-                _sync(device)
+                sync(device)
                 results[p].ttft_s.append(time.perf_counter() - start)
                 bar.update()
             for _ in range(new_tokens - 1):
                 for p, cache in caches.items():
-                    _sync(device)
+                    sync(device)
                     start = time.perf_counter()
                     nxt[p] = _step(model, nxt[p], cache)
-                    _sync(device)
+                    sync(device)
                     results[p].tpot_s.append(time.perf_counter() - start)
                     bar.update()
             for p, cache in caches.items():

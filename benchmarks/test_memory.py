@@ -1,0 +1,100 @@
+"""Peak memory and exact KV-cache bytes per policy: a prefill of `context` tokens, then a few decode steps.
+
+Peak memory is CUDA's peak allocated bytes, or on CPU the process's peak resident set, over that
+run (model weights included; `baseline_bytes` is what was held before it). The cache's bytes are
+asserted exactly: the keys and values of the tokens each layer keeps under the lazy-eviction
+schedule, plus, for evicting policies, the per-slot bookkeeping (arrival index int64 per row and
+KV head, H2O's float32 score per row and KV head, a validity byte per row) and an int64 padding
+count per row.
+"""
+
+import ctypes
+import gc
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import h2o
+from h2o.eval.models import describe
+
+pytestmark = pytest.mark.gpu
+
+
+def start_peak_memory(device: torch.device):
+    """Start measuring; the returned function gives (peak bytes, kind, bytes held at the start).
+
+    CUDA: peak allocated bytes. CPU (Linux): the process's exact peak RSS since the start (VmHWM,
+    reset through /proc/self/clear_refs), after handing freed heap back to the OS so the baseline is
+    what is live; elsewhere the RSS at the end, sampled by psutil.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        return lambda: (torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated", baseline)
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return lambda: (max(baseline, process.memory_info().rss), "rss_at_end", baseline)
+
+    def stop():
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) * 1024, "peak_rss", baseline
+    return stop
+
+
+def kept_after(policy, buffer: int, feeds: list[int]) -> int:
+    """Tokens a layer keeps after forwards of `feeds` tokens each: cut back to `budget` once above budget + buffer."""
+    kept = 0
+    for q in feeds:
+        kept += q
+        if policy.evicts and kept > policy.budget + buffer:
+            kept = policy.budget
+    return kept
+
+
+def test_memory(benchmark, bench, speed_model, prompt_ids, case):
+    name, context = case
+    model, _ = speed_model
+    policy, steps, buffer = h2o.parse(name), bench.sizes.memory_steps, bench.sizes.buffer
+
+    def run():
+        cache = h2o.make_cache(model, policy, buffer=buffer)
+        stop = start_peak_memory(bench.device)
+        token = bench.step(model, prompt_ids[:, :context], cache)
+        for _ in range(steps):
+            token = bench.step(model, token, cache)
+        return cache, stop()
+
+    cache, (peak, kind, baseline) = benchmark.pedantic(run, rounds=1, iterations=1)
+
+    shape = describe(model)
+    layers, rows, heads, elem = shape["layers"], 1, shape["kv_heads"], model.dtype.itemsize
+    kv_per_token = rows * heads * 2 * shape["head_dim"] * elem  # keys + values, one layer
+    seen = context + steps
+    kept = kept_after(policy, buffer, [context] + [1] * steps)
+    if policy.evicts:
+        per_slot = kv_per_token + rows * heads * (8 + (4 if policy.needs_scores else 0)) + rows
+        expected = layers * (kept * per_slot + rows * 8)
+    else:
+        expected = layers * kept * kv_per_token
+    full = layers * seen * kv_per_token
+
+    assert cache.kept_lengths() == [kept] * layers, f"{name}: layers keep {cache.kept_lengths()}, expected {kept}"
+    assert cache.kv_bytes() == expected, f"{name}: kv_bytes {cache.kv_bytes()} != {expected} computed"
+    if policy.evicts:
+        assert kept < seen and cache.kv_bytes() < full, f"{name}: {cache.kv_bytes()} bytes, full cache {full}"
+    benchmark.extra_info.update(bench.info(
+        model, name, measure="memory", context_tokens=context, decode_steps=steps, batch=rows, buffer=buffer,
+        kept_tokens=kept, kv_bytes=cache.kv_bytes(), kv_bytes_full_cache=full, kv_bytes_per_token=layers * kv_per_token,
+        peak_mem_bytes=peak, peak_mem_kind=kind, baseline_bytes=baseline, peak_over_baseline_bytes=peak - baseline))

@@ -1,0 +1,350 @@
+"""`h2o sweep`: PPL vs cache budget per policy family, and decode throughput vs batch size.
+
+PPL: the full cache once, then every family at every budget, on the same token ids, through
+`h2o.eval.ppl.token_losses` (eviction in force, checked against the full cache's losses).
+Family names become policies as streaming_4_{b-4} and h2o_4_{b//8}_{b}_{rule}.
+
+Throughput: for each batch size, `h2o.eval.speed.measure_speed` on the full cache and each
+family at `--throughput-budget`, interleaved. Before a batch size, on CPU, each policy's memory
+is predicted from the previous batch size (its exact cache bytes plus the run's measured peak
+growth, scaled by the batch ratio); the biggest policies that would not fit in `MEMORY_SHARE`
+of the available memory stop there ("skipped: would exceed memory"); an out-of-memory error
+stops the policy with the largest cache ("OOM") and the batch size is retried without it.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import psutil
+import torch
+
+import h2o
+from h2o.policies import DEFAULT_SCORE, resolve
+
+from . import data, models, report
+from .ppl import check_eviction_in_force, token_losses
+from .speed import measure_speed
+from .stress import MEMORY_SHARE, OK, OOM, SKIPPED, _is_oom
+
+HELP = "PPL vs cache budget per policy family, and decode throughput vs batch size until memory runs out"
+FAMILIES = ("streaming", "h2o", "h2o_mean", "h2o_sum")
+PARTS = ("ppl", "throughput")
+MAX_BATCH = {"cpu": 8, "cuda": 1024}
+DEFAULT_CONTEXT = {"cpu": 512, "cuda": 1024}
+DEFAULT_NEW_TOKENS = {"cpu": 8, "cuda": 32}
+PPL_COLUMNS = {"family": "Family", "budget": "Budget", "policy": "Policy", "ppl": "PPL",
+               "ppl_after_eviction": "PPL after 1st eviction", "full_ppl_after_eviction": "Full, same tokens"}
+SPEED_COLUMNS = {"batch": "Batch", "policy": "Policy", "status": "Status", "tpot_median_ms": "TPOT med (ms)",
+                 "decode_tok_s": "Decode tok/s", "throughput_tok_s": "Gen tok/s (with prefill)",
+                 "kv_mib": "KV MiB", "run_peak_growth_mib": "Run peak +MiB"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
+    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="cache budgets (tokens)")
+    p.add_argument("--families", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"], choices=FAMILIES,
+                   help="streaming -> streaming_4_{b-4}; h2o[_rule] -> h2o_4_{b//8}_{b}_{rule} (h2o: --score)")
+    p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per policy")
+    p.add_argument("--chunk", type=int, default=32, help="tokens per forward in the PPL runs (1 = token by token)")
+    data.add_text_arguments(p, "wikitext")
+    g = p.add_argument_group("throughput")
+    g.add_argument("--batches", nargs="+", type=int, default=None,
+                   help=f"batch sizes (default: 1, 2, 4, ... until memory runs out, at most {MAX_BATCH['cpu']} "
+                        f"on CPU, {MAX_BATCH['cuda']} on CUDA)")
+    g.add_argument("--context", type=int, default=None,
+                   help=f"prompt tokens per row (default {DEFAULT_CONTEXT['cpu']} on CPU, "
+                        f"{DEFAULT_CONTEXT['cuda']} on CUDA)")
+    g.add_argument("--new-tokens", type=int, default=None,
+                   help=f"tokens generated per run (default {DEFAULT_NEW_TOKENS['cpu']} on CPU, "
+                        f"{DEFAULT_NEW_TOKENS['cuda']} on CUDA)")
+    g.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch size")
+    g.add_argument("--throughput-budget", type=int, default=256, help="the compressed policies' budget")
+
+
+def policy_name(family: str, budget: int, score: str | None) -> str:
+    if family == "streaming":
+        return f"streaming_4_{budget - 4}"
+    rule = family.partition("_")[2] or score or DEFAULT_SCORE
+    return f"h2o_4_{budget // 8}_{budget}_{rule}"
+
+
+def check_args(args) -> dict:
+    """Resolve the device-dependent defaults and reject impossible requests before any loading."""
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    budgets = sorted(set(args.budgets))
+    families = list(dict.fromkeys(args.families))
+    if budgets[0] < 8:
+        raise ValueError(f"budgets must be >= 8 (4 sinks plus a window), got {budgets[0]}")
+    if "ppl" in args.parts:
+        if args.chunk < 1:
+            raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+        if args.ppl_tokens <= budgets[-1] + args.buffer:
+            raise ValueError(f"--ppl-tokens {args.ppl_tokens} never outgrows the largest budget + buffer "
+                             f"({budgets[-1]} + {args.buffer}): no eviction would be measured")
+    batches = args.batches or [1 << i for i in range(MAX_BATCH[kind].bit_length())]
+    context = args.context or DEFAULT_CONTEXT[kind]
+    new_tokens = args.new_tokens or DEFAULT_NEW_TOKENS[kind]
+    if "throughput" in args.parts:
+        if min(batches) < 1 or batches != sorted(set(batches)):
+            raise ValueError(f"--batches must be positive and strictly increasing, got {' '.join(map(str, batches))}")
+        if args.repeats < 1 or new_tokens < 2:
+            raise ValueError(f"--repeats must be >= 1 and --new-tokens >= 2 (got {args.repeats}, {new_tokens})")
+        if args.throughput_budget < 8:
+            raise ValueError(f"--throughput-budget must be >= 8, got {args.throughput_budget}")
+        if context <= args.throughput_budget + args.buffer:
+            raise ValueError(f"--context {context} does not outgrow --throughput-budget + --buffer "
+                             f"({args.throughput_budget} + {args.buffer}): the compressed caches would not evict")
+    ppl_policies = [policy_name(f, b, args.score) for b in budgets for f in families]
+    speed_policies = ["full"] + [policy_name(f, args.throughput_budget, args.score) for f in families]
+    resolve(ppl_policies + speed_policies)  # every name parses
+    return {"budgets": budgets, "families": families, "batches": batches, "context": context,
+            "new_tokens": new_tokens, "speed_policies": list(dict.fromkeys(speed_policies))}
+
+
+def run(args) -> int:
+    plan = check_args(args)
+    out = report.prepare_output_dir(args.out)
+    text = data.load_text(args) if not args.model.startswith("random:") else None
+    started = time.time()
+    model, tokenizer = models.load_model(args.model, args.device, args.dtype, args.attn, args.device_map)
+    info = models.describe(model)
+    notes = [f"model {info['name']} ({info['family']}, {info['dtype']}, {info['device']}, attention {args.attn}); "
+             f"positions {args.positions}, lazy buffer {args.buffer}"]
+    if tokenizer is None:
+        notes.append(f"{info['name']} has random weights: PPL is meaningless (about the vocabulary size); "
+                     "the PPL part only exercises the code path")
+    payload = {"command": "sweep", "args": {k: v for k, v in vars(args).items() if k != "run"}, "plan": plan,
+               "model": info, "environment": report.environment()}
+    files = []
+    title = f"{info['name']} ({info['device']}, {info['dtype']}), positions {args.positions}"
+    if "ppl" in args.parts:
+        ppl_rows, what = ppl_part(args, plan, model, tokenizer, text, notes)
+        notes.append(what)
+        payload.update(ppl_rows=ppl_rows)
+        report.write_csv(out / "sweep_ppl.csv", ppl_rows)
+        files += [out / "sweep_ppl.csv", plot_ppl(ppl_rows, out / "sweep_ppl.png", f"{title}\n{what}")]
+        print(report.format_table(ppl_rows, PPL_COLUMNS))
+    if "throughput" in args.parts:
+        speed_rows, what = throughput_part(args, plan, model, tokenizer, text, notes)
+        notes.append(what)
+        payload.update(throughput_rows=speed_rows)
+        report.write_csv(out / "sweep_throughput.csv", speed_rows)
+        short = what.split(";")[0]
+        files += [out / "sweep_throughput.csv",
+                  plot_throughput(speed_rows, out / "sweep_throughput.png", f"{title}\n{short}")]
+        print(report.format_table(speed_rows, SPEED_COLUMNS))
+    payload.update(notes=notes, wall_time_s=time.time() - started)
+    report.write_json(out / "sweep.json", payload)
+    print("\n".join(f"- {note}" for note in notes))
+    print(f"wrote {', '.join(map(str, files))}, {out / 'sweep.json'} ({time.time() - started:.0f} s)")
+    return 0
+
+
+# --- PPL vs budget -----------------------------------------------------------------------------
+
+def ppl_part(args, plan, model, tokenizer, text, notes) -> tuple[list[dict], str]:
+    ids, source = data.token_ids(args, tokenizer, model, text, args.ppl_tokens)
+    kw = dict(chunk=args.chunk, prefill=args.chunk, positions=args.positions, buffer=args.buffer,
+              progress=not args.no_progress)
+    try:
+        full = token_losses(model, ids, "full", desc="PPL full", **kw)
+        rows = [{"family": "full", "budget": None, "policy": "full", "ppl": full.ppl(), "ppl_after_eviction": None,
+                 "full_ppl_after_eviction": None, "first_eviction": None, "max_kept": full.max_kept}]
+        for budget in plan["budgets"]:
+            for family in plan["families"]:
+                name = policy_name(family, budget, args.score)
+                result = token_losses(model, ids, name, desc=f"PPL {name}", **kw)
+                check_eviction_in_force(full, result)
+                same = None if result.first_eviction is None else \
+                    torch.exp(full.losses[:, result.first_eviction:].double().mean()).item()
+                rows.append({"family": family, "budget": budget, "policy": result.policy, "ppl": result.ppl(),
+                             "ppl_after_eviction": result.ppl(after_eviction=True), "full_ppl_after_eviction": same,
+                             "first_eviction": result.first_eviction, "max_kept": result.max_kept})
+                notes += [f"{result.policy}: {n}" for n in result.notes]
+    finally:
+        h2o.restore(model)
+    mode = "token by token" if args.chunk == 1 else f"chunked, {args.chunk} tokens per forward"
+    return rows, f"PPL on {source}, {mode}, BOS {'on' if args.bos else 'off'}"
+
+
+def plot_ppl(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
+    for i, family in enumerate(dict.fromkeys(r["family"] for r in rows if r["family"] != "full")):
+        pts = [(r["budget"], r["ppl"]) for r in rows if r["family"] == family]
+        rule = next(r["policy"] for r in rows if r["family"] == family).rsplit("_", 1)[-1]
+        label = "streaming_4_{b-4}" if family == "streaming" else "h2o_4_{b/8}_{b}_" + rule
+        ax.plot(*zip(*pts), "os^D"[i % 4] + "-", color=f"C{i}", ms=8 - 2 * (i % 4), label=f"{family}: {label}")
+    full = next(r["ppl"] for r in rows if r["family"] == "full")
+    ax.axhline(full, color="k", ls="--", lw=1, label=f"full cache ({full:.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("cache budget (tokens kept per layer and head, log2 scale)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"PPL vs cache budget\n{title}", fontsize=8)
+    ax.legend(fontsize=7)
+    report.save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+# --- throughput vs batch size --------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory growth during a block: CUDA peak allocated, or process RSS sampled every 10 ms."""
+
+    def __init__(self, device):
+        self.device, self.growth = device, 0
+
+    def _current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return psutil.Process().memory_info().rss
+
+    def _sample(self):
+        while not self._done.wait(0.01):
+            self._peak = max(self._peak, self._current())
+
+    def __enter__(self):
+        gc.collect()
+        self._start = self._peak = self._current()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self._peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._done.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._current())
+        self.growth = max(0, self._peak - self._start)
+
+
+def predicted_growth(last: dict, batch: int, live: list[str]) -> float:
+    """Memory a run at `batch` would add: the last run's non-cache growth and its live caches, scaled."""
+    scale = batch / last["batch"]
+    other = max(0, last["growth"] - sum(last["kv"].values()))
+    return scale * (other + sum(last["kv"].get(p, 0) for p in live))
+
+
+def throughput_part(args, plan, model, tokenizer, text, notes) -> tuple[list[dict], str]:
+    device = next(model.parameters()).device
+    context, new_tokens = plan["context"], plan["new_tokens"]
+    base, source = data.token_ids(args, tokenizer, model, text, context)
+    live, rows, last = list(plan["speed_policies"]), [], None
+    for batch in plan["batches"]:
+        prompt = base.expand(batch, -1) if tokenizer is not None else \
+            data.random_ids(model.config.vocab_size, context, batch)
+        while live:
+            if last is not None and device.type == "cpu":
+                limit = MEMORY_SHARE * psutil.virtual_memory().available
+                while live and predicted_growth(last, batch, live) > limit:
+                    victim = _largest(live, last)
+                    rows.append(_stop_row(batch, victim, SKIPPED, predicted_growth(last, batch, live)))
+                    live.remove(victim)
+                if not live:
+                    break
+            try:
+                with PeakMemory(device) as peak:
+                    speed = measure_speed(model, prompt, live, new_tokens=new_tokens, repeats=args.repeats,
+                                          memory_steps=2, positions=args.positions, buffer=args.buffer,
+                                          progress=not args.no_progress)
+            except RuntimeError as err:
+                if not _is_oom(err):
+                    raise
+                speed = None
+            finally:
+                h2o.restore(model)
+            if speed is None:  # out of memory: drop the biggest cache and retry this batch size
+                victim = _largest(live, last)
+                rows.append(_stop_row(batch, victim, OOM, None))
+                live.remove(victim)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            for p in live:
+                s = speed[p]
+                rows.append({"batch": batch, "policy": s.policy, "status": OK, "tpot_median_ms": 1000 * s.tpot_median,
+                             "tpot_min_ms": 1000 * s.tpot_min, "decode_tok_s": batch / s.tpot_median,
+                             "throughput_tok_s": s.throughput, "ttft_s": s.ttft, "kv_bytes": s.kv_bytes,
+                             "kv_mib": s.kv_bytes / report.MIB, "peak_mem_mib": s.peak_mem_bytes / report.MIB,
+                             "run_peak_growth_mib": peak.growth / report.MIB, "predicted_growth_mib": None})
+            last = {"batch": batch, "growth": peak.growth, "kv": {p: speed[p].kv_bytes for p in live}}
+            break
+        if not live:
+            break
+    for r in rows:
+        if r["status"] != OK:
+            notes.append(f"{r['policy']}: {r['status']} at batch {r['batch']}"
+                         + (f" (predicted +{r['predicted_growth_mib']:.0f} MiB)" if r["predicted_growth_mib"] else ""))
+    return rows, (f"throughput: prompt = {source} x batch, {new_tokens} new tokens, "
+                 f"{args.repeats} interleaved repeat(s); Decode tok/s = batch / median TPOT; Gen tok/s includes "
+                 "the prefill; Run peak +MiB = peak memory growth of the whole measurement (all policies; "
+                 f"{'CUDA peak allocated' if device.type == 'cuda' else 'RSS sampled every 10 ms'})")
+
+
+def _largest(live: list[str], last: dict | None) -> str:
+    """The live policy with the largest cache at the last batch size (the full cache if none was measured)."""
+    if last is None:
+        return "full" if "full" in live else live[0]
+    return max(live, key=lambda p: last["kv"].get(p, 0))
+
+
+def _stop_row(batch, policy, status, predicted) -> dict:
+    return {"batch": batch, "policy": resolve([policy])[0], "status": status, "tpot_median_ms": None,
+            "tpot_min_ms": None, "decode_tok_s": None, "throughput_tok_s": None, "ttft_s": None, "kv_bytes": None,
+            "kv_mib": None, "peak_mem_mib": None, "run_peak_growth_mib": None,
+            "predicted_growth_mib": None if predicted is None else predicted / report.MIB}
+
+
+def plot_throughput(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    for i, p in enumerate(policies):
+        ok = [r for r in rows if r["policy"] == p and r["status"] == OK]
+        ax1.plot([r["batch"] for r in ok], [r["decode_tok_s"] for r in ok], "o-", color=f"C{i}", label=p)
+        ax2.plot([r["batch"] for r in ok], [r["kv_mib"] for r in ok], "o-", color=f"C{i}", label=p)
+        for r in rows:
+            if r["policy"] == p and r["status"] != OK:
+                for ax in (ax1, ax2):
+                    ax.axvline(r["batch"], color=f"C{i}", ls=":", lw=1.2)
+                    ax.text(r["batch"], 0.98, f" {p}: {r['status']}", color=f"C{i}", rotation=90, va="top",
+                            ha="right", fontsize=7, transform=ax.get_xaxis_transform())
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size (rows, log2 scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if all(r["status"] == OK for r in rows):
+        ax1.text(0.98, 0.02, f"no policy ran out of memory up to batch {batches[-1]}", transform=ax1.transAxes,
+                 ha="right", va="bottom", fontsize=8, color="gray")
+    ax1.set_ylabel("decode throughput (tokens/s, all rows)")
+    ax1.set_ylim(bottom=0)
+    ax1.set_title("Decode throughput = batch / median TPOT", fontsize=9)
+    report.log_y(ax2, "KV cache at the end (MiB, log scale)")
+    ax2.set_title("KV cache size (exact bytes)", fontsize=9)
+    fig.suptitle(f"Throughput vs batch size: {title}", fontsize=9)
+    report.save_figure(fig, path)
+    plt.close(fig)
+    return path
