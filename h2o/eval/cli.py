@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ppl-mode", default="chunked", choices=["stream", "chunked"],
                        help="stream: token by token (StreamingLLM protocol); chunked: --chunk tokens per forward")
     bench.add_argument("--chunk", type=int, default=32)
-    bench.add_argument("--context", type=int, default=1024, help="prompt tokens for the speed run")
+    bench.add_argument("--context", type=int, default=2048, help="prompt tokens for the speed run")
     bench.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speed run")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--batch", type=int, default=1, help="rows in the speed run")
@@ -193,21 +193,21 @@ def run_bench(args) -> int:
                "notes": notes, "wall_time_s": time.time() - started}
     report.write_csv(out / "bench.csv", rows)
     report.write_json(out / "bench.json", payload)
-    plot_bench(rows, texts if ppl else {}, out / "bench.png", info["name"])
+    plot_bench(rows, texts if ppl else {}, out / "bench.png", info["name"], args.context)
     print(table)
     print("\n".join(f"- {n}" for n in notes))
     print(f"wrote {out / 'bench.csv'}, {out / 'bench.json'}, {out / 'bench.png'} ({time.time() - started:.0f} s)")
     return 0
 
 
-def plot_bench(rows, texts, path, model_name) -> None:
+def plot_bench(rows, texts, path, model_name, context) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["configuration"] for r in rows]
     panels = [(f"{t}_ppl", f"{t} PPL (lower is better)") for t in texts]
-    panels += [("tpot_ms", "TPOT, ms (median)"), ("kv_mib", "KV cache, MiB")]
+    panels += [("tpot_ms", f"TPOT after a {context}-token prompt, ms (median)"), ("kv_mib", "KV cache, MiB")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         values = [r.get(key, float("nan")) for r in rows]
