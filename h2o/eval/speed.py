@@ -13,6 +13,7 @@ the time spent inside the attention modules per decode step ("Avg Attn").
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import statistics
 import time
@@ -137,6 +138,14 @@ def measure_speed(model, ids: torch.Tensor, policies: list[str], *, new_tokens: 
     return results
 
 
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so the resident set reflects live memory again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory from `start()` to `stop()`: CUDA's peak allocated bytes, or on CPU the process's
     peak resident set (Linux: VmHWM, reset through /proc/self/clear_refs; elsewhere psutil, sampled
@@ -147,6 +156,7 @@ class PeakMemory:
 
     def start(self) -> None:
         gc.collect()
+        _release_free_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
