@@ -74,13 +74,9 @@ def token_losses(model, ids: torch.Tensor, policy: str, *, chunk: int = 1, prefi
     with torch.no_grad():
         for start, stop in zip([0] + starts, starts + [n]):
             logits = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits
-            targets = ids[:, start + 1 : stop + 1]
-            step = F.cross_entropy(logits[:, : targets.shape[1]].float().transpose(1, 2), targets, reduction="none")
-            losses.append(step.cpu())
-            kept = max(cache.kept_lengths())
+            losses.append(next_token_losses(logits, ids, start, stop))
+            kept = check_bound(cache, bound, policy)
             max_kept = max(max_kept, kept)
-            if bound is not None and kept > bound:
-                raise ValidityError(f"{policy}: a layer holds {kept} tokens, above budget + buffer = {bound}")
             if first_eviction is None and kept < stop:
                 first_eviction = stop  # logits at position `stop` (loss index `stop`) are the first computed after it
             bar.update(stop - start)
@@ -95,6 +91,21 @@ def token_losses(model, ids: torch.Tensor, policy: str, *, chunk: int = 1, prefi
     if cache.policy.evicts and first_eviction is None:
         result.notes.append(f"the text ({n} tokens) never outgrew budget + buffer: no eviction happened")
     return result
+
+
+def next_token_losses(logits: torch.Tensor, ids: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """NLL [B, n] (on CPU) of each next token that exists, from the logits of ids[:, start:stop]."""
+    targets = ids[:, start + 1 : stop + 1]
+    nll = F.cross_entropy(logits[:, : targets.shape[1]].float().transpose(1, 2), targets, reduction="none")
+    return nll.cpu()
+
+
+def check_bound(cache, bound: int | None, policy: str) -> int:
+    """The longest layer's kept length; a `ValidityError` if it is above budget + buffer."""
+    kept = max(cache.kept_lengths())
+    if bound is not None and kept > bound:
+        raise ValidityError(f"{policy}: a layer holds {kept} tokens, above budget + buffer = {bound}")
+    return kept
 
 
 def check_eviction_in_force(full: PPLResult, compressed: PPLResult) -> None:

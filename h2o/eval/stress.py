@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 
 import psutil
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import h2o
 from h2o.policies import parse, resolve
 
 from . import data, models, report
-from .ppl import PPLResult, ValidityError, check_eviction_in_force, trained_context
+from .ppl import PPLResult, ValidityError, check_bound, check_eviction_in_force, next_token_losses, trained_context
 from .speed import sync
 
 HELP = "long-context stress test: TPOT, memory and segment PPL per policy from 1k to 16k tokens"
@@ -124,12 +123,8 @@ def _advance(model, run: Run, ids: torch.Tensor, start: int, stop: int, device) 
     logits = _forward(model, ids[:, start:stop], run.cache)
     sync(device)
     elapsed = time.perf_counter() - began
-    targets = ids[:, start + 1 : stop + 1]
-    nll = F.cross_entropy(logits[:, : targets.shape[1]].float().transpose(1, 2), targets, reduction="none")
-    run.segment.append(nll.cpu())
-    kept = max(run.cache.kept_lengths())
-    if run.bound is not None and kept > run.bound:
-        raise ValidityError(f"{run.policy}: a layer holds {kept} tokens, above budget + buffer = {run.bound}")
+    run.segment.append(next_token_losses(logits, ids, start, stop))
+    kept = check_bound(run.cache, run.bound, run.policy)
     if run.first_eviction is None and kept < stop:
         run.first_eviction = stop
     return elapsed
