@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import h2o
 from tiny import tiny_model, token_ids
 
-FAMILIES = ["llama", "gpt_neox", "qwen2", "mistral"]
+FAMILIES = ["llama", "gpt_neox", "qwen2", "qwen3", "mistral"]
 ATTN = ["sdpa", "eager"]
 TOL = dict(rtol=1e-4, atol=1e-4)
 

@@ -2,7 +2,7 @@
 
 import torch
 from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 97
 
@@ -20,6 +20,8 @@ def tiny_model(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):
         config, cls = MistralConfig(**common, **gqa, sliding_window=None), MistralForCausalLM
     elif family == "qwen2":
         config, cls = Qwen2Config(**common, **gqa, use_sliding_window=False), Qwen2ForCausalLM
+    elif family == "qwen3":
+        config, cls = Qwen3Config(**common, **gqa, head_dim=16, use_sliding_window=False), Qwen3ForCausalLM
     else:
         raise ValueError(family)
     config._attn_implementation = attn
