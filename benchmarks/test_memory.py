@@ -8,49 +8,13 @@ KV head, H2O's float32 score per row and KV head, a validity byte per row) and a
 count per row.
 """
 
-import ctypes
-import gc
-from pathlib import Path
-
-import psutil
 import pytest
-import torch
 
 import h2o
 from h2o.eval.models import describe
+from h2o.eval.speed import PeakMemory
 
 pytestmark = pytest.mark.gpu
-
-
-def start_peak_memory(device: torch.device):
-    """Start measuring; the returned function gives (peak bytes, kind, bytes held at the start).
-
-    CUDA: peak allocated bytes. CPU (Linux): the process's exact peak RSS since the start (VmHWM,
-    reset through /proc/self/clear_refs), after handing freed heap back to the OS so the baseline is
-    what is live; elsewhere the RSS at the end, sampled by psutil.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        return lambda: (torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated", baseline)
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    process = psutil.Process()
-    baseline = process.memory_info().rss
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return lambda: (max(baseline, process.memory_info().rss), "rss_at_end", baseline)
-
-    def stop():
-        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(hwm.split()[1]) * 1024, "peak_rss", baseline
-    return stop
 
 
 def kept_after(policy, buffer: int, feeds: list[int]) -> int:
@@ -70,11 +34,13 @@ def test_memory(benchmark, bench, speed_model, prompt_ids, case):
 
     def run():
         cache = h2o.make_cache(model, policy, buffer=buffer)
-        stop = start_peak_memory(bench.device)
+        meter = PeakMemory(bench.device)
+        meter.start()
         token = bench.step(model, prompt_ids[:, :context], cache)
         for _ in range(steps):
             token = bench.step(model, token, cache)
-        return cache, stop()
+            meter.sample()
+        return cache, (*meter.stop(), meter.baseline)
 
     cache, (peak, kind, baseline) = benchmark.pedantic(run, rounds=1, iterations=1)
 

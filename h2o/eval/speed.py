@@ -155,13 +155,16 @@ class PeakMemory:
         self.device, self.process = device, psutil.Process()
 
     def start(self) -> None:
+        """Begin; `self.baseline` is then what the process (or CUDA) holds at the start."""
         gc.collect()
         _release_free_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
             return
-        self.sampled = self.process.memory_info().rss
+        self.baseline = self.sampled = self.process.memory_info().rss
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
