@@ -12,7 +12,7 @@ import pytest
 
 import h2o
 from h2o.eval.models import describe
-from h2o.eval.speed import PeakMemory
+from h2o.eval.memory import PeakMemory
 
 pytestmark = pytest.mark.gpu
 

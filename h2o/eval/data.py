@@ -175,23 +175,17 @@ def _hub(corpus: str, split: str) -> tuple[dict[str, str], str]:
             "  wikitext-2-raw/wiki.test.raw\n  pg19/test/<book id>.txt") from e
 
 
-# --- command-line helpers shared by the h2o commands ---------------------------------------
-
-def add_text_arguments(p, corpus: str) -> None:
-    p.add_argument("--corpus", default=corpus, choices=list(CORPORA), help="text to stream (pretrained models)")
-    p.add_argument("--pg19-book", default=PG19_FIRST_BOOK, help="PG-19 test book id (--corpus pg19)")
-    p.add_argument("--text-file", default=None, help="use this text file instead of --corpus")
-
-
-def load_text(args) -> tuple[str, str]:
-    """(text, source) from --text-file or --corpus/--pg19-book; errors before any model is loaded."""
-    if args.text_file:
-        return load_text_file(args.text_file)
-    return load_document(args.corpus, args.pg19_book if args.corpus == "pg19" else None, args.data_dir)
+def load_text(corpus: str = "wikitext", book: str | None = None, text_file: str | Path | None = None,
+              data_dir: str | Path | None = None) -> tuple[str, str]:
+    """(text, source): the user's `text_file` if given, else the corpus document (PG-19: `book`)."""
+    if text_file:
+        return load_text_file(text_file)
+    return load_document(corpus, book, data_dir)
 
 
-def token_ids(args, tokenizer, model, text: tuple[str, str] | None, n: int) -> tuple[torch.Tensor, str]:
-    """[1, n] ids of the text (pretrained models) or random ids (random-weight models: no tokenizer)."""
+def token_ids(tokenizer, vocab_size: int, text: tuple[str, str] | None, n: int,
+              add_bos: bool = False) -> tuple[torch.Tensor, str]:
+    """[1, n] ids of `text` (pretrained models), or random ids when there is no tokenizer (random weights)."""
     if tokenizer is None:
-        return random_ids(model.config.vocab_size, n), "random ids (random-weight model, no tokenizer)"
-    return tokenize(tokenizer, text[0], n, args.bos), f"first {n} tokens of {text[1]}"
+        return random_ids(vocab_size, n), "random ids (random-weight model, no tokenizer)"
+    return tokenize(tokenizer, text[0], n, add_bos), f"first {n} tokens of {text[1]}"

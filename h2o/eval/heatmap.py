@@ -10,14 +10,14 @@ rest, next to what uniform causal attention would give.
 
 from __future__ import annotations
 
-import time
-
 import psutil
 import torch
 
-from . import data, models, report
+from . import report
+from .command import add_text_options, load_text
 from .stress import MEMORY_SHARE
 
+NAME = "heatmap"
 HELP = "attention heatmaps (log scale) of chosen layers over a short text: sinks and heavy hitters"
 COLUMNS = {"layer": "Layer", "sink_share": "Sink share", "uniform_sink_share": "Uniform sink share",
            "heavy_share": "Heavy-hitter share", "uniform_heavy_share": "Uniform HH share",
@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", type=int, default=128, help="text length (tokens)")
     p.add_argument("--sinks", type=int, default=4, help="leading tokens counted as attention sinks")
     p.add_argument("--top-k", type=int, default=8, help="heavy hitters marked among the other tokens")
-    data.add_text_arguments(p, "wikitext")
+    add_text_options(p, "wikitext")
 
 
 def check_layers(requested: list[int] | None, n: int) -> list[int]:
@@ -47,15 +47,17 @@ def token_label(tokenizer, token_id: int) -> str:
     return text.replace("\n", "⏎").replace("\r", "").replace("$", r"\$") or "∅"
 
 
-def run(args) -> int:
+def check(args) -> dict:
     if args.tokens < args.sinks + args.top_k + 1 or args.sinks < 0 or args.top_k < 1:
         raise ValueError(f"--tokens ({args.tokens}) must exceed --sinks ({args.sinks}) + --top-k ({args.top_k}), "
                          "with --sinks >= 0 and --top-k >= 1")
-    out = report.prepare_output_dir(args.out)
-    text = data.load_text(args) if not args.model.startswith("random:") else None
-    started = time.time()
-    model, tokenizer = models.load_model(args.model, args.device, args.dtype, "eager", args.device_map)
-    info = models.describe(model)
+    return {"text": load_text(args)}
+
+
+def run(session, plan) -> int:
+    args = session.args
+    model, tokenizer = session.load_model(attn="eager")
+    info = session.info
     layers = check_layers(args.layers, info["layers"])
     t = args.tokens
     need = info["layers"] * info["q_heads"] * t * t * torch.finfo(model.dtype).bits // 8
@@ -64,7 +66,7 @@ def run(args) -> int:
         raise ValueError(f"--tokens {t}: the attention maps of all {info['layers']} layers need "
                          f"{need / report.MIB:.0f} MiB, more than {MEMORY_SHARE:.0%} of the memory available; "
                          "use fewer tokens")
-    ids, source = data.token_ids(args, tokenizer, model, text, t)
+    ids, source = session.token_ids(plan["text"], t)
     with torch.no_grad():
         attentions = model(ids.to(model.device), output_attentions=True).attentions
     labels = [token_label(tokenizer, i) for i in ids[0].tolist()]
@@ -88,8 +90,8 @@ def run(args) -> int:
                "sink_share_per_head": [round(v, 4) for v in (probs.sum(1)[:, : args.sinks].sum(-1) / t).tolist()]}
         rows.append(row)
         per_layer[layer] = {"received": received.tolist(), "heavy_hitters": heavy.tolist()}
-        plot_layer(mean, received, heavy, labels, args.sinks, layer, info, source,
-                   out / f"heatmap_layer{layer}.png", row)
+        session.plot(f"heatmap_layer{layer}.png",
+                     plot_layer(mean, received, heavy, labels, args.sinks, layer, info, source, row))
 
     notes = [f"model {info['name']} ({info['family']}, {info['dtype']}, {info['device']}), eager attention"
              + (f" (asked for {args.attn}: output_attentions needs eager)" if args.attn != "eager" else ""),
@@ -99,24 +101,14 @@ def run(args) -> int:
              "uniform = the same keys under uniform causal attention"]
     if tokenizer is None:
         notes.append(f"{info['name']} has random weights: no sinks or heavy hitters are expected")
-    payload = {"command": "heatmap", "args": {k: v for k, v in vars(args).items() if k != "run"}, "layers": layers,
-               "model": info, "environment": report.environment(),
-               "text": source, "tokens": labels,
-               "token_ids": ids[0].tolist(), "rows": rows, "received": per_layer, "notes": notes,
-               "wall_time_s": time.time() - started}
-    report.write_csv(out / "heatmap.csv", [{k: v for k, v in r.items() if k != "sink_share_per_head"} for r in rows])
-    report.write_json(out / "heatmap.json", payload)
-    print(report.format_table(rows, COLUMNS))
-    print("\n".join(f"- {note}" for note in notes))
-    print(f"wrote {out / 'heatmap.csv'}, {out / 'heatmap.json'}, "
-          f"{', '.join(str(out / f'heatmap_layer{layer}.png') for layer in layers)} ({time.time() - started:.0f} s)")
-    return 0
+    session.write_csv("heatmap.csv", [{k: v for k, v in r.items() if k != "sink_share_per_head"} for r in rows])
+    session.write_json("heatmap.json", layers=layers, text=source, tokens=labels, token_ids=ids[0].tolist(),
+                       rows=rows, received=per_layer, notes=notes)
+    return session.finish([report.format_table(rows, COLUMNS)], notes)
 
 
-def plot_layer(mean, received, heavy, labels, sinks, layer, info, source, path, row) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_layer(mean, received, heavy, labels, sinks, layer, info, source, row):
+    plt = report.pyplot()
     from matplotlib.colors import LogNorm
 
     t = mean.shape[0]
@@ -151,5 +143,4 @@ def plot_layer(mean, received, heavy, labels, sinks, layer, info, source, path, 
                          f"top {len(heavy)} heavy hitters: {row['heavy_share']:.1%} (uniform: "
                          f"{row['uniform_heavy_share']:.1%})", "other tokens"], fontsize=7, loc="upper right")
     ax2.set_title("Attention each key received = H2O's 'sum' score (head-averaged)", fontsize=9)
-    report.save_figure(fig, path)
-    plt.close(fig)
+    return fig

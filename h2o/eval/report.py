@@ -35,9 +35,10 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict) -> Path:
     """JSON with NaN written as null (json.dumps would write the invalid token NaN)."""
     _atomic_write(path, json.dumps(_nan_to_none(payload), indent=2, allow_nan=False, default=_jsonable) + "\n")
+    return path
 
 
 def _nan_to_none(value):
@@ -56,19 +57,31 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> Path:
     buffer = io.StringIO()
     columns = list(dict.fromkeys(key for row in rows for key in row))
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     _atomic_write(path, buffer.getvalue())
+    return path
 
 
-def save_figure(fig, path: Path) -> None:
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed): the one place that picks it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write the figure atomically, then close it."""
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     os.replace(tmp, path)
+    pyplot().close(fig)
+    return path
 
 
 def environment() -> dict:

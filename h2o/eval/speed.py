@@ -5,25 +5,24 @@ advance in lockstep (prefill of each, then one decode step of each in turn), so 
 falls on all alike; we keep every sample and report min and median. TTFT is the prefill forward
 plus picking the first token; TPOT is one decode step (one new token per row).
 
-Memory: `kv_bytes` is exact (the cache's tensors, bookkeeping included). Peak memory is CUDA's
-peak allocated bytes on GPU, or the process's peak resident set (psutil, sampled after every
-step) on CPU, each measured in a separate, sequential pass per configuration, together with
+Memory: `kv_bytes` is exact (the cache's tensors, bookkeeping included). Peak memory
+(`h2o.eval.memory.PeakMemory`) is CUDA's peak allocated bytes on GPU, or the process's peak
+resident set on CPU, each measured in a separate, sequential pass per configuration, together with
 the time spent inside the attention modules per decode step ("Avg Attn").
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import statistics
 import time
 from dataclasses import dataclass, field
 
-import psutil
 import torch
 from tqdm.auto import tqdm
 
 import h2o
+
+from .memory import PeakMemory
 
 
 @dataclass
@@ -136,55 +135,6 @@ def measure_speed(model, ids: torch.Tensor, policies: list[str], *, new_tokens: 
         for p in policies:
             _memory_and_attention_pass(model, ids, p, results[p], memory_steps, positions, buffer, device)
     return results
-
-
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc), so the resident set reflects live memory again."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory from `start()` to `stop()`: CUDA's peak allocated bytes, or on CPU the process's
-    peak resident set (Linux: VmHWM, reset through /proc/self/clear_refs; elsewhere psutil, sampled
-    at each `sample()`). `stop()` returns (bytes, kind)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.process = device, psutil.Process()
-
-    def start(self) -> None:
-        """Begin; `self.baseline` is then what the process (or CUDA) holds at the start."""
-        gc.collect()
-        _release_free_heap()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-            return
-        self.baseline = self.sampled = self.process.memory_info().rss
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.kind = "peak_rss"
-        except OSError:
-            self.kind = "peak_rss_sampled"
-
-    def sample(self) -> None:
-        if self.device.type != "cuda":
-            self.sampled = max(self.sampled, self.process.memory_info().rss)
-
-    def stop(self) -> tuple[int, str]:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device), "cuda_peak_allocated"
-        self.sample()
-        if self.kind == "peak_rss":
-            with open("/proc/self/status") as f:
-                hwm = next(line for line in f if line.startswith("VmHWM:"))
-            return max(self.sampled, int(hwm.split()[1]) * 1024), self.kind
-        return self.sampled, self.kind
 
 
 def _memory_and_attention_pass(model, ids, policy, result, steps, positions, buffer, device):

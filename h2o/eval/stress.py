@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 
 import psutil
 import torch
-from tqdm.auto import tqdm
 
 import h2o
 from h2o.policies import parse, resolve
 
-from . import data, models, report
+from . import memory, report
+from .command import add_text_options, load_text
 from .ppl import PPLResult, ValidityError, check_bound, check_eviction_in_force, next_token_losses, trained_context
 from .speed import sync
 
+NAME = "stress"
 HELP = "long-context stress test: TPOT, memory and segment PPL per policy from 1k to 16k tokens"
 DEFAULT_POLICIES = ["full", "streaming_4_252", "h2o_4_32_256"]
 CPU_LENGTHS = [1024, 2048, 4096, 8192, 16384]
@@ -50,7 +51,7 @@ def add_arguments(p) -> None:
                         f"on CUDA also {CUDA_LENGTHS[-1]})")
     p.add_argument("--chunk", type=int, default=256, help="tokens per forward while streaming the text in")
     p.add_argument("--decode-steps", type=int, default=8, help="timed single-token steps per policy per checkpoint")
-    data.add_text_arguments(p, "pg19")
+    add_text_options(p, "pg19")
 
 
 def _forward(model, ids, cache):
@@ -74,7 +75,7 @@ class Run:
     first_eviction: int | None = None
 
 
-def check_args(args) -> tuple[list[str], list[int]]:
+def check(args) -> dict:
     policies = list(dict.fromkeys(resolve(args.policies, args.score)))
     lengths = args.lengths or (CUDA_LENGTHS if args.device.startswith("cuda") else CPU_LENGTHS)
     if min(lengths) < 1 or lengths != sorted(set(lengths)):
@@ -85,7 +86,7 @@ def check_args(args) -> tuple[list[str], list[int]]:
         if b < a + args.decode_steps:
             raise ValueError(f"checkpoints {a} and {b} are closer than --decode-steps {args.decode_steps}: "
                              f"the decode steps at {a} already take the context to {a + args.decode_steps}")
-    return policies, lengths
+    return {"policies": policies, "lengths": lengths, "text": load_text(args)}
 
 
 def predicted_bytes(run: Run, length: int, steps: int) -> float:
@@ -151,23 +152,13 @@ def _each(model, runs, ids, start, stop, device, target, timed=False) -> None:
             run.tpot_s.append(elapsed)
 
 
-def _process_memory(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return psutil.Process().memory_info().rss
-
-
-def run(args) -> int:
-    policies, lengths = check_args(args)
+def run(session, plan) -> int:
+    args, policies, lengths = session.args, plan["policies"], plan["lengths"]
     steps = args.decode_steps
-    out = report.prepare_output_dir(args.out)
-    text = data.load_text(args) if not args.model.startswith("random:") else None
-    started = time.time()
-    model, tokenizer = models.load_model(args.model, args.device, args.dtype, args.attn, args.device_map)
-    info = models.describe(model)
-    device = next(model.parameters()).device
+    model, tokenizer = session.load_model()
+    info, device = session.info, session.device
     n = lengths[-1] + steps + 1  # the last decode step's target included
-    ids, source = data.token_ids(args, tokenizer, model, text, n)
+    ids, source = session.token_ids(plan["text"], n)
     ids = ids.to(device)
     runs = []
     for name in policies:
@@ -175,16 +166,14 @@ def run(args) -> int:
         budget = parse(name).budget
         runs.append(Run(name, cache, None if budget is None else budget + args.buffer))
     context = trained_context(model)
-    mem_kind = "cuda_allocated" if device.type == "cuda" else "rss"
+    mem_kind = memory.kind(device)
 
     rows, pos, planned = [], 0, False
-    bar = tqdm(total=(lengths[-1] + steps * len(lengths)) * len(runs), desc="stress", unit="tok",
-               disable=args.no_progress)
+    bar = session.progress(total=(lengths[-1] + steps * len(lengths)) * len(runs), desc="stress", unit="tok")
     try:
         with torch.no_grad():
             for i, length in enumerate(lengths):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                peak = memory.PeakMemory(device).start()
                 while pos < length:
                     stop = min(pos + args.chunk, length)
                     _each(model, runs, ids, pos, stop, device, length)
@@ -199,9 +188,10 @@ def run(args) -> int:
                     _each(model, runs, ids, pos + s, pos + s + 1, device, length, timed=True)
                     bar.update(len(runs))
                 pos += steps
-                memory = _process_memory(device)
+                held = memory.current_bytes(device)
+                peak.stop()
                 for run_ in runs:
-                    rows.append(_row(run_, length, steps, memory, device, context, args.positions))
+                    rows.append(_row(run_, length, steps, held, peak.peak, context, args.positions))
                     run_.losses += run_.segment
                     run_.segment = []
                 if device.type == "cpu" and i + 1 < len(lengths):
@@ -211,26 +201,20 @@ def run(args) -> int:
         h2o.restore(model)
     _check_eviction(runs)
 
-    notes = _notes(args, info, source, runs, rows, context, mem_kind, tokenizer is None)
-    payload = {"command": "stress", "args": {k: v for k, v in vars(args).items() if k != "run"},
-               "policies": policies, "lengths": lengths, "model": info, "environment": report.environment(),
-               "text": source, "memory_kind": mem_kind,
-               "trained_context": context, "rows": rows, "notes": notes, "wall_time_s": time.time() - started}
-    report.write_csv(out / "stress.csv", rows)
-    report.write_json(out / "stress.json", payload)
+    notes = _notes(session, source, runs, rows, context, mem_kind, tokenizer is None)
+    session.write_csv("stress.csv", rows)
+    session.write_json("stress.json", policies=policies, lengths=lengths, text=source, memory_kind=mem_kind,
+                       trained_context=context, rows=rows, notes=notes)
     title = f"{info['name']} ({info['device']}, {info['dtype']}), positions {args.positions}, chunk {args.chunk}"
-    files = plot(rows, out, title, context, mem_kind)
-    print(report.format_table(rows, COLUMNS))
-    print("\n".join(f"- {note}" for note in notes))
-    print(f"wrote {out / 'stress.csv'}, {out / 'stress.json'}, {', '.join(map(str, files))} "
-          f"({time.time() - started:.0f} s)")
-    return 0
+    for name, figure in plot(rows, title, context, mem_kind):
+        session.plot(name, figure)
+    return session.finish([report.format_table(rows, COLUMNS)], notes)
 
 
-def _row(run: Run, length, steps, memory, device, context, positions) -> dict:
+def _row(run: Run, length, steps, held, peak, context, positions) -> dict:
     row = {"policy": run.policy, "length": length, "status": run.status, "tpot_min_ms": None,
            "tpot_median_ms": None, "kv_bytes": None, "kv_mib": None, "kept_tokens": None,
-           "process_mem_mib": None, "segment_ppl": None, "segment_tokens": None}
+           "process_mem_mib": None, "peak_mem_mib": None, "segment_ppl": None, "segment_tokens": None}
     # the last position this segment used; full caches keep original positions in either mode
     row["past_trained_context"] = bool(context and length + steps > context
                                        and (positions == "original" or run.bound is None))
@@ -240,10 +224,8 @@ def _row(run: Run, length, steps, memory, device, context, positions) -> dict:
     kv = run.cache.kv_bytes()
     row.update(tpot_min_ms=1000 * min(run.tpot_s), tpot_median_ms=1000 * statistics.median(run.tpot_s),
                kv_bytes=kv, kv_mib=kv / report.MIB, kept_tokens=max(run.cache.kept_lengths()),
-               process_mem_mib=memory / report.MIB, segment_ppl=math.exp(nll.double().mean().item()),
-               segment_tokens=nll.shape[1])
-    if device.type == "cuda":
-        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / report.MIB
+               process_mem_mib=held / report.MIB, peak_mem_mib=peak / report.MIB,
+               segment_ppl=math.exp(nll.double().mean().item()), segment_tokens=nll.shape[1])
     return row
 
 
@@ -263,17 +245,17 @@ def _check_eviction(runs: list[Run]) -> None:
                                     PPLResult(r.policy, "chunked", losses[:, :n], r.first_eviction, 0, False))
 
 
-def _notes(args, info, source, runs, rows, context, mem_kind, random_weights) -> list[str]:
+def _notes(session, source, runs, rows, context, mem_kind, random_weights) -> list[str]:
+    args, info = session.args, session.info
     notes = [
-        f"model {info['name']} ({info['family']}, {info['dtype']}, {info['device']}, attention {args.attn}); "
-        f"positions {args.positions}, lazy buffer {args.buffer}; text: {source}, BOS {'on' if args.bos else 'off'}",
+        f"{session.model_line}; text: {source}, BOS {'on' if args.bos else 'off'}",
         f"text streamed {args.chunk} tokens per forward, all policies in lockstep; at each checkpoint "
         f"{args.decode_steps} single-token decode steps per policy on the next real tokens, interleaved; "
         "TPOT = one decode forward (min and median of those steps)",
         "Segment PPL: every token predicted since the previous checkpoint (chunk and decode forwards)",
         f"KV MiB: exact bytes of that policy's cache (bookkeeping included) after the checkpoint; Process MiB: "
         f"{'process RSS' if mem_kind == 'rss' else 'torch.cuda.memory_allocated'} with every live policy's "
-        "cache held at once (one number per checkpoint, not per policy)",
+        "cache held at once, and Peak MiB its peak over the segment (one number per checkpoint, not per policy)",
     ]
     if random_weights:
         notes.append(f"{info['name']} has random weights: its PPL is meaningless (about the vocabulary size); "
@@ -318,15 +300,13 @@ def _mark_context(ax, context, lengths) -> None:
         ax.axvline(context, color="gray", ls="--", lw=1, label=f"trained context ({context})")
 
 
-def plot(rows, out, title, context, mem_kind) -> list:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows, title, context, mem_kind) -> list:
+    """[(file name, figure)]: TPOT, memory and segment PPL against context."""
+    plt = report.pyplot()
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     colors = {p: f"C{i}" for i, p in enumerate(policies)}
-    paths = [out / "stress_tpot.png", out / "stress_memory.png", out / "stress_ppl.png"]
+    figures = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for p in policies:
@@ -341,8 +321,7 @@ def plot(rows, out, title, context, mem_kind) -> list:
     ax.set_ylim(bottom=0)
     ax.set_title(f"Decode TPOT vs context\n{title}", fontsize=9)
     ax.legend(fontsize=7)
-    report.save_figure(fig, paths[0])
-    plt.close(fig)
+    figures.append(("stress_tpot.png", fig))
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
     for p in policies:
@@ -364,8 +343,7 @@ def plot(rows, out, title, context, mem_kind) -> list:
     ax2.set_title("Process memory: model + every live policy's cache", fontsize=9)
     ax2.legend(fontsize=7)
     fig.suptitle(f"Memory vs context: {title}", fontsize=10)
-    report.save_figure(fig, paths[1])
-    plt.close(fig)
+    figures.append(("stress_memory.png", fig))
 
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for p in policies:
@@ -376,6 +354,5 @@ def plot(rows, out, title, context, mem_kind) -> list:
     report.log_y(ax, "PPL of the segment since the previous checkpoint (log scale)")
     ax.set_title(f"Segment PPL vs context (lower is better)\n{title}", fontsize=9)
     ax.legend(fontsize=7)
-    report.save_figure(fig, paths[2])
-    plt.close(fig)
-    return paths
+    figures.append(("stress_ppl.png", fig))
+    return figures

@@ -15,8 +15,6 @@ stops the policy with the largest cache ("OOM") and the batch size is retried wi
 from __future__ import annotations
 
 import gc
-import threading
-import time
 
 import psutil
 import torch
@@ -24,11 +22,14 @@ import torch
 import h2o
 from h2o.policies import DEFAULT_SCORE, resolve
 
-from . import data, models, report
+from . import data, report
+from .command import add_text_options, load_text
+from .memory import PeakMemory
 from .ppl import check_eviction_in_force, token_losses
 from .speed import measure_speed
 from .stress import MEMORY_SHARE, OK, OOM, SKIPPED, _is_oom
 
+NAME = "sweep"
 HELP = "PPL vs cache budget per policy family, and decode throughput vs batch size until memory runs out"
 FAMILIES = ("streaming", "h2o", "h2o_mean", "h2o_sum")
 PARTS = ("ppl", "throughput")
@@ -49,7 +50,7 @@ def add_arguments(p) -> None:
                    help="streaming -> streaming_4_{b-4}; h2o[_rule] -> h2o_4_{b//8}_{b}_{rule} (h2o: --score)")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per policy")
     p.add_argument("--chunk", type=int, default=32, help="tokens per forward in the PPL runs (1 = token by token)")
-    data.add_text_arguments(p, "wikitext")
+    add_text_options(p, "wikitext")
     g = p.add_argument_group("throughput")
     g.add_argument("--batches", nargs="+", type=int, default=None,
                    help=f"batch sizes (default: 1, 2, 4, ... until memory runs out, at most {MAX_BATCH['cpu']} "
@@ -71,7 +72,7 @@ def policy_name(family: str, budget: int, score: str | None) -> str:
     return f"h2o_4_{budget // 8}_{budget}_{rule}"
 
 
-def check_args(args) -> dict:
+def check(args) -> dict:
     """Resolve the device-dependent defaults and reject impossible requests before any loading."""
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     budgets = sorted(set(args.budgets))
@@ -101,52 +102,43 @@ def check_args(args) -> dict:
     speed_policies = ["full"] + [policy_name(f, args.throughput_budget, args.score) for f in families]
     resolve(ppl_policies + speed_policies)  # every name parses
     return {"budgets": budgets, "families": families, "batches": batches, "context": context,
-            "new_tokens": new_tokens, "speed_policies": list(dict.fromkeys(speed_policies))}
+            "new_tokens": new_tokens, "speed_policies": list(dict.fromkeys(speed_policies)),
+            "text": load_text(args)}
 
 
-def run(args) -> int:
-    plan = check_args(args)
-    out = report.prepare_output_dir(args.out)
-    text = data.load_text(args) if not args.model.startswith("random:") else None
-    started = time.time()
-    model, tokenizer = models.load_model(args.model, args.device, args.dtype, args.attn, args.device_map)
-    info = models.describe(model)
-    notes = [f"model {info['name']} ({info['family']}, {info['dtype']}, {info['device']}, attention {args.attn}); "
-             f"positions {args.positions}, lazy buffer {args.buffer}"]
+def run(session, plan) -> int:
+    args = session.args
+    model, tokenizer = session.load_model()
+    info = session.info
+    notes = [session.model_line]
     if tokenizer is None:
         notes.append(f"{info['name']} has random weights: PPL is meaningless (about the vocabulary size); "
                      "the PPL part only exercises the code path")
-    payload = {"command": "sweep", "args": {k: v for k, v in vars(args).items() if k != "run"}, "plan": plan,
-               "model": info, "environment": report.environment()}
-    files = []
+    results, tables = {}, []
     title = f"{info['name']} ({info['device']}, {info['dtype']}), positions {args.positions}"
     if "ppl" in args.parts:
-        ppl_rows, what = ppl_part(args, plan, model, tokenizer, text, notes)
+        ppl_rows, what = ppl_part(session, plan, notes)
         notes.append(what)
-        payload.update(ppl_rows=ppl_rows)
-        report.write_csv(out / "sweep_ppl.csv", ppl_rows)
-        files += [out / "sweep_ppl.csv", plot_ppl(ppl_rows, out / "sweep_ppl.png", f"{title}\n{what}")]
-        print(report.format_table(ppl_rows, PPL_COLUMNS))
+        results["ppl_rows"] = ppl_rows
+        session.write_csv("sweep_ppl.csv", ppl_rows)
+        session.plot("sweep_ppl.png", plot_ppl(ppl_rows, f"{title}\n{what}"))
+        tables.append(report.format_table(ppl_rows, PPL_COLUMNS))
     if "throughput" in args.parts:
-        speed_rows, what = throughput_part(args, plan, model, tokenizer, text, notes)
+        speed_rows, what = throughput_part(session, plan, notes)
         notes.append(what)
-        payload.update(throughput_rows=speed_rows)
-        report.write_csv(out / "sweep_throughput.csv", speed_rows)
-        short = what.split(";")[0]
-        files += [out / "sweep_throughput.csv",
-                  plot_throughput(speed_rows, out / "sweep_throughput.png", f"{title}\n{short}")]
-        print(report.format_table(speed_rows, SPEED_COLUMNS))
-    payload.update(notes=notes, wall_time_s=time.time() - started)
-    report.write_json(out / "sweep.json", payload)
-    print("\n".join(f"- {note}" for note in notes))
-    print(f"wrote {', '.join(map(str, files))}, {out / 'sweep.json'} ({time.time() - started:.0f} s)")
-    return 0
+        results["throughput_rows"] = speed_rows
+        session.write_csv("sweep_throughput.csv", speed_rows)
+        session.plot("sweep_throughput.png", plot_throughput(speed_rows, f"{title}\n{what.split(';')[0]}"))
+        tables.append(report.format_table(speed_rows, SPEED_COLUMNS))
+    session.write_json("sweep.json", plan={k: v for k, v in plan.items() if k != "text"}, **results, notes=notes)
+    return session.finish(tables, notes)
 
 
 # --- PPL vs budget -----------------------------------------------------------------------------
 
-def ppl_part(args, plan, model, tokenizer, text, notes) -> tuple[list[dict], str]:
-    ids, source = data.token_ids(args, tokenizer, model, text, args.ppl_tokens)
+def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
+    args, model = session.args, session.model
+    ids, source = session.token_ids(plan["text"], args.ppl_tokens)
     kw = dict(chunk=args.chunk, prefill=args.chunk, positions=args.positions, buffer=args.buffer,
               progress=not args.no_progress)
     try:
@@ -170,11 +162,8 @@ def ppl_part(args, plan, model, tokenizer, text, notes) -> tuple[list[dict], str
     return rows, f"PPL on {source}, {mode}, BOS {'on' if args.bos else 'off'}"
 
 
-def plot_ppl(rows, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_ppl(rows, title):
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
     for i, family in enumerate(dict.fromkeys(r["family"] for r in rows if r["family"] != "full")):
@@ -191,48 +180,10 @@ def plot_ppl(rows, path, title):
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"PPL vs cache budget\n{title}", fontsize=8)
     ax.legend(fontsize=7)
-    report.save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 # --- throughput vs batch size --------------------------------------------------------------------
-
-class PeakMemory:
-    """Peak memory growth during a block: CUDA peak allocated, or process RSS sampled every 10 ms."""
-
-    def __init__(self, device):
-        self.device, self.growth = device, 0
-
-    def _current(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
-        return psutil.Process().memory_info().rss
-
-    def _sample(self):
-        while not self._done.wait(0.01):
-            self._peak = max(self._peak, self._current())
-
-    def __enter__(self):
-        gc.collect()
-        self._start = self._peak = self._current()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._done = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self._peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._done.set()
-            self._thread.join()
-            self._peak = max(self._peak, self._current())
-        self.growth = max(0, self._peak - self._start)
-
 
 def predicted_growth(last: dict, batch: int, live: list[str]) -> float:
     """Memory a run at `batch` would add: the last run's non-cache growth and its live caches, scaled."""
@@ -241,10 +192,10 @@ def predicted_growth(last: dict, batch: int, live: list[str]) -> float:
     return scale * (other + sum(last["kv"].get(p, 0) for p in live))
 
 
-def throughput_part(args, plan, model, tokenizer, text, notes) -> tuple[list[dict], str]:
-    device = next(model.parameters()).device
+def throughput_part(session, plan, notes) -> tuple[list[dict], str]:
+    args, model, tokenizer, device = session.args, session.model, session.tokenizer, session.device
     context, new_tokens = plan["context"], plan["new_tokens"]
-    base, source = data.token_ids(args, tokenizer, model, text, context)
+    base, source = session.token_ids(plan["text"], context)
     live, rows, last = list(plan["speed_policies"]), [], None
     for batch in plan["batches"]:
         prompt = base.expand(batch, -1) if tokenizer is not None else \
@@ -295,7 +246,7 @@ def throughput_part(args, plan, model, tokenizer, text, notes) -> tuple[list[dic
     return rows, (f"throughput: prompt = {source} x batch, {new_tokens} new tokens, "
                  f"{args.repeats} interleaved repeat(s); Decode tok/s = batch / median TPOT; Gen tok/s includes "
                  "the prefill; Run peak +MiB = peak memory growth of the whole measurement (all policies; "
-                 f"{'CUDA peak allocated' if device.type == 'cuda' else 'RSS sampled every 10 ms'})")
+                 f"{'CUDA peak allocated' if device.type == 'cuda' else 'peak RSS'})")
 
 
 def _largest(live: list[str], last: dict | None) -> str:
@@ -312,11 +263,8 @@ def _stop_row(batch, policy, status, predicted) -> dict:
             "predicted_growth_mib": None if predicted is None else predicted / report.MIB}
 
 
-def plot_throughput(rows, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_throughput(rows, title):
+    plt = report.pyplot()
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     batches = sorted({r["batch"] for r in rows})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
@@ -345,6 +293,4 @@ def plot_throughput(rows, path, title):
     report.log_y(ax2, "KV cache at the end (MiB, log scale)")
     ax2.set_title("KV cache size (exact bytes)", fontsize=9)
     fig.suptitle(f"Throughput vs batch size: {title}", fontsize=9)
-    report.save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return fig

@@ -1,0 +1,128 @@
+"""The skeleton every `h2o` command runs on: shared options, the run record, progress, outputs.
+
+A command is a module with
+
+    NAME, HELP                      its name and one line of help
+    add_arguments(parser)           its own options (the shared ones are added here)
+    check(args) -> plan             every refusal of bad input, before any model loads or any output is made
+    run(session, plan) -> int       its measurement, through the `Session` it is given
+
+and nothing else: loading the model, reading the text, the progress bars, the run record (model,
+versions, arguments, machine) and writing the table, CSV, JSON and plots (each atomically) live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data, models, report
+
+
+def add_shared_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=models.EMBEDDED,
+                   help=f"built-in name ({', '.join(models.list_models())}), hub id or local directory")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    g.add_argument("--device-map", default=None, help='passed to accelerate, e.g. "auto" for multi-GPU models')
+    g.add_argument("--data-dir", default=None, help="local corpora (default: $H2O_DATA_DIR, ../shared/data, else the hub)")
+    g.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token to every text")
+    g = p.add_argument_group("cache")
+    g.add_argument("--positions", default="original", choices=["original", "reindex"])
+    g.add_argument("--buffer", type=int, default=64, help="lazy eviction slack (0 = evict every step)")
+    g.add_argument("--score", default=None, choices=["mean", "sum"], help="H2O scoring rule for names without one")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="results", help="output directory")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_text_options(p: argparse.ArgumentParser, corpus: str) -> None:
+    """--corpus / --pg19-book / --text-file, for commands that read one text."""
+    p.add_argument("--corpus", default=corpus, choices=list(data.CORPORA), help="text to use (pretrained models)")
+    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK, help="PG-19 test book id (--corpus pg19)")
+    p.add_argument("--text-file", default=None, help="use this text file instead of --corpus")
+
+
+def load_text(args) -> tuple[str, str] | None:
+    """(text, source) from --text-file or --corpus/--pg19-book, for a command's `check` (a missing file is an
+    error before any model loads); None for random-weight models, which are fed random ids."""
+    if args.model.startswith("random:"):
+        return None
+    return data.load_text(args.corpus, args.pg19_book if args.corpus == "pg19" else None, args.text_file,
+                          args.data_dir)
+
+
+class Session:
+    """One run of one command: its arguments, output directory, model, progress bars and outputs."""
+
+    def __init__(self, command: str, args: argparse.Namespace):
+        self.command, self.args = command, args
+        self.out = report.prepare_output_dir(args.out)
+        self.started = time.time()
+        self.model = self.tokenizer = None
+        self.info: dict = {}
+        self.files: list[Path] = []
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def load_model(self, attn: str | None = None):
+        """(model, tokenizer or None) from the shared options; `attn` overrides --attn."""
+        a = self.args
+        self.model, self.tokenizer = models.load_model(a.model, a.device, a.dtype, attn or a.attn, a.device_map)
+        self.info = models.describe(self.model)
+        return self.model, self.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def token_ids(self, text: tuple[str, str] | None, n: int) -> tuple[torch.Tensor, str]:
+        """[1, n] ids of the text, or random ids for a random-weight model (no tokenizer)."""
+        return data.token_ids(self.tokenizer, self.model.config.vocab_size, text, n, self.args.bos)
+
+    def progress(self, **kwargs) -> tqdm:
+        return tqdm(disable=self.args.no_progress, leave=False, **kwargs)
+
+    @property
+    def model_line(self) -> str:
+        """The first note of every command: what model, where, how the cache is set up."""
+        i = self.info
+        return (f"model {i['name']} ({i['family']}, {i['dtype']}, {i['device']}, attention {i['attn_implementation']}); "
+                f"positions {self.args.positions}, lazy buffer {self.args.buffer}")
+
+    # --- outputs --------------------------------------------------------------------------------
+
+    def record(self, **fields) -> dict:
+        """The run record every JSON output carries: command, arguments, model, versions and machine."""
+        args = {k: v for k, v in vars(self.args).items() if k not in ("module",)}
+        return {"command": self.command, "args": args, "model": self.info, "environment": report.environment(),
+                **fields, "wall_time_s": time.time() - self.started}
+
+    def write_csv(self, name: str, rows: list[dict]) -> Path:
+        return self._keep(report.write_csv(self.out / name, rows))
+
+    def write_json(self, name: str, **fields) -> Path:
+        return self._keep(report.write_json(self.out / name, self.record(**fields)))
+
+    def plot(self, name: str, figure) -> Path:
+        """Save a matplotlib figure (closed after) as `name` in the output directory."""
+        return self._keep(report.save_figure(figure, self.out / name))
+
+    def finish(self, tables: list[str], notes: list[str]) -> int:
+        for table in tables:
+            print(table)
+        print("\n".join(f"- {note}" for note in notes))
+        print(f"wrote {', '.join(map(str, self.files))} ({time.time() - self.started:.0f} s)")
+        return 0
+
+    def _keep(self, path: Path) -> Path:
+        self.files.append(path)
+        return path
