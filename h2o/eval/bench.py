@@ -6,7 +6,7 @@ import torch
 
 from h2o.policies import parse, resolve
 
-from . import data, report
+from . import data, models, report, retrieval, tasks
 from .ppl import check_eviction_in_force, token_losses
 from .speed import measure_speed
 
@@ -18,6 +18,7 @@ TABLE = {
     "wikitext_ppl": "Wikitext PPL",
     "pg19_ppl": "PG-19 PPL",
     "text_ppl": "Text PPL",
+    "passkey_kept": "Passkey kept",
     "total_time_s": "Total Time (s)",
     "avg_attn_ms": "Avg Attn (ms)",
     "ttft_s": "TTFT (s)",
@@ -43,6 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=1, help="rows in the speed run")
+    p.add_argument("--passkey-cases", type=int, default=10,
+                   help="passkey cases (depths spread over 0.1-0.9) for the retrieval column; 0 = none")
+    p.add_argument("--passkey-length", type=int, default=1280, help="passkey prompt tokens")
 
 
 def check(args) -> dict:
@@ -58,7 +62,42 @@ def check(args) -> dict:
         texts[corpus] = data.load_document(corpus, args.pg19_book if corpus == "pg19" else None, args.data_dir)
     if args.text_file:
         texts["text"] = data.load_text_file(args.text_file)
+    if args.passkey_cases < 0:
+        raise ValueError(f"--passkey-cases must be >= 0, got {args.passkey_cases}")
+    if args.passkey_cases and not args.model.startswith("random:"):
+        n = args.passkey_length
+        for p in policies:
+            if parse(p).evicts and parse(p).budget + args.buffer >= 0.95 * n - 1:
+                raise ValueError(f"{p}: budget + buffer ({parse(p).budget} + {args.buffer}) holds the whole "
+                                 f"{n}-token passkey prompt, so nothing would be compressed; raise --passkey-length")
+        trained = getattr(models.load_config(args.model), "max_position_embeddings", None)
+        if args.positions == "original" and trained and n + retrieval.MAX_NEW_TOKENS["passkey"] > trained:
+            raise ValueError(f"--passkey-length {n} passes the model's trained context of {trained} with positions "
+                             "'original'")
     return {"policies": policies, "texts": texts}
+
+
+def passkey_column(session, policies, texts) -> tuple[dict, str]:
+    """{policy: (solved by it among the full cache's solved, the full cache's solved, cases)} and a note."""
+    args = session.args
+    n = args.passkey_cases
+    depths = [0.5] if n == 1 else [round(0.1 + 0.8 * i / (n - 1), 4) for i in range(n)]
+    haystacks = {name: text for name, (text, _) in texts.items()}
+    cases = retrieval.generate_cases("passkey", session.tokenizer, haystacks, [args.passkey_length], depths, 1, 0)
+    variant_list = [tasks.Variant(p, str(parse(p).budget), name=p) for p in policies if p != "full"]
+    bar = session.progress(total=len(cases) * len(policies), desc="passkey", unit="run")
+    rows = tasks.run_cases(session.model, session.tokenizer, cases, variant_list, "question-aware", chunk=args.chunk,
+                           positions=args.positions, buffer=args.buffer, bar=bar)
+    bar.close()
+    summary, notes = tasks.summarize(rows, min_solved=1)
+    out = {}
+    for r in summary:
+        policy = "full" if r["policy"] == "full" else r["policy"]
+        out[policy] = r
+    note = (f"Passkey kept: {len(cases)} passkey cases of {args.passkey_length} tokens (depths 0.1-0.9, haystacks "
+            f"{', '.join(haystacks)}), question-aware protocol; full: cases it solved; policies: solved among the "
+            "full cache's solved cases (the full-cache control; `h2o tasks` has the other tasks)")
+    return out, "; ".join([note, *notes])
 
 
 def run(session, plan) -> int:
@@ -80,6 +119,10 @@ def run(session, plan) -> int:
                 check_eviction_in_force(ppl["full"], ppl[policy])
         ppl_sources = {name: source for name, (_, source) in texts.items()}
 
+    passkey, passkey_note = {}, None
+    if tokenizer is not None and args.passkey_cases:
+        passkey, passkey_note = passkey_column(session, policies, texts)
+
     if tokenizer is None or "wikitext" not in texts:
         prompt = data.random_ids(model.config.vocab_size, args.context, args.batch)
         prompt_source = "random ids"
@@ -96,6 +139,11 @@ def run(session, plan) -> int:
         for i, name in enumerate(texts if policy in ppl else ()):
             row[f"{name}_ppl"] = ppl[policy].ppl(i)
             row[f"{name}_ppl_after_eviction"] = ppl[policy].ppl(i, after_eviction=True)
+        if policy in passkey:
+            k = passkey[policy]
+            row["passkey_kept"] = (f"{k['full_solved']}/{k['cases']}" if policy == "full"
+                                   else f"{k['policy_solved']}/{k['full_solved']}")
+            row["passkey_kept_share"] = k["kept_share"]
         row.update({
             "total_time_s": s.total_s, "avg_attn_ms": s.attn_ms_per_step, "ttft_s": s.ttft,
             "tpot_median_ms": 1000 * s.tpot_median, "tpot_min_ms": 1000 * s.tpot_min,
@@ -113,6 +161,7 @@ def run(session, plan) -> int:
         "interleaved repeats; TPOT median (min in CSV/JSON); Avg Attn = time in the attention modules per decode "
         f"step, all layers; Peak Mem = {rows[0]['peak_mem_kind']}; KV MiB = exact cache bytes at the end",
     ]
+    notes += [passkey_note] if passkey_note else []
     for policy, result in ppl.items():
         notes += [f"{policy}: {note}" for note in result.notes]
     session.write_csv("bench.csv", rows)

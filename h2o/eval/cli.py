@@ -13,7 +13,7 @@ import importlib.util
 import shutil
 import sys
 
-COMMANDS = ("bench", "stress", "sweep", "heatmap")
+COMMANDS = ("bench", "tasks", "stress", "sweep", "heatmap")
 # import name -> the package that provides it (all in the [eval] extra)
 EXTRAS = {"matplotlib": "matplotlib", "tqdm": "tqdm", "psutil": "psutil", "datasets": "datasets",
           "accelerate": "accelerate", "gguf": "gguf", "safetensors": "safetensors"}

@@ -74,6 +74,14 @@ def random_config(name: str):
     return RANDOM[name]()
 
 
+def load_config(name: str = EMBEDDED):
+    """The model's config without its weights (for checks before the model loads)."""
+    if name.startswith("random:"):
+        return random_config(name)
+    path = smollm2_copy() if name == EMBEDDED else _checkpoint(name)
+    return _pretrained(transformers.AutoConfig, path, name)
+
+
 def load_model(
     name: str = EMBEDDED,
     device: str = "cpu",

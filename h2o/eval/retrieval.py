@@ -1,0 +1,432 @@
+"""Seeded synthetic retrieval tasks and their scorers (pure Python plus a tokenizer; no model is loaded).
+
+Each `Case` is one prompt in three parts, `prefix + context + suffix`: the prefix is the chat template's start
+(system prompt, user turn) and the task instruction, the context is the haystack with the needle statements
+inserted between its sentences, and the suffix is the question, the end of the user turn, the assistant
+header and the answer opening. Without a chat template the prompt is a plain completion:
+`instruction + "\\n\\n" + context + "\\n\\n" + question + " " + opening`. The prompt's token count (the three parts
+tokenized on their own, `case_token_ids`) is fitted to the asked length: whole haystack sentences first, then,
+if that misses by more than 1%, the words of one last, cut sentence (kv_retrieval: whole pairs, then filler
+pairs redrawn until the UUIDs' token counts close the gap). The asked needle goes at the sentence boundary
+where the share of haystack tokens before it is nearest the asked depth (0: before the first sentence,
+1: after the last). Every drawn number, key and name is redrawn while it occurs (case-insensitively) in the
+haystack window of the case, in the fixed text or in another drawn item, so the references occur only in
+their needles.
+
+passkey (landmark attention, Mohtashami & Jaggi 2023, llama/run_test.py)
+    instruction "There is an important piece of information hidden inside a lot of irrelevant text. Find it
+                and memorize it. I will quiz you about the important information there."
+    needle      "The pass key is {N}. Remember it. {N} is the pass key."  (N: random 5-digit number)
+    question    "What is the pass key?"   opening: none   max_new_tokens 24 (the model restates the phrase)
+    scoring     first_number: 1 iff the first maximal run of digits in the answer is exactly N, else 0.
+niah_multikey (RULER niah_multikey_1: essay haystack, 4 word keys, 1 number value each, 1 query)
+    instruction "A special magic number is hidden within the following text. Make sure to memorize it.
+                I will quiz you about the number afterwards."
+    needles     "One of the special magic numbers for {key} is: {value}." for num_keys (4) keys such as
+                "sticky-breakfast", values random 7-digit numbers; the asked (first) key's needle at the
+                asked depth, the distractors at random depths
+    question    "What is the special magic number for {key} mentioned in the provided text?"
+    opening     "The special magic number for {key} mentioned in the provided text is"   max_new_tokens 12
+    scoring     string_match_all over [value]
+niah_multivalue (RULER niah_multivalue: 1 key, 4 values)
+    instruction "Some special magic numbers are hidden within the following text. Make sure to memorize it.
+                I will quiz you about the numbers afterwards."
+    needles     the same statement for one key and num_values (4) values; the first at the asked depth
+    question    "What are all the special magic numbers for {key} mentioned in the provided text?"
+    opening     "The special magic numbers for {key} mentioned in the provided text are"   max_new_tokens 64
+    scoring     string_match_all over all values (the share of them found)
+kv_retrieval (Lost in the Middle, Liu et al. 2023, kv_retrieval.prompt)
+    instruction "Extract the value corresponding to the specified key in the JSON object below.\\n\\nJSON data:"
+    context     a JSON object of random UUID4 -> UUID4 pairs, one pair a line (LitM layout: '{"k": "v",\\n'
+                ' "k": "v",\\n' ... ' "k": "v"}'), as many pairs as fit; the asked pair at index
+                round(depth * (n - 1)); no book text
+    question    'Key: "{key}"\\nCorresponding value:'   opening '"'   max_new_tokens 40
+    scoring     string_match_all over [value]
+variable_tracking (RULER vt: 1 chain, 4 hops)
+    instruction "Memorize and track the chain(s) of variable assignment hidden in the following text."
+    needles     "VAR {X1} = {value}." then "VAR {X2} = VAR {X1}." ... (num_hops + 1 statements, names 5 random
+                uppercase letters, value a random 5-digit number); the first at the asked depth, the others
+                in order at random increasing depths between it and the end of the context
+    question    "Question: Find all variables that are assigned the value {value} in the text above."
+    opening     "Answer: According to the chain(s) of variable assignment in the text above, {num_hops + 1}
+                variables are assigned the value {value}, they are:"   max_new_tokens 40
+    scoring     string_match_all over all num_hops + 1 variable names
+
+Scoring as RULER (scripts/eval/synthetic/constants.py): string_match_all is the share of references found as
+case-insensitive substrings of the answer; a case scores in [0, 1].
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+TASKS = ("passkey", "niah_multikey", "niah_multivalue", "kv_retrieval", "variable_tracking")
+OPTIONS = {"passkey": {}, "niah_multikey": {"num_keys": 4}, "niah_multivalue": {"num_values": 4},
+           "kv_retrieval": {}, "variable_tracking": {"num_hops": 4}}
+MAX_NEW_TOKENS = {"passkey": 24, "niah_multikey": 12, "niah_multivalue": 64, "kv_retrieval": 40,
+                  "variable_tracking": 40}
+_MARK = "\u27e6H2O-CONTEXT-MARK\u27e7"
+_FINE = 0.01  # aim: prompt tokens within 1% of the asked length
+_MIN_CONTEXT = 16  # tokens of haystack a case needs at least
+_CHARS_PER_TOKEN = 6  # generous: the window of haystack text a case draws from
+_NOT_ABBREVIATION = r"(?<!\b[A-Z]\.)(?<!\bMr\.)(?<!\bMrs\.)(?<!\bDr\.)(?<!\bSt\.)(?<!\bNo\.)"
+_BOUNDARY = re.compile(  # after . ! ? (perhaps a closing quote) before a capital, digit or quote; blank lines
+    rf"(?:(?<=[.!?]){_NOT_ABBREVIATION}|(?<=[.!?][\"'\u201d\u2019)\]]))\s+(?=[A-Z0-9\"'\u201c\u2018(\[])|\n[ \t]*\n\s*")
+_ADJECTIVES = ("sticky ancient brave calm clever curious damp eager fancy fierce gentle gloomy grumpy happy "
+               "hollow humble icy jolly lazy lively lucky mellow mighty nervous noisy odd polite proud quiet "
+               "rapid rusty shiny silent smooth sour spicy swift tidy violet witty").split()
+_NOUNS = ("breakfast anchor badger banjo basket beacon blanket canyon carpet castle cherry comet cottage "
+          "dolphin engine falcon feather garden glacier harbor helmet island jacket kettle ladder lantern "
+          "meadow mirror orchard otter pebble pillow pocket quilt river saddle teapot tunnel violin walrus").split()
+
+
+@dataclass(frozen=True)
+class Case:
+    task: str
+    length: int  # asked prompt length in tokens (prefix + context + suffix)
+    depth: float  # asked depth in [0, 1] of the asked needle within the context
+    index: int  # case number within its (length, depth) cell
+    seed: int
+    source: str  # where the haystack came from
+    prefix: str  # chat template start (system + user turn) and the task instruction
+    context: str  # the haystack with the needles inserted
+    suffix: str  # question, end of the user turn, assistant header, answer opening
+    references: tuple[str, ...]  # strings the answer must contain
+    needles: tuple[str, ...]  # inserted needle statements as they appear in `context`; the asked one first
+    max_new_tokens: int
+    scorer: str  # "first_number" or "string_match_all"
+
+    @property
+    def prompt(self) -> str:
+        return self.prefix + self.context + self.suffix
+
+
+def first_number_match(answer: str, reference: str) -> float:
+    """1.0 iff the first integer (a maximal run of digits) in `answer` equals `reference`."""
+    found = re.search(r"\d+", answer)
+    return float(found is not None and found.group() == reference)
+
+
+def string_match_all(answer: str, references: Sequence[str]) -> float:
+    """Share of `references` found as case-insensitive substrings of `answer` (RULER's string_match_all)."""
+    if not references:
+        raise ValueError("string_match_all needs at least one reference")
+    low = answer.lower()
+    return sum(r.lower() in low for r in references) / len(references)
+
+
+def score(case: Case, answer: str) -> float:
+    """The case's score of `answer`, in [0, 1]."""
+    if case.scorer == "first_number":
+        return first_number_match(answer, case.references[0])
+    if case.scorer == "string_match_all":
+        return string_match_all(answer, case.references)
+    raise ValueError(f"unknown scorer {case.scorer!r}")
+
+
+def case_token_ids(tokenizer, case: Case) -> tuple[list[int], list[int], list[int]]:
+    """(prefix ids, context ids, suffix ids), each part tokenized on its own without added special tokens."""
+    return tuple(_ids(tokenizer, part) for part in (case.prefix, case.context, case.suffix))  # type: ignore
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class _Avoid:
+    """Draws strings that occur nowhere in the given texts nor inside/around one another (case-insensitive)."""
+
+    def __init__(self, *texts: str):
+        self.text, self.used = "\n".join(texts).lower(), []
+
+    def draw(self, rng: random.Random, make: Callable[[random.Random], str]) -> str:
+        for _ in range(10_000):
+            s = make(rng)
+            low = s.lower()
+            if low not in self.text and all(low not in u and u not in low for u in self.used):
+                self.used.append(low)
+                return s
+        raise RuntimeError("could not draw a string absent from the haystack")
+
+
+def _digits(n: int) -> Callable[[random.Random], str]:
+    return lambda rng: str(rng.randint(10 ** (n - 1), 10 ** n - 1))
+
+
+def _word_key(rng: random.Random) -> str:
+    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
+
+
+def _var_name(rng: random.Random) -> str:
+    return "".join(rng.choices(string.ascii_uppercase, k=5))
+
+
+def _needle(key: str, value: str) -> str:
+    return f"One of the special magic numbers for {key} is: {value}."
+
+
+def _spec(task: str, rng: random.Random, avoid: _Avoid, depth: float, opts: dict) -> dict:
+    """The task's instruction, question, answer opening, needles, their depths and references."""
+    if task == "passkey":
+        n = avoid.draw(rng, _digits(5))
+        return dict(instruction="There is an important piece of information hidden inside a lot of irrelevant "
+                    "text. Find it and memorize it. I will quiz you about the important information there.",
+                    question="What is the pass key?", opening="", references=[n], depths=[depth],
+                    needles=[f"The pass key is {n}. Remember it. {n} is the pass key."])
+    if task == "niah_multikey":
+        keys = [avoid.draw(rng, _word_key) for _ in range(opts["num_keys"])]
+        values = [avoid.draw(rng, _digits(7)) for _ in keys]
+        return dict(instruction="A special magic number is hidden within the following text. Make sure to "
+                    "memorize it. I will quiz you about the number afterwards.",
+                    question=f"What is the special magic number for {keys[0]} mentioned in the provided text?",
+                    opening=f"The special magic number for {keys[0]} mentioned in the provided text is",
+                    needles=[_needle(k, v) for k, v in zip(keys, values)], references=values[:1],
+                    depths=[depth] + [rng.random() for _ in keys[1:]])
+    if task == "niah_multivalue":
+        key = avoid.draw(rng, _word_key)
+        values = [avoid.draw(rng, _digits(7)) for _ in range(opts["num_values"])]
+        return dict(instruction="Some special magic numbers are hidden within the following text. Make sure to "
+                    "memorize it. I will quiz you about the numbers afterwards.",
+                    question=f"What are all the special magic numbers for {key} mentioned in the provided text?",
+                    opening=f"The special magic numbers for {key} mentioned in the provided text are",
+                    needles=[_needle(key, v) for v in values], references=values,
+                    depths=[depth] + [rng.random() for _ in values[1:]])
+    if task == "variable_tracking":
+        hops = opts["num_hops"]
+        value = avoid.draw(rng, _digits(5))
+        question = f"Question: Find all variables that are assigned the value {value} in the text above."
+        opening = (f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} "
+                   f"variables are assigned the value {value}, they are:")
+        avoid.text += "\n" + (question + opening).lower()
+        names = [avoid.draw(rng, _var_name) for _ in range(hops + 1)]
+        return dict(instruction="Memorize and track the chain(s) of variable assignment hidden in the following "
+                    "text.", question=question, opening=opening, references=names,
+                    needles=[f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])],
+                    depths=[depth] + sorted(rng.uniform(depth, 1.0) for _ in range(hops)))
+    raise AssertionError(task)
+
+
+def _frame(tokenizer, instruction: str, question: str, opening: str, sep: str = "\n\n") -> tuple[str, str]:
+    """(prefix, suffix) around the context: the chat template split at a marker, or a plain completion."""
+    if getattr(tokenizer, "chat_template", None):
+        content = instruction + sep + _MARK + "\n\n" + question
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        prefix, suffix = text.split(_MARK)
+        return prefix, suffix + opening
+    return instruction + sep, "\n\n" + question + (" " + opening if opening else "")
+
+
+def _spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the text's sentences (split after . ! ? and at blank lines), whitespace trimmed."""
+    spans, start = [], 0
+    for m in [*_BOUNDARY.finditer(text), None]:
+        end = len(text) if m is None else m.start()
+        piece = text[start:end]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((start + lead, start + len(piece.rstrip())))
+        if m is not None:
+            start = m.end()
+    return spans
+
+
+def _sentences(text: str) -> list[str]:
+    """The text's sentences, each with its whitespace runs collapsed to single spaces."""
+    return [" ".join(text[a:b].split()) for a, b in _spans(text)]
+
+
+def _boundary(counts: Sequence[int], depth: float) -> int:
+    """The sentence boundary (0..len(counts)) whose share of tokens before it is nearest `depth`."""
+    total, before, best, best_err = max(sum(counts), 1), 0, 0, 2.0
+    for b in range(len(counts) + 1):
+        err = abs(before / total - depth)
+        if err < best_err:
+            best, best_err = b, err
+        before += counts[b] if b < len(counts) else 0
+    return best
+
+
+def _fit(length: int, measure: Callable[[int, int], int], n_max: int, start: int,
+         words: Callable[[int], int]) -> tuple[int, int]:
+    """(m whole units, k words of unit m) whose measured total is nearest `length`."""
+    m = start
+    while m > 0 and measure(m, 0) > length:
+        m -= 1
+    while m < n_max and measure(m + 1, 0) <= length:
+        m += 1
+    if m >= n_max:
+        raise ValueError(f"the haystack ran out before reaching {length} tokens")
+    lo, hi = measure(m, 0), measure(m + 1, 0)
+    if min(length - lo, hi - length) <= _FINE * length or words(m) <= 1:
+        return (m, 0) if length - lo <= hi - length else (m + 1, 0)
+    a, b = 0, words(m)  # largest k with measure(m, k) <= length lies in [a, b)
+    while b - a > 1:
+        k = (a + b) // 2
+        a, b = (k, b) if measure(m, k) <= length else (a, k)
+    return (m, a) if length - measure(m, a) <= measure(m, a + 1) - length else (m, a + 1)
+
+
+def _haystack_case(tokenizer, rng, length, depth, name, text, spans, opts, task):
+    need = length * _CHARS_PER_TOKEN
+    starts = [i for i, (a, _) in enumerate(spans) if a <= len(text) - need] or [0]
+    first = starts[rng.randrange(len(starts))]
+    window: list[str] = []
+    counts: list[int] = []
+    while first + len(window) < len(spans) and sum(counts) < 1.2 * length + 64:  # a window of enough tokens
+        more, chars = [], 0
+        while first + len(window) + len(more) < len(spans) and chars < need:
+            a, b = spans[first + len(window) + len(more)]
+            more.append(" ".join(text[a:b].split()))
+            chars += b - a
+        counts += [len(x) for x in tokenizer([" " + s for s in more], add_special_tokens=False)["input_ids"]]
+        window += more
+    scaffold = _frame(tokenizer, "", "", "")
+    spec = _spec(task, rng, _Avoid(*window, *scaffold), depth, opts)
+    prefix, suffix = _frame(tokenizer, spec["instruction"], spec["question"], spec["opening"])
+    fixed = len(_ids(tokenizer, prefix)) + len(_ids(tokenizer, suffix))
+    needle_tokens = sum(len(_ids(tokenizer, " " + n)) for n in spec["needles"])
+    room = length - fixed - needle_tokens
+    if room < _MIN_CONTEXT:
+        raise ValueError(f"length {length} is too short for {task}: its prompt frame, question and needles "
+                         f"take {fixed + needle_tokens} tokens, leaving {room} (< {_MIN_CONTEXT}) for the haystack")
+    cache: dict[tuple[int, int], tuple[str, int]] = {}
+
+    def render(m: int, k: int) -> tuple[str, int]:
+        if (m, k) not in cache:
+            units, ucounts = window[:m], counts[:m]
+            if k:
+                units = units + [" ".join(window[m].split(" ")[:k])]
+                ucounts = ucounts + [len(_ids(tokenizer, " " + units[-1]))]
+            at = [_boundary(ucounts, d) for d in spec["depths"]]
+            pieces = []
+            for b in range(len(units) + 1):
+                pieces += [n for n, nb in zip(spec["needles"], at) if nb == b] + units[b:b + 1]
+            context = " ".join(pieces)
+            cache[m, k] = context, fixed + len(_ids(tokenizer, context))
+        return cache[m, k]
+
+    guess, acc = 0, 0
+    while guess < len(counts) and acc + counts[guess] <= room:
+        acc, guess = acc + counts[guess], guess + 1
+    try:
+        m, k = _fit(length, lambda m, k: render(m, k)[1], len(window) - 1, guess,
+                    lambda m: len(window[m].split(" ")))
+    except ValueError:
+        raise ValueError(f"haystack {name!r} is too short for length {length}") from None
+    a = spans[first][0]
+    b = spans[first + m - 1][1] if m else a
+    if k:
+        ends = [w.end() for w in re.finditer(r"\S+", text[spans[first + m][0]:spans[first + m][1]])]
+        b = spans[first + m][0] + ends[k - 1]
+    return render(m, k)[0], prefix, suffix, spec, f"{name} chars {a}-{b}"
+
+
+def _kv_line(pair: tuple[str, str], i: int, n: int) -> str:
+    return ("{" if i == 0 else " ") + f'"{pair[0]}": "{pair[1]}"' + (",\n" if i < n - 1 else "}")
+
+
+def _kv_case(tokenizer, rng, length, depth):
+    def new_uuid(r: random.Random) -> str:
+        return str(uuid.UUID(int=r.getrandbits(128), version=4))
+
+    avoid = _Avoid(*_frame(tokenizer, "", "", ""))
+    key, value = avoid.draw(rng, new_uuid), avoid.draw(rng, new_uuid)
+    prefix, suffix = _frame(tokenizer, "Extract the value corresponding to the specified key in the JSON object "
+                            "below.\n\nJSON data:", f'Key: "{key}"\nCorresponding value:', '"', sep="\n")
+    fixed = len(_ids(tokenizer, prefix)) + len(_ids(tokenizer, suffix))
+    fillers: list[tuple[str, str]] = []
+
+    def pairs(n: int) -> list[tuple[str, str]]:
+        while len(fillers) < n - 1:
+            fillers.append((avoid.draw(rng, new_uuid), avoid.draw(rng, new_uuid)))
+        at = round(depth * (n - 1))
+        return fillers[:at] + [(key, value)] + fillers[at:n - 1]
+
+    def render(n: int) -> tuple[str, int]:
+        context = "".join(_kv_line(p, i, n) for i, p in enumerate(pairs(n)))
+        return context, fixed + len(_ids(tokenizer, context))
+
+    per = len(_ids(tokenizer, _kv_line((key, value), 1, 3)))
+    if length - fixed < 2 * per:
+        raise ValueError(f"length {length} is too short for kv_retrieval: its prompt frame takes {fixed} tokens "
+                         f"and two key-value pairs (the fewest it takes) {2 * per} more")
+    n, _ = _fit(length, lambda m, k: render(max(m, 2))[1], 1 << 30, max((length - fixed) // per, 2), lambda m: 0)
+    n = max(n, 2)
+    err = render(n)[1] - length
+    for _ in range(3):  # redraw filler pairs: UUIDs vary by a few tokens each, enough to close the gap
+        if abs(err) <= _FINE * length:
+            break
+        for _ in range(64):
+            j = rng.randrange(n - 1)
+            old, new = fillers[j], (avoid.draw(rng, new_uuid), avoid.draw(rng, new_uuid))
+            delta = len(_ids(tokenizer, _kv_line(new, 1, 3))) - len(_ids(tokenizer, _kv_line(old, 1, 3)))
+            if abs(err + delta) < abs(err):
+                fillers[j], err = new, err + delta
+        err = render(n)[1] - length
+    context = render(n)[0]
+    return context, prefix, suffix, f'"{key}": "{value}"', value
+
+
+def generate_cases(task: str, tokenizer, haystacks: dict[str, str], lengths: list[int], depths: list[float],
+                   cases: int, seed: int, **task_options) -> list[Case]:
+    """`cases` cases per (length, depth) cell, ordered by length, then depth, then index; deterministic for a seed.
+
+    Each case draws from its own random.Random seeded with "seed/task/length/depth/index": a haystack (by
+    name), a sentence-aligned start in it, the needles' keys and values. task_options: num_keys
+    (niah_multikey), num_values (niah_multivalue), num_hops (variable_tracking).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    unknown = set(task_options) - set(OPTIONS[task])
+    if unknown:
+        raise ValueError(f"{task} takes no option(s) {sorted(unknown)}; it takes {sorted(OPTIONS[task]) or 'none'}")
+    opts = {**OPTIONS[task], **task_options}
+    for name, v in opts.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
+        raise ValueError(f"cases must be a positive integer, got {cases!r}")
+    if not lengths or not depths:
+        raise ValueError("lengths and depths must be non-empty lists")
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"depth {d!r} is outside [0, 1]")
+    for length in lengths:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length must be a positive integer, got {length!r}")
+    names = sorted(haystacks)
+    spans: dict[str, list[tuple[int, int]]] = {}
+    if task != "kv_retrieval":
+        if not names or not any(t.strip() for t in haystacks.values()):
+            raise ValueError(f"{task} needs at least one non-empty haystack text")
+        for name in names:
+            text = haystacks[name]
+            if len(text) < max(lengths) * _CHARS_PER_TOKEN:  # short enough to count its tokens
+                n = len(_ids(tokenizer, " ".join(text.split())))
+                if n < max(lengths):
+                    raise ValueError(f"haystack {name!r} is too short for length {max(lengths)}: it has {n} tokens")
+            spans[name] = _spans(text)
+    out = []
+    for length in lengths:
+        for depth in depths:
+            for index in range(cases):
+                rng = random.Random(f"{seed}/{task}/{length}/{depth!r}/{index}")
+                if task == "kv_retrieval":
+                    context, prefix, suffix, needle, value = _kv_case(tokenizer, rng, length, depth)
+                    needles, refs, source = (needle,), (value,), "random UUID pairs"
+                else:
+                    name = names[rng.randrange(len(names))]
+                    context, prefix, suffix, spec, source = _haystack_case(
+                        tokenizer, rng, length, depth, name, haystacks[name], spans[name], opts, task)
+                    needles, refs = tuple(spec["needles"]), tuple(spec["references"])
+                out.append(Case(task=task, length=length, depth=depth, index=index, seed=seed, source=source,
+                                prefix=prefix, context=context, suffix=suffix, references=refs, needles=needles,
+                                max_new_tokens=MAX_NEW_TOKENS[task],
+                                scorer="first_number" if task == "passkey" else "string_match_all"))
+    return out

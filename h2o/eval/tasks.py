@@ -1,0 +1,367 @@
+"""`h2o tasks`: synthetic retrieval tasks under each policy, scored only where the full cache succeeds.
+
+Perplexity hides what a policy forgets; a retrieval task shows it, but only if the model can solve
+the case at all. So every case also runs with the full cache under the same protocol, and a case
+counts for a policy only where the full cache solved it (the full-cache control):
+
+    kept share = cases the policy solved, among those the full cache solved / cases the full cache solved
+
+A task whose full cache solved fewer than `--min-solved` cases gets no score: the model cannot do
+it at that length, and a policy's failures there would be the model's.
+
+Protocols (named in every output; the control always runs the same one):
+- question-aware: the whole prompt, question included, in one forward; the cache is compressed
+  after it (what kvpress and SnapKV measure). The prompt's last token is fed after the compression,
+  so every answer token is predicted from the compressed cache, none from the full prefill.
+- streaming: the context is fed `--chunk` tokens per forward with eviction in force throughout
+  (the memory-bounded case), then the question (suffix) on the compressed cache.
+Answers are greedy, token by token on the cache, until EOS or the task's `max_new_tokens`; every
+layer's cache must stay within budget + buffer after every forward (`ValidityError` otherwise),
+and a case whose prompt never made the policy evict is reported as not compressed, never scored.
+Case generation and scoring (RULER's string_match_all, exact first number for passkey) are in
+`h2o.eval.retrieval`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+import h2o
+from h2o.policies import parse, resolve
+
+from . import data, models, report, retrieval
+from .ppl import check_bound
+from .sweep import FAMILIES, policy_name
+
+NAME = "tasks"
+HELP = "retrieval tasks (passkey, RULER NIAH, key-value, variable tracking) with a full-cache control"
+PROTOCOLS = ("question-aware", "streaming")
+DEFAULT_TASKS = ["passkey", "niah_multikey", "niah_multivalue"]
+DEFAULT_BOOKS = ["10146", "10321", "24553"]
+COLUMNS = {"task": "Task", "policy": "Policy", "budget": "Budget", "budget_share": "Budget / prompt",
+           "cases": "Cases", "full_solved": "Full solved", "policy_solved": "Policy solved",
+           "kept_share": "Kept share", "policy_accuracy": "Policy acc.", "full_accuracy": "Full acc."}
+
+
+# --- the runner (a library of the harness: bench uses it too) ------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """A policy as the tasks run it: a fixed name, or a family sized to a share of each prompt."""
+
+    label: str  # what the tables call it: the policy name, or the family
+    budget: str  # "256" (tokens) or "20%" (of the asked length)
+    name: str | None = None  # fixed policy name
+    ratio: float | None = None  # family: budget = round(ratio * length)
+
+    def policy(self, length: int, score: str | None = None) -> str:
+        if self.name is not None:
+            return self.name
+        return resolve([policy_name(self.label, round(self.ratio * length), score)])[0]
+
+
+def variants(policies: list[str], budgets: list[int] | None, ratios: list[float] | None,
+             score: str | None) -> list[Variant]:
+    """Families become one variant per budget (tokens) or ratio; other names are used as they are."""
+    out = []
+    for p in policies:
+        if p == "full":
+            continue
+        if p in FAMILIES:
+            if budgets:
+                out += [Variant(p, str(b), name=resolve([policy_name(p, b, score)])[0]) for b in budgets]
+            else:
+                out += [Variant(p, f"{r:.0%}", ratio=r) for r in ratios]
+        else:
+            name = resolve([p], score)[0]
+            out.append(Variant(name, str(parse(name).budget), name=name))
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class Answer:
+    text: str
+    score: float
+    prompt_tokens: int
+    kept_tokens: int  # the longest layer's kept length once the prompt is in
+    compressed: bool  # the policy evicted while the prompt was fed
+
+    @property
+    def solved(self) -> bool:
+        return self.score == 1.0
+
+
+def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, *, chunk: int = 256,
+            positions: str = "original", buffer: int = 64) -> Answer:
+    """Feed the case's prompt under `protocol` into a `policy` cache, then answer greedily on it."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    prefix, context, suffix = retrieval.case_token_ids(tokenizer, case)
+    ids = prefix + context + suffix
+    if protocol == "question-aware":
+        feeds = [ids[:-1]]
+    else:
+        head = prefix + context
+        feeds = [head[i : i + chunk] for i in range(0, len(head), chunk)] + [suffix[:-1]]
+    cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer)
+    bound = None if cache.policy.budget is None else cache.policy.budget + buffer
+    device = next(model.parameters()).device
+    stop = _eos_ids(model, tokenizer)
+    with torch.no_grad():
+        for feed in filter(None, feeds):
+            model(torch.tensor([feed], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            check_bound(cache, bound, policy)
+        kept = max(cache.kept_lengths())
+        token, out = ids[-1], []
+        for _ in range(case.max_new_tokens):
+            logits = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits
+            check_bound(cache, bound, policy)
+            token = int(logits[0, -1].argmax())
+            if token in stop:
+                break
+            out.append(token)
+    text = tokenizer.decode(out, skip_special_tokens=True)
+    return Answer(text, retrieval.score(case, text), len(ids), kept, kept < len(ids) - 1)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def run_cases(model, tokenizer, cases: list[retrieval.Case], variant_list: list[Variant], protocol: str, *,
+              chunk: int, positions: str, buffer: int, score: str | None = None, bar=None) -> list[dict]:
+    """One row per case and policy, the full cache first: its answer is every row's control."""
+    rows = []
+    try:
+        for case in cases:
+            full = respond(model, tokenizer, case, "full", protocol, chunk=chunk, positions=positions, buffer=buffer)
+            rows.append(_case_row(case, "full", "–", "full", protocol, full, full))
+            if bar is not None:
+                bar.update()
+            for v in variant_list:
+                name = v.policy(case.length, score)
+                answer = respond(model, tokenizer, case, name, protocol, chunk=chunk, positions=positions,
+                                 buffer=buffer)
+                rows.append(_case_row(case, v.label, v.budget, name, protocol, answer, full))
+                if bar is not None:
+                    bar.update()
+    finally:
+        h2o.restore(model)
+    return rows
+
+
+def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer) -> dict:
+    p = parse(name)
+    return {"task": case.task, "length": case.length, "depth": case.depth, "index": case.index,
+            "protocol": protocol, "policy": label, "budget": budget, "policy_name": p.name,
+            "budget_tokens": p.budget, "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
+            "compressed": answer.compressed if p.evicts else None, "score": answer.score, "solved": answer.solved,
+            "full_solved": full.solved, "references": " | ".join(case.references), "answer": answer.text,
+            "source": case.source}
+
+
+def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]:
+    """Per task, policy and budget: cases, the full cache's solved cases, the policy's among them, kept share."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["policy"], r["budget"]), []).append(r)
+    out, notes = [], []
+    for (task, policy, budget), group in groups.items():
+        scored = [r for r in group if r["compressed"] is not False]  # full rows: None; uncompressed: excluded
+        control = [r for r in scored if r["full_solved"]]
+        solved = sum(r["solved"] for r in control)
+        enough = len([r for r in group if r["full_solved"]]) >= min_solved
+        row = {"task": task, "policy": policy, "budget": budget,
+               "budget_share": None if policy == "full" else statistics.mean(
+                   r["budget_tokens"] / r["prompt_tokens"] for r in group),
+               "cases": len(group), "not_compressed": len(group) - len(scored),
+               "full_solved": sum(r["full_solved"] for r in group),
+               "policy_solved": solved if policy != "full" else None,
+               "kept_share": solved / len(control) if enough and control and policy != "full" else None,
+               "policy_accuracy": statistics.mean(r["score"] for r in group),
+               "full_accuracy": statistics.mean(float(r["full_solved"]) for r in group),
+               "lengths": " ".join(map(str, sorted({r["length"] for r in group})))}
+        if row["not_compressed"]:
+            notes.append(f"{task}, {policy} at {budget}: {row['not_compressed']} case(s) never made the cache evict "
+                         "(the budget held the prompt): not scored")
+        out.append(row)
+    for task in dict.fromkeys(r["task"] for r in rows):
+        full = next(r for r in out if r["task"] == task and r["policy"] == "full")
+        if full["full_solved"] < min_solved:
+            notes.append(f"{task}: the full cache solved {full['full_solved']} of {full['cases']} cases at length(s) "
+                         f"{full['lengths']}, fewer than --min-solved {min_solved}: the model cannot do this task "
+                         "there, so no policy is scored on it")
+    return out, notes
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help=f"any of {', '.join(retrieval.TASKS)}")
+    p.add_argument("--policies", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"],
+                   help=f"families ({', '.join(FAMILIES)}: sized by --budgets or --budget-ratio) or policy names; "
+                        "the full cache always runs as the control")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--budgets", nargs="+", type=int, default=None, help="family budgets in tokens")
+    group.add_argument("--budget-ratio", nargs="+", type=float, default=[0.1, 0.2, 0.4],
+                       help="family budgets as shares of each case's length")
+    p.add_argument("--lengths", nargs="+", type=int, default=[512, 1024], help="prompt lengths (tokens)")
+    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                   help="needle depths in [0, 1]")
+    p.add_argument("--cases", type=int, default=1, help="cases per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protocol", default="question-aware", choices=PROTOCOLS)
+    p.add_argument("--chunk", type=int, default=128, help="tokens per forward of the context (streaming protocol)")
+    p.add_argument("--min-solved", type=int, default=5,
+                   help="fewest cases the full cache must solve for a task to be scored")
+    p.add_argument("--corpora", nargs="+", default=["pg19", "wikitext"], choices=list(data.CORPORA),
+                   help="haystack text")
+    p.add_argument("--pg19-books", nargs="+", default=DEFAULT_BOOKS, help="PG-19 test books for the haystacks")
+    p.add_argument("--text-file", default=None, help="haystack from this text file instead of --corpora")
+
+
+def check(args) -> dict:
+    unknown = [t for t in args.tasks if t not in retrieval.TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(retrieval.TASKS)}")
+    if args.model.startswith("random:"):
+        raise ValueError(f"{args.model} has random weights and no tokenizer: retrieval tasks need a pretrained model")
+    bad = [d for d in args.depths if not 0.0 <= d <= 1.0]
+    if bad:
+        raise ValueError(f"--depths must lie in [0, 1], got {bad[0]}")
+    if args.cases < 1:
+        raise ValueError(f"--cases must be >= 1, got {args.cases}")
+    if args.chunk < 1 or args.min_solved < 1:
+        raise ValueError(f"--chunk and --min-solved must be >= 1 (got {args.chunk}, {args.min_solved})")
+    if min(args.lengths) < 1:
+        raise ValueError(f"--lengths must be positive, got {min(args.lengths)}")
+    if args.budgets is None and not all(0 < r < 1 for r in args.budget_ratio):
+        raise ValueError(f"--budget-ratio must lie in (0, 1), got {' '.join(map(str, args.budget_ratio))}")
+    variant_list = variants(args.policies, args.budgets, None if args.budgets else args.budget_ratio, args.score)
+    if not variant_list:
+        raise ValueError("no policy to compare with the full cache: give --policies")
+    shortest = min(args.lengths)
+    for v in variant_list:
+        budget = parse(v.policy(shortest, args.score)).budget
+        # the prompt is within 5% of the asked length; the prefill must outgrow budget + buffer to evict
+        if budget + args.buffer >= 0.95 * shortest - 1:
+            raise ValueError(f"{v.policy(shortest, args.score)}: budget {budget} + buffer {args.buffer} holds the whole "
+                             f"{shortest}-token prompt, so nothing would be compressed; use longer --lengths, "
+                             "a smaller budget or --buffer")
+    lengths = sorted(set(args.lengths))
+    if args.positions == "original":
+        config = models.load_config(args.model)
+        trained = getattr(config, "max_position_embeddings", None)
+        longest = max(lengths) + max(retrieval.MAX_NEW_TOKENS[t] for t in args.tasks)
+        if trained and longest > trained:
+            raise ValueError(f"--lengths up to {max(lengths)} plus the answer pass the model's trained context of "
+                             f"{trained} with positions 'original'; use --positions reindex or shorter --lengths")
+    if args.text_file:
+        haystacks = {"file": data.load_text_file(args.text_file)[0]}
+    else:
+        haystacks = {}
+        for corpus in args.corpora:
+            for doc in (args.pg19_books if corpus == "pg19" else [None]):
+                text, _ = data.load_document(corpus, doc, args.data_dir)
+                haystacks[f"pg19/{doc}" if corpus == "pg19" else "wikitext"] = text
+    return {"variants": variant_list, "lengths": lengths, "haystacks": haystacks}
+
+
+def run(session, plan) -> int:
+    args = session.args
+    model, tokenizer = session.load_model()
+    cases = [c for task in args.tasks for c in
+             retrieval.generate_cases(task, tokenizer, plan["haystacks"], plan["lengths"], args.depths, args.cases,
+                                      args.seed)]
+    variant_list = plan["variants"]
+    bar = session.progress(total=len(cases) * (1 + len(variant_list)), desc=f"tasks ({args.protocol})", unit="run")
+    rows = run_cases(model, tokenizer, cases, variant_list, args.protocol, chunk=args.chunk,
+                     positions=args.positions, buffer=args.buffer, score=args.score, bar=bar)
+    bar.close()
+    summary, notes = summarize(rows, args.min_solved)
+    protocol = (f"protocol {args.protocol}" + (f" (context fed {args.chunk} tokens per forward)"
+                                                 if args.protocol == "streaming" else " (one prefill)"))
+    notes = [session.model_line,
+             f"{protocol}; {len(cases)} cases: tasks {', '.join(args.tasks)}, lengths "
+             f"{' '.join(map(str, plan['lengths']))}, depths {' '.join(map(str, args.depths))}, {args.cases} per cell, "
+             f"seed {args.seed}; haystacks: {', '.join(plan['haystacks'])}; greedy answers",
+             "Kept share = cases the policy solved among those the full cache solved (the full-cache control) / "
+             f"cases the full cache solved; no score where the full cache solved fewer than {args.min_solved}; "
+             "Policy acc. = mean score over all cases (RULER string_match_all; passkey: exact first number)",
+             *notes]
+    session.write_csv("tasks.csv", summary)
+    session.write_csv("tasks_cases.csv", rows)
+    session.write_json("tasks.json", protocol=args.protocol, summary=summary, cases=rows, notes=notes)
+    title = f"{session.info['name']}, {protocol}"
+    session.plot("tasks_kept_share.png", plot_kept_share(summary, title))
+    if "passkey" in args.tasks:
+        session.plot("tasks_passkey_grid.png", plot_grid([r for r in rows if r["task"] == "passkey"], title))
+    return session.finish([report.format_table(summary, COLUMNS)], notes)
+
+
+# --- plots ---------------------------------------------------------------------------------------------
+
+def plot_kept_share(summary: list[dict], title: str):
+    plt = report.pyplot()
+    tasks = list(dict.fromkeys(r["task"] for r in summary))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False, layout="constrained")
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in summary if r["task"] == task and r["policy"] != "full"]
+        full = next(r for r in summary if r["task"] == task and r["policy"] == "full")
+        for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
+            pts = sorted((r["budget_share"], r["kept_share"]) for r in rows
+                         if r["policy"] == policy and r["kept_share"] is not None)
+            if pts:
+                ax.plot(*zip(*pts), "os^D"[i % 4] + "-", color=f"C{i}", label=policy)
+        if all(r["kept_share"] is None for r in rows):
+            ax.text(0.5, 0.5, f"not scored: the full cache solved\n{full['full_solved']} of {full['cases']} cases",
+                    ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("budget / prompt tokens")
+        ax.set_ylabel("kept share (of the full cache's solved cases)")
+        ax.set_title(f"{task} (full cache solved {full['full_solved']}/{full['cases']})", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Retrieval kept vs budget: {title}", fontsize=9)
+    return fig
+
+
+def plot_grid(rows: list[dict], title: str):
+    """Depth x length per policy: the share of cases solved in each cell; the full cache's panel first.
+    Cells where the full cache solved nothing are grey: they say nothing about the policy."""
+    plt = report.pyplot()
+    import numpy as np
+
+    panels = list(dict.fromkeys((r["policy"], r["budget"]) for r in rows))
+    depths = sorted({r["depth"] for r in rows})
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.1 * len(lengths) * len(panels), 0.5 * len(depths) + 2),
+                             squeeze=False, layout="constrained")
+    for ax, (policy, budget) in zip(axes[0], panels):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                cell = [r for r in rows if (r["policy"], r["budget"]) == (policy, budget)
+                        and r["depth"] == d and r["length"] == n and (r["full_solved"] or policy == "full")]
+                if cell:
+                    grid[i, j] = statistics.mean(float(r["solved"]) for r in cell)
+                text = "–" if not cell else f"{sum(r['solved'] for r in cell)}/{len(cell)}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7)
+        ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_facecolor("#cccccc")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("needle depth")
+        ax.set_title("full cache" if policy == "full" else f"{policy} @ {budget}", fontsize=8)
+    fig.suptitle(f"Passkey solved per cell (policies: among the full cache's solved cases)\n{title}", fontsize=8)
+    return fig
