@@ -35,6 +35,8 @@ def test_bench_on_a_random_model_measures_speed_and_memory_only(tmp_path, capsys
     (["--data-dir", "/nonexistent/corpora"], "wiki.test.raw"),
     (["--text-file", "/nonexistent/file.txt"], "no text file"),
     (["--new-tokens", "1"], "--new-tokens >= 2"),
+    (["--passkey-length", "300"], "holds the whole 300-token passkey prompt"),
+    (["--passkey-cases", "-1"], "--passkey-cases must be >= 0"),
 ])
 def test_bench_refuses_bad_input_before_loading_anything(tmp_path, capsys, argv, message):
     out = tmp_path / "r"
@@ -55,12 +57,20 @@ def test_bench_on_the_embedded_model(tmp_path, capsys):
     out = tmp_path / "r"
     code = main(["bench", "--policies", "streaming_4_60", "h2o_4_8_64", "--buffer", "8", "--ppl-tokens", "160",
                  "--chunk", "16", "--context", "96", "--new-tokens", "3", "--repeats", "1", "--out", str(out),
-                 "--no-progress"])
+                 "--passkey-cases", "2", "--passkey-length", "400", "--no-progress"])
     assert code == 0
     rows = {r["configuration"]: r for r in csv.DictReader(open(out / "bench.csv"))}
+    # the retrieval column: the full cache's solved cases, and each policy's among them (the control)
+    solved, cases = map(int, rows["full"]["passkey_kept"].split("/"))
+    assert cases == 2 and 0 <= solved <= 2
+    for name in ("streaming_4_60", "h2o_4_8_64_mean"):
+        kept, control = map(int, rows[name]["passkey_kept"].split("/"))
+        assert control == solved and 0 <= kept <= control
     assert set(rows) == {"full", "streaming_4_60", "h2o_4_8_64_mean"}
     for r in rows.values():
         assert 1 < float(r["wikitext_ppl"]) < 200 and 1 < float(r["pg19_ppl"]) < 200
     assert float(rows["h2o_4_8_64_mean"]["wikitext_ppl_after_eviction"]) > 1
     notes = json.loads((out / "bench.json").read_text())["notes"]
     assert any("chunked, 16 tokens per forward" in n and "10146.txt" in n for n in notes)
+    assert any(n.startswith("Passkey kept: 2 passkey cases of 400 tokens") for n in notes)
+    assert "| Passkey kept" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import torch
 from h2o.policies import parse, resolve
 
 from . import data, models, report, retrieval, tasks
+from .command import unique_policies
 from .ppl import check_eviction_in_force, token_losses
 from .speed import measure_speed
 
@@ -31,18 +32,21 @@ TABLE = {
 
 def add_arguments(p) -> None:
     p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
-                   help="policy names; 'full' (the baseline) is always run")
-    p.add_argument("--corpora", nargs="+", default=["wikitext", "pg19"], choices=list(data.CORPORA))
-    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK)
+                   help="policy names (grammar below); 'full' (the baseline) is always run, first")
+    p.add_argument("--corpora", nargs="+", default=["wikitext", "pg19"], choices=list(data.CORPORA),
+                   help="texts whose PPL is measured (a column each); the speed prompt is WikiText-2's start")
+    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK, help="PG-19 test book id for the pg19 column")
     p.add_argument("--text-file", default=None, help="also measure PPL on this text file")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per text")
     p.add_argument("--no-ppl", action="store_true", help="speed and memory only")
     p.add_argument("--ppl-mode", default="chunked", choices=["stream", "chunked"],
                    help="stream: token by token (StreamingLLM protocol); chunked: --chunk tokens per forward")
-    p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=32,
+                   help="tokens per forward in the chunked PPL mode")
     p.add_argument("--context", type=int, default=2048, help="prompt tokens for the speed run")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speed run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats of the speed run (TPOT: median and min over them)")
     p.add_argument("--batch", type=int, default=1, help="rows in the speed run")
     p.add_argument("--passkey-cases", type=int, default=10,
                    help="passkey cases (depths spread over 0.1-0.9) for the retrieval column; 0 = none")
@@ -50,7 +54,8 @@ def add_arguments(p) -> None:
 
 
 def check(args) -> dict:
-    policies = resolve(["full"] + [p for p in args.policies if p != "full"], args.score)
+    names = ["full"] + [p for p in args.policies if p != "full"]
+    policies = unique_policies(names, resolve(names, args.score))
     budgets = [parse(p).budget for p in policies if parse(p).budget is not None]
     if budgets and not args.no_ppl and args.ppl_tokens <= max(budgets) + args.buffer:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} never outgrows the largest budget + buffer "
@@ -132,6 +137,11 @@ def run(session, plan) -> int:
     speed = measure_speed(model, prompt, policies, new_tokens=args.new_tokens, repeats=args.repeats,
                           positions=args.positions, buffer=args.buffer, progress=progress)
 
+    # what every row was measured under (README: the PPL mode is labelled in every output)
+    setup = {"ppl_mode": args.ppl_mode if ppl else "not measured",
+             "ppl_chunk": (1 if args.ppl_mode == "stream" else args.chunk) if ppl else None,
+             "ppl_tokens": args.ppl_tokens if ppl else None,
+             "positions": args.positions, "buffer": args.buffer}
     rows = []
     for policy in policies:
         s = speed[policy]
@@ -149,6 +159,7 @@ def run(session, plan) -> int:
             "tpot_median_ms": 1000 * s.tpot_median, "tpot_min_ms": 1000 * s.tpot_min,
             "throughput_tok_s": s.throughput, "peak_mem_mib": s.peak_mem_bytes / report.MIB,
             "peak_mem_kind": s.peak_mem_kind, "kv_mib": s.kv_bytes / report.MIB,
+            **setup,
         })
         rows.append(row)
 
@@ -166,21 +177,66 @@ def run(session, plan) -> int:
         notes += [f"{policy}: {note}" for note in result.notes]
     session.write_csv("bench.csv", rows)
     session.write_json("bench.json", ppl_mode=mode, rows=rows, notes=notes)
-    session.plot("bench.png", plot(rows, texts if ppl else {}, session.info["name"], args.context))
+    setup_line = (f"PPL {mode}, {args.ppl_tokens} tokens per text" if ppl else "PPL not measured") + \
+        f"; positions {args.positions}, lazy buffer {args.buffer}; speed after a {args.context}-token prompt"
+    session.plot("bench.png", plot(rows, texts if ppl else {}, session.info["name"], args.context, setup_line))
     return session.finish([report.format_table(rows, columns)], notes)
 
 
-def plot(rows, texts, model_name, context):
+FAMILY_COLORS = {"full": "#7f7f7f", "streaming": "#1f77b4", "h2o": "#d62728", "other": "#2ca02c"}
+FAMILY_LABELS = {"full": "full cache", "streaming": "StreamingLLM", "h2o": "H2O", "other": "other"}
+
+
+def family(name: str) -> str:
+    """The plot's colour group of a configuration: full, streaming, h2o or other."""
+    if name == "full":
+        return "full"
+    return next((f for f in ("streaming", "h2o") if name.startswith(f + "_")), "other")
+
+
+def zoom(ax, values, margin: float = 0.15) -> None:
+    """y limits around the data (not from 0), so that differences between policies show."""
+    finite = [v for v in values if v == v and v not in (float("inf"), float("-inf"))]
+    if not finite:
+        return
+    low, high = min(finite), max(finite)
+    pad = (high - low) * margin or abs(high) * 0.05 or 1.0
+    ax.set_ylim(low - pad, high + pad)
+
+
+def plot(rows, texts, model_name, context, setup: str | None = None):
+    """One panel per PPL text (y zoomed to the data), TPOT (median bars, min marked) and KV MiB;
+    a colour per policy family, with a legend; the title says the model and the measurement setup."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     plt = report.pyplot()
     names = [r["configuration"] for r in rows]
-    panels = [(f"{t}_ppl", f"{t} PPL (lower is better)") for t in texts]
-    panels += [("tpot_median_ms", f"TPOT after a {context}-token prompt, ms (median)"), ("kv_mib", "KV cache, MiB")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    colors = [FAMILY_COLORS[family(n)] for n in names]
+    x = range(len(names))
+    panels = [(f"{t}_ppl", f"{t} PPL (lower is better; y axis zoomed)") for t in texts]
+    panels += [("tpot_median_ms", f"TPOT after a {context}-token prompt, ms"), ("kv_mib", "KV cache, MiB")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         values = [r.get(key, float("nan")) for r in rows]
-        bars = ax.bar(range(len(names)), values, color=["#555"] + ["#1f77b4"] * (len(names) - 1))
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        bars = ax.bar(x, values, color=colors)
+        ax.bar_label(bars, fmt="%.2f" if key.endswith("_ppl") else "%.1f", fontsize=7)
+        if key.endswith("_ppl"):
+            zoom(ax, values)
+        elif key == "tpot_median_ms":
+            mins = [r.get("tpot_min_ms", float("nan")) for r in rows]
+            ax.scatter(x, mins, marker="_", s=300, linewidths=2, color="black", zorder=3)
+            ax.set_ylim(0, max([v for v in values + mins if v == v] or [1]) * 1.15)
+            title += "\nbars: median; black line: min"
+        else:
+            ax.set_ylim(0, max([v for v in values if v == v] or [1]) * 1.12)
+        ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
-    fig.suptitle(f"h2o bench: {model_name}")
+    present = list(dict.fromkeys(family(n) for n in names))
+    handles = [Patch(color=FAMILY_COLORS[f], label=FAMILY_LABELS[f]) for f in present]
+    handles.append(Line2D([], [], color="black", marker="_", linestyle="none", markersize=12, label="TPOT min"))
+    fig.suptitle(f"h2o bench: {model_name}" + (f"\n{setup}" if setup else ""), fontsize=11, y=0.99)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.89), fontsize=8, ncol=len(handles),
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     return fig

@@ -3,6 +3,10 @@
 Each command is a module on the skeleton of `h2o.eval.command`; this file only wires them up:
 it checks that the `[eval]` extras are installed (before anything else is imported), builds the
 parser, refuses bad input through the command's `check` before any work, then runs it.
+
+`h2o --help`, `h2o` alone and an unknown command are answered from the static table below, without
+importing any command module (and so without torch or transformers); a command's full parser is
+built, and its module imported, only once that command is named.
 """
 
 from __future__ import annotations
@@ -13,32 +17,104 @@ import importlib.util
 import shutil
 import sys
 
-COMMANDS = ("bench", "tasks", "stress", "sweep", "heatmap")
+# name -> one line of help: the same text as each module's HELP (a test holds them equal)
+HELPS = {
+    "bench": "the results table: PPL, speed and memory per policy",
+    "tasks": "retrieval tasks (passkey, RULER NIAH, key-value, variable tracking) with a full-cache control",
+    "stress": "long-context stress test: TPOT, memory and segment PPL per policy from 1k to 16k tokens",
+    "sweep": "PPL vs cache budget per policy family, and decode throughput vs batch size until memory runs out",
+    "heatmap": "attention heatmaps (log scale) of chosen layers over a short text: sinks and heavy hitters",
+}
+COMMANDS = tuple(HELPS)
+DESCRIPTION = "KV-cache compression benchmarks (StreamingLLM, H2O)"
 # import name -> the package that provides it (all in the [eval] extra)
 EXTRAS = {"matplotlib": "matplotlib", "tqdm": "tqdm", "psutil": "psutil", "datasets": "datasets",
           "accelerate": "accelerate", "gguf": "gguf", "safetensors": "safetensors"}
+
+# Hard-coded so that `h2o --help` imports nothing; a test parses every example with h2o.parse and
+# checks the default rule against h2o.DEFAULT_SCORE.
+POLICY_GRAMMAR = """\
+policy names (--policies of bench, stress and tasks; sweep, and tasks, also build them from
+policy families and budgets):
+  full                          keep every token (the baseline; bench and tasks always run it)
+  streaming_<sinks>_<window>    StreamingLLM: the first <sinks> tokens (attention sinks) + the
+                                last <window> tokens; budget = sinks + window
+                                e.g. streaming_4_252 (budget 256), streaming_4_508
+  h2o_<sinks>_<recent>_<budget>[_mean|_sum]
+                                H2O: <sinks> + the last <recent> tokens + heavy hitters (chosen per
+                                KV head by the attention each token received) up to <budget>
+                                tokens; score rule _mean (the default, h2o.DEFAULT_SCORE) or _sum
+                                (the paper's); --score sets it for names without one
+                                e.g. h2o_4_32_256 (= h2o_4_32_256_mean), h2o_4_64_512_sum
+  names that spell the same policy (h2o_4_32_256, h2o_4_32_256_mean) are merged and run once"""
+
+EXAMPLES = {
+    "bench": ["h2o bench",
+              "h2o bench --policies streaming_4_252 h2o_4_32_256 h2o_4_32_256_sum --ppl-mode stream",
+              "h2o bench --model random:pythia-160m --no-ppl --context 1024"],
+    "tasks": ["h2o tasks --tasks passkey --lengths 1024 --budget-ratio 0.2",
+              "h2o tasks --policies streaming_4_252 h2o_4_32_256 --lengths 1024"],
+    "stress": ["h2o stress --positions reindex",
+               "h2o stress --policies full streaming_4_252 h2o_4_32_256_sum --lengths 1024 4096"],
+    "sweep": ["h2o sweep --parts ppl --budgets 64 128 256",
+              "h2o sweep --parts throughput --model random:pythia-410m"],
+    "heatmap": ["h2o heatmap --layers 0 -1 --tokens 96"],
+}
+
+
+def epilog(command: str | None = None) -> str:
+    """The policy grammar, then examples (of one command, or one per command)."""
+    lines = EXAMPLES[command] if command else [EXAMPLES[name][0] for name in COMMANDS]
+    return POLICY_GRAMMAR + "\n\nexamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks; appends an option's default once, and only where it is true.
+
+    No "(default: None)" or "(default: False)": an option whose unset value means something says so
+    in its own help, which then holds the word "default" and gets nothing appended.
+    """
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text.lower() or default is None or default is False
+                or default is argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def missing_extras() -> list[str]:
     return [package for module, package in EXTRAS.items() if importlib.util.find_spec(module) is None]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .command import add_shared_options
-
-    parser = argparse.ArgumentParser(prog="h2o", description="KV-cache compression benchmarks (StreamingLLM, H2O)")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser(command: str | None = None, full: bool = True) -> argparse.ArgumentParser:
+    """The `h2o` parser. With `command`, that command gets its full options (its module is imported);
+    with full=True and no command, every command does; with full=False and no command, none does
+    (the static table only: nothing heavy is imported)."""
+    parser = argparse.ArgumentParser(prog="h2o", description=DESCRIPTION, epilog=epilog(),
+                                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS:
-        module = importlib.import_module(f"h2o.eval.{name}")
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(p)
-        add_shared_options(p)
-        p.set_defaults(module=module)
+        p = sub.add_parser(name, help=HELPS[name], description=HELPS[name], epilog=epilog(name),
+                           formatter_class=HelpFormatter)
+        if name == command or (full and command is None):
+            from .command import add_shared_options
+
+            module = importlib.import_module(f"h2o.eval.{name}")
+            module.add_arguments(p)
+            add_shared_options(p)
+            p.set_defaults(module=module)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    if command is None:  # --help, no command or an unknown one: answered by the static parser (exits)
+        build_parser(full=False).parse_args(argv)
+        return 2
     missing = missing_extras()
     if missing:
         print(f"h2o: error: the evaluation extras are not installed (missing: {', '.join(missing)}); "
@@ -46,10 +122,11 @@ def main(argv=None) -> int:
         return 2
     import torch
 
+    from . import models
     from .command import Session
     from .ppl import ValidityError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(command).parse_args(argv)
     module = args.module
     session = None
     try:
@@ -57,6 +134,7 @@ def main(argv=None) -> int:
             raise ValueError("--threads must be >= 1")
         if args.buffer < 0:
             raise ValueError(f"--buffer must be >= 0, got {args.buffer}")
+        models.check_name(args.model)  # a bad name, or a hub id while offline: refused before any work
         plan = module.check(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)

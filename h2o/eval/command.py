@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from h2o.policies import DEFAULT_SCORE
+
 from . import data, models, report
 
 
@@ -27,17 +29,28 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=models.EMBEDDED,
                    help=f"built-in name ({', '.join(models.list_models())}), hub id or local directory")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g.add_argument("--device", default=device,
+                   help=f"cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu; here {device})")
+    g.add_argument("--dtype", default=None,
+                   help="float32 | float16 | bfloat16 (or fp32, fp16, bf16): weights and activations "
+                        "(default: float32 on CPU, float16 on CUDA)")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
-    g.add_argument("--device-map", default=None, help='passed to accelerate, e.g. "auto" for multi-GPU models')
+    g.add_argument("--device-map", default=None,
+                   help='passed to accelerate, e.g. "auto" for multi-GPU models (default: none, the whole model '
+                        'on --device)')
     g.add_argument("--data-dir", default=None, help="local corpora (default: $H2O_DATA_DIR, ../shared/data, else the hub)")
     g.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token to every text")
     g = p.add_argument_group("cache")
-    g.add_argument("--positions", default="original", choices=["original", "reindex"])
-    g.add_argument("--buffer", type=int, default=64, help="lazy eviction slack (0 = evict every step)")
-    g.add_argument("--score", default=None, choices=["mean", "sum"], help="H2O scoring rule for names without one")
+    g.add_argument("--positions", default="original", choices=["original", "reindex"],
+                   help="original: every kept key keeps its absolute position (stay within the model's trained "
+                        "context); reindex: positions are cache slots, keys re-rotated after eviction "
+                        "(StreamingLLM; streams past the trained context)")
+    g.add_argument("--buffer", type=int, default=64,
+                   help="lazy eviction slack: a layer is cut back to its budget once it holds more than budget "
+                        "+ buffer tokens (0 = evict every step)")
+    g.add_argument("--score", default=None, choices=["mean", "sum"],
+                   help=f"H2O scoring rule for names without one (default: h2o.DEFAULT_SCORE = {DEFAULT_SCORE})")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="results", help="output directory")
@@ -46,9 +59,11 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
 
 def add_text_options(p: argparse.ArgumentParser, corpus: str) -> None:
     """--corpus / --pg19-book / --text-file, for commands that read one text."""
-    p.add_argument("--corpus", default=corpus, choices=list(data.CORPORA), help="text to use (pretrained models)")
-    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK, help="PG-19 test book id (--corpus pg19)")
-    p.add_argument("--text-file", default=None, help="use this text file instead of --corpus")
+    p.add_argument("--corpus", default=corpus, choices=list(data.CORPORA),
+                   help="text to use (pretrained models; random-weight models are fed random ids)")
+    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK,
+                   help="PG-19 test book id (Gutenberg id; used with --corpus pg19)")
+    p.add_argument("--text-file", default=None, help="use this UTF-8 text file instead of --corpus")
 
 
 def load_text(args) -> tuple[str, str] | None:
@@ -58,6 +73,17 @@ def load_text(args) -> tuple[str, str] | None:
         return None
     return data.load_text(args.corpus, args.pg19_book if args.corpus == "pg19" else None, args.text_file,
                           args.data_dir)
+
+
+def unique_policies(names: list[str], canonical: list[str]) -> list[str]:
+    """The canonical names once each, in order; names that spell the same policy are merged, with a note."""
+    spellings: dict[str, list[str]] = {}
+    for name, policy in zip(names, canonical, strict=True):
+        spellings.setdefault(policy, []).append(name)
+    for policy, given in spellings.items():
+        if len(given) > 1:
+            print(f"note: --policies {', '.join(given)} give the same policy {policy}: it runs once")
+    return list(spellings)
 
 
 class Session:

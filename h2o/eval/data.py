@@ -66,11 +66,18 @@ def load_document(corpus: str, doc: str | None = None, data_dir: str | Path | No
 
 
 def load_text_file(path: str | Path) -> tuple[str, str]:
-    """A user's text file (--text-file), read as is."""
+    """A user's text file (--text-file), read as is; it must be UTF-8 text (a clear error otherwise)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no text file at {path}")
-    text = _read(path)
+    try:
+        text = _read(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded: {e.reason}); "
+                         "pass a plain-text file saved as UTF-8") from None
+    if "\x00" in text:
+        raise ValueError(f"{path} is not text: it holds NUL bytes (a binary file?); pass a plain-text file "
+                         "saved as UTF-8")
     if not text.strip():
         raise ValueError(f"{path} holds no text (empty or whitespace only)")
     return text, f"file:{path.resolve()}"

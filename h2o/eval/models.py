@@ -10,8 +10,11 @@ import importlib.util
 import os
 import re
 import shutil
+import socket
 import tempfile
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import transformers
@@ -213,23 +216,83 @@ def _dtype(dtype: str | torch.dtype | None, dev: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+class ModelUnavailable(FileNotFoundError):
+    """The model cannot be had: no such directory, or a hub id the hub cannot serve (the CLI: exit 2)."""
+
+
+def check_name(name: str) -> None:
+    """Refuse a model name that cannot load, before any work: an unknown random model, a missing
+    directory, a malformed name, or a hub id while the hub is offline and the id is not cached.
+    Never loads weights (the embedded model is not converted here)."""
+    if name.startswith("random:"):
+        random_config(name)
+    elif name != EMBEDDED:
+        _checkpoint(name)
+
+
+def hub_offline() -> str | None:
+    """Why the Hugging Face hub cannot be asked (None when it can): offline mode, or no connection.
+
+    The connection is probed once per process (a 3 s TCP connect to the hub endpoint), so that a hub
+    id fails at once instead of after the hub client's retries; behind a proxy it is not probed.
+    """
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"offline mode: {var}={os.environ[var]} is set"
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode: HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    return _unreachable(constants.ENDPOINT)
+
+
+@lru_cache(maxsize=None)
+def _unreachable(endpoint: str) -> str | None:
+    url = urlparse(endpoint)
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=3).close()
+    except OSError as e:
+        return f"couldn't connect to {endpoint}: {e}"
+    return None
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether the hub id's config is in the local Hugging Face cache (then it loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # a name the hub client rejects is simply not cached
+        return False
+
+
 def _checkpoint(name: str) -> str:
-    """A local directory, or a hub id checked for shape only (the hub is asked later)."""
+    """A local directory, or a hub id checked for shape and, offline, for a cached copy."""
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
     if name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1:
-        raise FileNotFoundError(f"no model directory at {name}")
+        raise ModelUnavailable(f"no model directory at {name}")
     if not _HUB_ID.fullmatch(name):
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(list_models())}, "
                          "a hub id such as EleutherAI/pythia-160m, or a local directory")
+    offline = hub_offline()
+    if offline and not _hub_cached(name):
+        raise ModelUnavailable(
+            f"could not load {name!r} from the Hugging Face hub ({offline}), and it is neither a local directory "
+            f"nor in the Hugging Face cache.\nPass a local model directory (--model path/to/dir) or a built-in "
+            f"model: {', '.join(list_models())}")
     return name
 
 
 def _pretrained(auto, path: str | Path, name: str, **kwargs):
+    if not Path(path).is_dir() and hub_offline():  # a cached hub id: no retries against an unreachable hub
+        kwargs["local_files_only"] = True
     try:
         return auto.from_pretrained(path, **kwargs)
     except OSError as e:
         where = f"from {path}" if Path(path).is_dir() else "from the Hugging Face hub (no connection, or no such model)"
-        raise OSError(f"could not load {name!r} {where}: {e}\nOffline, pass a local directory "
+        raise ModelUnavailable(f"could not load {name!r} {where}: {e}\nOffline, pass a local directory "
                       f"or a built-in model: {', '.join(list_models())}") from e

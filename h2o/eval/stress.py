@@ -28,7 +28,7 @@ import h2o
 from h2o.policies import parse, resolve
 
 from . import memory, report
-from .command import add_text_options, load_text
+from .command import add_text_options, load_text, unique_policies
 from .ppl import PPLResult, ValidityError, check_bound, check_eviction_in_force, next_token_losses, trained_context
 from .speed import sync
 
@@ -45,7 +45,7 @@ COLUMNS = {"policy": "Policy", "length": "Context", "status": "Status", "tpot_me
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, help="policy names, run in lockstep")
+    p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, help="policy names (grammar below), run in lockstep")
     p.add_argument("--lengths", nargs="+", type=int, default=None,
                    help=f"checkpoint context lengths (default: {' '.join(map(str, CPU_LENGTHS))}; "
                         f"on CUDA also {CUDA_LENGTHS[-1]})")
@@ -76,7 +76,7 @@ class Run:
 
 
 def check(args) -> dict:
-    policies = list(dict.fromkeys(resolve(args.policies, args.score)))
+    policies = unique_policies(args.policies, resolve(args.policies, args.score))
     lengths = args.lengths or (CUDA_LENGTHS if args.device.startswith("cuda") else CPU_LENGTHS)
     if min(lengths) < 1 or lengths != sorted(set(lengths)):
         raise ValueError(f"--lengths must be positive and strictly increasing, got {' '.join(map(str, lengths))}")

@@ -65,20 +65,33 @@ class Variant:
 
 def variants(policies: list[str], budgets: list[int] | None, ratios: list[float] | None,
              score: str | None) -> list[Variant]:
-    """Families become one variant per budget (tokens) or ratio; other names are used as they are."""
-    out = []
+    """Families become one variant per budget (tokens) or ratio; other names are used as they are.
+
+    Names and families that give the same policies (h2o_4_8_64 and h2o_4_8_64_mean; families h2o and
+    h2o_mean) are run once, with a printed note."""
+    out = []  # (what the user wrote, variant)
     for p in policies:
         if p == "full":
             continue
         if p in FAMILIES:
             if budgets:
-                out += [Variant(p, str(b), name=resolve([policy_name(p, b, score)])[0]) for b in budgets]
+                out += [(p, Variant(p, str(b), name=resolve([policy_name(p, b, score)])[0])) for b in budgets]
             else:
-                out += [Variant(p, f"{r:.0%}", ratio=r) for r in ratios]
+                out += [(p, Variant(p, f"{r:.0%}", ratio=r)) for r in ratios]
         else:
             name = resolve([p], score)[0]
-            out.append(Variant(name, str(parse(name).budget), name=name))
-    return list(dict.fromkeys(out))
+            out.append((p, Variant(name, str(parse(name).budget), name=name)))
+    merged: dict[object, list[tuple[str, Variant]]] = {}
+    for given, v in out:
+        # a family's policy at one length fixes it at every length (same rule, same share)
+        key = v.name if v.name is not None else (v.ratio, v.policy(1024, score))
+        merged.setdefault(key, []).append((given, v))
+    for same in merged.values():
+        if len(same) > 1:
+            first = same[0][1]
+            what = f"policy {first.name}" if first.name else f"policies ({first.label} at {first.budget})"
+            print(f"note: --policies {', '.join(given for given, _ in same)} give the same {what}: it runs once")
+    return [same[0][1] for same in merged.values()]
 
 
 @dataclass
@@ -207,18 +220,21 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
 def add_arguments(p) -> None:
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help=f"any of {', '.join(retrieval.TASKS)}")
     p.add_argument("--policies", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"],
-                   help=f"families ({', '.join(FAMILIES)}: sized by --budgets or --budget-ratio) or policy names; "
+                   help=f"families ({', '.join(FAMILIES)}: sized by --budgets or --budget-ratio) or policy names (grammar below); "
                         "the full cache always runs as the control")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--budgets", nargs="+", type=int, default=None, help="family budgets in tokens")
+    group.add_argument("--budgets", nargs="+", type=int, default=None, help="family budgets in tokens (default: unset; families are sized by --budget-ratio)")
     group.add_argument("--budget-ratio", nargs="+", type=float, default=[0.1, 0.2, 0.4],
                        help="family budgets as shares of each case's length")
     p.add_argument("--lengths", nargs="+", type=int, default=[512, 1024], help="prompt lengths (tokens)")
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9],
                    help="needle depths in [0, 1]")
     p.add_argument("--cases", type=int, default=1, help="cases per (length, depth) cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--protocol", default="question-aware", choices=PROTOCOLS)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (needles, keys, values)")
+    p.add_argument("--protocol", default="question-aware", choices=PROTOCOLS,
+                   help="question-aware: the whole prompt, question included, in one forward, compressed "
+                        "after it; streaming: the context fed --chunk tokens per forward with eviction in force, "
+                        "then the question")
     p.add_argument("--chunk", type=int, default=128, help="tokens per forward of the context (streaming protocol)")
     p.add_argument("--min-solved", type=int, default=5,
                    help="fewest cases the full cache must solve for a task to be scored")
