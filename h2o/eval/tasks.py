@@ -192,7 +192,7 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
         control = [r for r in scored if r["full_solved"]]
         solved = sum(r["solved"] for r in control)
         enough = len([r for r in group if r["full_solved"]]) >= min_solved
-        row = {"task": task, "policy": policy, "budget": budget,
+        row = {"task": task, "protocol": group[0]["protocol"], "policy": policy, "budget": budget,
                "budget_share": None if policy == "full" else statistics.mean(
                    r["budget_tokens"] / r["prompt_tokens"] for r in group),
                "cases": len(group), "not_compressed": len(group) - len(scored),
@@ -219,17 +219,17 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
 
 def add_arguments(p) -> None:
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help=f"any of {', '.join(retrieval.TASKS)}")
-    p.add_argument("--policies", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"],
+    p.add_argument("--policies", nargs="+", default=["streaming", "h2o_mean"],
                    help=f"families ({', '.join(FAMILIES)}: sized by --budgets or --budget-ratio) or policy names (grammar below); "
                         "the full cache always runs as the control")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--budgets", nargs="+", type=int, default=None, help="family budgets in tokens (default: unset; families are sized by --budget-ratio)")
-    group.add_argument("--budget-ratio", nargs="+", type=float, default=[0.1, 0.2, 0.4],
+    group.add_argument("--budget-ratio", nargs="+", type=float, default=[0.15, 0.3],
                        help="family budgets as shares of each case's length")
-    p.add_argument("--lengths", nargs="+", type=int, default=[512, 1024], help="prompt lengths (tokens)")
+    p.add_argument("--lengths", nargs="+", type=int, default=[768], help="prompt lengths (tokens)")
     p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9],
                    help="needle depths in [0, 1]")
-    p.add_argument("--cases", type=int, default=1, help="cases per (length, depth) cell")
+    p.add_argument("--cases", type=int, default=2, help="cases per (length, depth) cell")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (needles, keys, values)")
     p.add_argument("--protocol", default="question-aware", choices=PROTOCOLS,
                    help="question-aware: the whole prompt, question included, in one forward, compressed "
