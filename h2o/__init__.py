@@ -10,10 +10,12 @@ Not to be confused with the unrelated `h2o` ML platform package, which has the s
 
 from .cache import CompressedCache, CompressedLayer
 from .models import SUPPORTED_FAMILIES, make_cache, restore
-from .policies import DEFAULT_SCORE, H2O, Full, Streaming, keep_indices, parse, resolve
+from .policies import (DEFAULT_SCORE, H2O, Full, Observation, Policy, Streaming, keep_indices, parse, policy_names,
+                       register_policy, resolve)
 
 __all__ = [
-    "make_cache", "restore", "parse", "resolve", "keep_indices", "Full", "Streaming", "H2O",
-    "CompressedCache", "CompressedLayer", "DEFAULT_SCORE", "SUPPORTED_FAMILIES",
+    "make_cache", "restore", "parse", "resolve", "keep_indices", "register_policy", "policy_names", "Policy",
+    "Observation", "Full", "Streaming", "H2O", "CompressedCache", "CompressedLayer", "DEFAULT_SCORE",
+    "SUPPORTED_FAMILIES",
 ]
 __version__ = "0.1.0"

@@ -3,14 +3,15 @@
 transformers looks attention functions up by `config._attn_implementation`. We register
 ``h2o_sdpa`` and ``h2o_eager``, each wrapping the stock implementation, together with the stock
 mask builder under the same name (without it transformers builds no causal mask at all). When
-the layer that just ran `update` is one of ours, the wrapper
+the layer that just ran `update` is one of ours, the wrapper (the contract is written in
+`h2o.policies.base`)
 
-1. records which new tokens are padding (from the stock mask's diagonal),
-2. in reindex mode moves the new keys and the queries to their slot positions,
-3. runs the stock attention with a mask over the kept slots (exact, not approximated),
-4. adds the attention mass each kept key received to its scores (H2O only), in float32,
-   query-chunked so a long prefill never materialises the whole [heads, q, k] matrix,
-5. lets the layer evict.
+1. lets the layer prepare: padding of the new tokens, reindex rotation, the mask over kept slots;
+2. runs the stock attention with that mask (exact, not approximated);
+3. computes only what the layer's policy observes (summed mass, the newest query's row, query
+   counts), in float32, query-blocked so a long prefill never materialises the whole
+   [heads, q, k] matrix;
+4. hands the observation to the layer, which updates the policy's state and evicts.
 
 Any other call (no compressed layer, e.g. a `full` cache) passes straight through.
 """
@@ -25,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .cache import take_pending
+from .policies import Observation
 
 # Attention-probability block materialised while scoring (float32 elements: 4 MiB). Measured here
 # (2 CPU cores, 9 query heads): fastest of 2^18..2^22 at 1k-4k prompts; cache-sized blocks win.
@@ -32,11 +34,13 @@ SCORE_BLOCK_ELEMENTS = 1 << 20
 NAMES = {"sdpa": "h2o_sdpa", "eager": "h2o_eager"}
 
 
-def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=SCORE_BLOCK_ELEMENTS):
+def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=SCORE_BLOCK_ELEMENTS,
+                   query_weights=None):
     """Attention each key received, summed over queries and over the query heads of its KV head.
 
     query [B, Hq, q, D], key [B, Hkv, L, D] (the last q keys belong to the queries),
-    mask bool [B, 1, q, L] or None (plain causal), query_valid bool [B, q] or None.
+    mask bool [B, 1, q, L] or None (plain causal), query_valid bool [B, q] or None,
+    query_weights float [q] or None (each query's weight in the sum).
     Returns float32 [B, Hkv, L]. Queries are taken in blocks of about `block_elements`
     probabilities, and each block only reads the keys its queries can see.
     """
@@ -61,16 +65,47 @@ def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=S
         probs = logits.softmax(dim=-1)
         if query_valid is not None:
             probs *= query_valid[:, None, None, start:stop, None]
+        if query_weights is not None:
+            probs *= query_weights[start:stop].to(probs.device, torch.float32).view(1, 1, 1, -1, 1)
         mass[..., :visible] += probs.sum(dim=(2, 3))
     return mass
 
 
-def _new_token_validity(attention_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
-    """Which of the q new tokens are real, read off the stock mask's last (always real) query row."""
-    if attention_mask is None:
-        return None
-    last_row = attention_mask[:, 0, -1, -q:]
-    return last_row if last_row.dtype == torch.bool else last_row == 0
+def last_query_row(query, key, mask, scaling):
+    """The newest query's attention over the kept keys, averaged over the query heads of each KV head:
+    float32 [B, Hkv, L] (the newest query is always real and sees every kept key but padding)."""
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    last = query[:, :, -1:].reshape(b, hkv, hq // hkv, d).to(torch.float32)
+    logits = torch.matmul(last, key.to(torch.float32).transpose(-1, -2)) * scaling  # [B, Hkv, G, L]
+    if mask is not None:
+        logits.masked_fill_(~mask[:, :, -1:, :], -torch.inf)
+    return logits.softmax(dim=-1).mean(dim=2)
+
+
+def query_counts(key, mask, q, query_valid):
+    """How many of the q new real queries saw each kept key: float32 [B, 1, L]."""
+    b, length = key.shape[0], key.shape[2]
+    if mask is None:  # causal over fresh keys, every older key seen by all q
+        seen_by = torch.clamp(length - torch.arange(length, device=key.device), max=q).to(torch.float32)
+        return seen_by.expand(b, 1, length).clone()
+    m = mask[:, 0]
+    if query_valid is not None:
+        m = m & query_valid[:, :, None]
+    return m.sum(dim=1, dtype=torch.float32).unsqueeze(1)
+
+
+def observe(policy, query, key, mask, scaling, query_valid) -> Observation:
+    """Exactly the observations `policy.observes` asks for (nothing else is computed)."""
+    wants = policy.observes
+    q = query.shape[-2]
+    return Observation(
+        queries=q,
+        mass=attention_mass(query, key, mask, scaling, query_valid, query_weights=policy.query_weights(q, key.device))
+        if "mass" in wants else None,
+        last=last_query_row(query, key, mask, scaling) if "last" in wants else None,
+        count=query_counts(key, mask, q, query_valid) if "count" in wants else None,
+    )
 
 
 def _eager_inner(module, query, key, value, mask, **kwargs):
@@ -86,18 +121,11 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
     layer = take_pending(key)
     if layer is None:
         return inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    q = query.shape[-2]
-    new_valid = _new_token_validity(attention_mask, q)
-    if new_valid is not None:
-        layer.mark_padding(new_valid)
-    if layer.reindex:
-        query = layer.reposition(query, kwargs.get("position_ids"))
-    mask = layer.attention_mask(q, causal_by_default=inner is sdpa_attention_forward)
+    query, mask, new_valid = layer.prepare(query, attention_mask, kwargs.get("position_ids"),
+                                           causal_by_default=inner is sdpa_attention_forward)
     out = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
-    if layer.scores is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        layer.add_scores(attention_mass(query, key, mask, scale, new_valid))
-    layer.evict_if_needed()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer.observe(observe(layer.policy, query, key, mask, scale, new_valid))
     return out
 
 

@@ -2,12 +2,13 @@
 
 Each `CompressedLayer` holds, per row and KV head, the kept keys and values in temporal order,
 plus per-slot bookkeeping that moves with them through one gather: the arrival index of the token
-(`times`), its accumulated attention (`scores`, float32, H2O only), and per row which slots are
-padding (`valid`). `keys`/`values` always hold exactly the kept tokens.
+(`times`), the policy's named float32 state (`state`, e.g. H2O's accumulated attention "score"),
+and per row which slots are padding (`valid`). `keys`/`values` always hold exactly the kept tokens.
 
 Eviction is lazy: after attention, a layer holding more than `budget + buffer` tokens is cut
-back to exactly `budget`. It runs inside the score-capturing attention function
-(`h2o.attention`), which is also where the padding mask and the reindex rotation are applied.
+back to exactly `budget`. The order of one forward (update, then the attention function's
+`prepare` and `observe`) is the contract written in `h2o.policies.base`; a layer updated twice
+without being observed raises, so a compressed cache can never run without its bound.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import rope as rope_ops
-from .policies import Policy, keep_indices
+from .policies import Observation, Policy, keep_indices
 
 # The layer whose `update` ran last on this thread. The attention function of the same layer
 # runs right after it and picks it up (checking it received that layer's keys).
@@ -29,6 +30,10 @@ def take_pending(key: torch.Tensor) -> "CompressedLayer | None":
     layer = getattr(_pending, "layer", None)
     _pending.layer = None
     return layer if layer is not None and layer.keys is key else None
+
+
+class UnobservedError(RuntimeError):
+    """A compressed layer was updated, but h2o's attention never saw it: it could not evict."""
 
 
 class CompressedLayer(DynamicLayer):
@@ -44,8 +49,15 @@ class CompressedLayer(DynamicLayer):
 
     def _clear(self) -> None:
         self.seen = 0  # tokens seen, padding included: the next token's arrival index
-        self.times = self.scores = self.valid = self.pads = None
+        self.times = self.valid = self.pads = None
+        self.state: dict[str, torch.Tensor] = {}
         self.has_padding = False  # any kept slot is padding (a host-side flag: no per-step sync)
+        self.unobserved = False  # updated, and its attention has not observed it yet
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """H2O's accumulated attention per slot (the "score" state), or None for rules without it."""
+        return self.state.get("score")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor = None) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -55,11 +67,17 @@ class CompressedLayer(DynamicLayer):
         self.times = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
         self.valid = torch.empty(b, 0, dtype=torch.bool, device=self.device)
         self.pads = torch.zeros(b, dtype=torch.long, device=self.device)
-        if self.policy.needs_scores:
-            self.scores = torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+        self.state = {name: torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
+                      for name in self.policy.state}
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.unobserved:
+            raise UnobservedError(
+                f"a {self.policy.name} cache layer got new tokens, but h2o's attention never saw the previous "
+                "ones, so it could not evict: the model no longer runs h2o's attention (h2o.restore was called, "
+                "the attention implementation was switched, or the cache is used with another model). Make a new "
+                "cache with h2o.make_cache(model, ...) for the model you run.")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
@@ -68,13 +86,36 @@ class CompressedLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.times = torch.cat([self.times, arrival.expand(b, h, q)], dim=-1)
         self.valid = torch.cat([self.valid, self.valid.new_ones(b, q)], dim=-1)
-        if self.scores is not None:
-            self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, q)], dim=-1)
+        if self.state:
+            new = self.policy.initial_state(key_states, value_states)
+            self.state = {name: torch.cat([t, new[name]], dim=-1) for name, t in self.state.items()}
         self.seen += q
+        self.unobserved = True
         _pending.layer = self
         return self.keys, self.values
 
-    # --- called by the attention function, in this order -------------------------------------
+    # --- called by the attention function, in this order: prepare, then observe -------------
+
+    def prepare(self, query: torch.Tensor, attention_mask: torch.Tensor | None, position_ids,
+                causal_by_default: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Before attention: mark the new tokens' padding (from the stock mask), move keys and queries to
+        their slots (reindex), build the mask over the kept slots. Returns (query, mask, new_valid)."""
+        q = query.shape[-2]
+        new_valid = None
+        if attention_mask is not None:  # which new tokens are real: the stock mask's last (always real) row
+            last_row = attention_mask[:, 0, -1, -q:]
+            new_valid = last_row if last_row.dtype == torch.bool else last_row == 0
+            self.mark_padding(new_valid)
+        if self.reindex:
+            query = self.reposition(query, position_ids)
+        return query, self.attention_mask(q, causal_by_default), new_valid
+
+    def observe(self, observation: Observation) -> bool:
+        """After attention: the policy updates its state from what attention saw, then the layer evicts
+        if it holds more than budget + buffer tokens. Returns whether it evicted."""
+        self.policy.update(self.state, observation, self.seen)
+        self.unobserved = False
+        return self.evict_if_needed()
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
         """Record which of the tokens just appended are (left) padding: new_valid [B, q]."""
@@ -109,19 +150,16 @@ class CompressedLayer(DynamicLayer):
         own[:, kept:] = torch.eye(q, dtype=torch.bool, device=self.device)
         return mask | own
 
-    def add_scores(self, mass: torch.Tensor) -> None:
-        self.scores += mass
-
     def evict_if_needed(self) -> bool:
         if self.keys.shape[-2] <= self.policy.budget + self.buffer:
             return False
-        idx, kept = keep_indices(self.policy, self.scores, self.times, self.valid, self.pads, self.seen, self.buffer)
+        idx, kept = keep_indices(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.buffer,
+                                 keys=self.keys, values=self.values)
         d = self.keys.shape[-1]
         self.keys = self.keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
         self.values = self.values.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
         self.times = self.times.gather(2, idx)
-        if self.scores is not None:
-            self.scores = self.scores.gather(2, idx)
+        self.state = {name: t.gather(2, idx) for name, t in self.state.items()}
         self.valid = kept
         self.has_padding = not bool(kept.all())
         if self.reindex:
@@ -152,11 +190,18 @@ class CompressedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
 
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the layer holds (keys, values, bookkeeping and state), by name."""
+        named = {"keys": self.keys, "values": self.values, "times": self.times, "valid": self.valid, "pads": self.pads}
+        named.update({f"state.{k}": v for k, v in self.state.items()})
+        return {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+
     def _select_rows(self, index: torch.Tensor) -> None:
-        for name in ("keys", "values", "times", "scores", "valid", "pads"):
+        for name in ("keys", "values", "times", "valid", "pads"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+        self.state = {k: v.index_select(0, index.to(v.device)) for k, v in self.state.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -196,8 +241,10 @@ class CompressedCache(Cache):
         """Exact bytes held by the cache: keys, values and the per-slot bookkeeping."""
         total = 0
         for layer in self.layers:
-            for name in ("keys", "values", "times", "scores", "valid", "pads"):
-                tensor = getattr(layer, name, None)
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
+            if isinstance(layer, CompressedLayer):
+                tensors = layer.slot_tensors().values()
+            else:
+                tensors = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                           if isinstance(t, torch.Tensor)]
+            total += sum(t.numel() * t.element_size() for t in tensors)
         return total

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from . import attention
@@ -15,7 +13,9 @@ from .policies import Policy, parse
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
 POSITION_MODES = ("original", "reindex")
 
-_original_attention: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+# h2o's attention function -> the stock one it wraps: read off the model itself (so a deep copy of a
+# switched model, or a model switched in another process, is handled alike).
+_STOCK = {ours: stock for stock, ours in attention.NAMES.items()}
 
 
 def _attn_implementation(model) -> str:
@@ -80,20 +80,19 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
     rope = rotary_embedding(model) if positions == "reindex" else None
     check_model(model)
     if policy.evicts:
-        current = _original_attention.get(model, _attn_implementation(model))
+        current = _STOCK.get(_attn_implementation(model), _attn_implementation(model))
         if current not in attention.NAMES:
             raise ValueError(
                 f"attention implementation {current!r} cannot give attention scores or per-slot masks; "
                 f"load the model with attn_implementation='sdpa' or 'eager'"
             )
         attention.register()
-        _original_attention.setdefault(model, current)
         _set_attn_implementation(model, attention.NAMES[current])
     return CompressedCache(policy, model.config.num_hidden_layers, positions, buffer, rope)
 
 
 def restore(model) -> None:
     """Give the model back its own attention implementation (a no-op if `make_cache` changed nothing)."""
-    original = _original_attention.pop(model, None)
+    original = _STOCK.get(_attn_implementation(model))
     if original is not None:
         _set_attn_implementation(model, original)

@@ -1,27 +1,32 @@
-"""CompressedLayer driven through random update sequences (no model): Hypothesis properties.
+"""CompressedLayer driven through random update sequences (no model): Hypothesis properties, for every
+registered policy.
 
 Each token's arrival index is encoded into its key and value, so after any number of evictions
-we can check that keys, values, times and scores still describe the same tokens, slot by slot.
+we can check that keys, values, times and the policy's state still describe the same tokens, slot
+by slot. State alignment is checked against a twin layer of the same policy that never evicts and
+receives the same observations at the same tokens: the policy's update is slot-wise (the contract
+in `h2o.policies.base`), so each kept slot must hold what its token holds in the twin.
 """
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from h2o.cache import CompressedLayer, take_pending
-from h2o.policies import H2O, Streaming
+from h2o.cache import CompressedLayer, UnobservedError, take_pending
+from h2o.policies import SCORE_RULES, Observation, Streaming, registered
 
 HEADS, DIM = 2, 3
+EVICTING = [cls for cls in registered().values() if cls.evicts]
 
 
 @st.composite
-def layer_run(draw):
+def layer_run(draw, cls):
     sinks, recent = draw(st.integers(0, 3)), draw(st.integers(0, 6))
     budget = sinks + recent + draw(st.integers(1, 8))
-    if draw(st.booleans()):
-        policy = H2O(sinks, recent, budget, draw(st.sampled_from(["mean", "sum"])))
-    else:
-        policy = Streaming(sinks, budget - sinks)
+    policy = cls.sized(sinks, recent, budget)
+    if cls.has_score:
+        policy = type(policy).from_name(policy.name.rsplit("_", 1)[0], draw(st.sampled_from(SCORE_RULES)))
     buffer = draw(st.integers(0, 5))
     batch = draw(st.integers(1, 3))
     pads = [draw(st.integers(0, 4)) for _ in range(batch)]
@@ -30,68 +35,97 @@ def layer_run(draw):
     return policy, buffer, pads, [prefill] + chunks, draw(st.integers(0, 2**31 - 1))
 
 
-@settings(max_examples=150, deadline=None)
-@given(layer_run())
-def test_layer_invariants(run):
-    policy, buffer, pads, chunks, seed = run
-    g = torch.Generator().manual_seed(seed)
-    batch = len(pads)
-    layer = CompressedLayer(policy, buffer, reindex=False)
-    reference = [[{} for _ in range(HEADS)] for _ in range(batch)]  # time -> accumulated score
-    seen = 0
-    alone = [0] * batch  # tokens each row would keep if it ran alone
-    limit = policy.budget + buffer
-    for step, q in enumerate(chunks):
-        arrival = torch.arange(seen, seen + q, dtype=torch.float32)
-        payload = arrival.view(1, 1, q, 1).expand(batch, HEADS, q, DIM)
-        keys, values = layer.update(payload.clone(), -payload.clone())
-        assert take_pending(keys) is layer
-        if step == 0:  # left padding lives in the prefill
-            new_valid = torch.arange(q).unsqueeze(0) >= torch.tensor(pads).unsqueeze(1)
-            layer.mark_padding(new_valid)
-        length = keys.shape[-2]
-        if layer.scores is not None:
-            mass = torch.rand(batch, HEADS, length, generator=g)
-            layer.add_scores(mass)
+def random_observation(policy, batch, length, g) -> Observation:
+    rand = lambda: torch.rand(batch, HEADS, length, generator=g)
+    return Observation(mass=rand() if "mass" in policy.observes else None,
+                       last=rand().softmax(-1) if "last" in policy.observes else None,
+                       count=torch.randint(0, 5, (batch, 1, length), generator=g).float()
+                       if "count" in policy.observes else None)
+
+
+def at_tokens(obs: Observation, times: torch.Tensor, total: int) -> Observation:
+    """The same observation laid out over a never-evicting twin's slots (slot = arrival time)."""
+    def spread(x):
+        if x is None:
+            return None
+        out = torch.zeros(*x.shape[:2], total)
+        out.scatter_(2, times[:, : x.shape[1]].expand(-1, x.shape[1], -1), x)
+        return out
+    return Observation(mass=spread(obs.mass), last=spread(obs.last), count=spread(obs.count))
+
+
+@pytest.mark.parametrize("cls", EVICTING, ids=[c.NAME for c in EVICTING])
+def test_layer_invariants(cls):
+    @settings(max_examples=60, deadline=None)
+    @given(layer_run(cls))
+    def check(run):
+        policy, buffer, pads, chunks, seed = run
+        g = torch.Generator().manual_seed(seed)
+        batch = len(pads)
+        layer = CompressedLayer(policy, buffer, reindex=False)
+        twin = CompressedLayer(policy, 10**9, reindex=False)  # never evicts: slot = arrival time
+        seen = 0
+        alone = [0] * batch  # tokens each row would keep if it ran alone
+        limit = policy.budget + buffer
+        for step, q in enumerate(chunks):
+            arrival = torch.arange(seen, seen + q, dtype=torch.float32)
+            payload = arrival.view(1, 1, q, 1).expand(batch, HEADS, q, DIM)
+            keys, values = layer.update(payload.clone(), -payload.clone())
+            assert take_pending(keys) is layer
+            twin.update(payload.clone(), -payload.clone())
+            if step == 0:  # left padding lives in the prefill
+                new_valid = torch.arange(q).unsqueeze(0) >= torch.tensor(pads).unsqueeze(1)
+                layer.mark_padding(new_valid)
+            length = keys.shape[-2]
+            obs = random_observation(policy, batch, length, g)
+            twin.observe(at_tokens(obs, layer.times, seen + q))
+            seen += q
+            evicted = layer.observe(obs)
+            kept = layer.keys.shape[-2]
             for b in range(batch):
+                alone[b] += q - (pads[b] if step == 0 else 0)
+                alone[b] = policy.budget if alone[b] > limit else alone[b]
+            # capacity bounds: never above budget + buffer slots after a step; each row keeps exactly
+            # what it would keep alone (the budget right after its own eviction)
+            assert kept <= limit and evicted == (length > limit)
+            assert layer.valid.sum(-1).tolist() == alone
+            times = layer.times
+            # order preservation: the kept tokens' arrival times strictly increase along the slots,
+            # and a row's unused slots (padding, masked leftovers) come before them
+            for b in range(batch):
+                valid = layer.valid[b]
+                assert (valid.int().diff() >= 0).all()
+                assert (times[b][:, valid].diff(dim=-1) > 0).all()
+            # K/V alignment: every slot's key and value carry the arrival time recorded for that slot
+            assert torch.equal(layer.keys[..., 0], times.float())
+            assert torch.equal(layer.values[..., 0], -times.float())
+            assert layer.get_seq_length() == seen
+            # state alignment: each kept slot holds what its token holds in the never-evicting twin
+            assert set(layer.state) == set(policy.state)
+            for name, tensor in layer.state.items():
+                assert tensor.dtype == torch.float32 and tensor.shape == times.shape
+                expect = twin.state[name].gather(2, times)
+                valid = layer.valid[:, None, :].expand_as(times)
+                torch.testing.assert_close(tensor[valid], expect[valid], rtol=1e-5, atol=1e-5)
+            for b in range(batch):
+                real_times = [t for t in range(pads[b], seen)]
+                valid = layer.valid[b]
                 for h in range(HEADS):
-                    for slot, t in enumerate(layer.times[b, h].tolist()):
-                        reference[b][h][t] = reference[b][h].get(t, 0.0) + mass[b, h, slot].item()
-        seen += q
-        evicted = layer.evict_if_needed()
-        kept = layer.keys.shape[-2]
-        for b in range(batch):
-            alone[b] += q - (pads[b] if step == 0 else 0)
-            alone[b] = policy.budget if alone[b] > limit else alone[b]
-        # capacity bounds: never above budget + buffer slots after a step; each row keeps exactly
-        # what it would keep alone (the budget right after its own eviction)
-        assert kept <= limit and evicted == (length > limit)
-        assert layer.valid.sum(-1).tolist() == alone
-        times = layer.times
-        # order preservation: the kept tokens' arrival times strictly increase along the slots,
-        # and a row's unused slots (padding, masked leftovers) come before them
-        for b in range(batch):
-            valid = layer.valid[b]
-            assert (valid.int().diff() >= 0).all()
-            assert (times[b][:, valid].diff(dim=-1) > 0).all()
-        # K/V alignment: every slot's key and value carry the arrival time recorded for that slot
-        assert torch.equal(layer.keys[..., 0], times.float())
-        assert torch.equal(layer.values[..., 0], -times.float())
-        assert layer.get_seq_length() == seen
-        for b in range(batch):
-            real_times = [t for t in range(pads[b], seen)]
-            valid = layer.valid[b]
-            for h in range(HEADS):
-                row = times[b, h]
-                kept_real = set(row[valid].tolist())
-                assert all(t >= pads[b] for t in kept_real)  # valid slots are real tokens
-                # sink retention and recent window
-                assert set(real_times[: policy.sinks]) <= kept_real
-                assert set(real_times[max(0, len(real_times) - policy.recent):]) <= kept_real
-                # score alignment: each slot's score is what that token accumulated
-                if layer.scores is not None:
-                    expect = torch.tensor([reference[b][h][t] for t in row.tolist()])
-                    torch.testing.assert_close(layer.scores[b, h], expect, rtol=1e-5, atol=1e-5)
+                    kept_real = set(times[b, h][valid].tolist())
+                    assert all(t >= pads[b] for t in kept_real)  # valid slots are real tokens
+                    # sink retention and recent window
+                    assert set(real_times[: policy.sinks]) <= kept_real
+                    assert set(real_times[max(0, len(real_times) - policy.recent):]) <= kept_real
+
+    check()
+
+
+def test_an_update_that_attention_never_observed_is_an_error():
+    layer = CompressedLayer(Streaming(1, 2), buffer=0, reindex=False)
+    x = torch.zeros(1, 1, 4, 2)
+    layer.update(x, x)
+    with pytest.raises(UnobservedError, match="never saw the previous ones"):
+        layer.update(x[:, :, :1], x[:, :, :1])
 
 
 def test_reindex_eviction_rerotates_keys_to_their_new_slots():
@@ -105,7 +139,7 @@ def test_reindex_eviction_rerotates_keys_to_their_new_slots():
     layer = CompressedLayer(Streaming(2, 4), buffer=0, reindex=True, rope=(inv_freq, rotary))
     layer.update(at(base, torch.arange(12)), base.clone())
     take_pending(layer.keys)
-    assert layer.evict_if_needed()
+    assert layer.observe(Observation())
     kept = torch.tensor([0, 1, 8, 9, 10, 11])
     assert layer.times[0, 0].tolist() == kept.tolist()
     torch.testing.assert_close(layer.keys, at(base[:, :, kept], torch.arange(6)), rtol=1e-5, atol=1e-5)

@@ -19,6 +19,8 @@ import h2o
 from tiny import tiny_model, token_ids
 
 FAMILIES = ["llama", "gpt_neox", "qwen2", "qwen3", "mistral"]
+# every registered evicting rule, at tiny sizes: a new rule gets these oracles by being registered
+RULES = [cls for cls in h2o.policies.registered().values() if cls.evicts]
 ATTN = ["sdpa", "eager"]
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -38,7 +40,7 @@ def run_steps(model, cache, ids, prefill):
 
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("policy", ["h2o_2_4_64", "streaming_2_62"])
+@pytest.mark.parametrize("policy", [cls.sized(2, 4, 64).name for cls in RULES])
 def test_budget_above_length_equals_dynamic_cache(family, attn, policy):
     model = tiny_model(family, attn)
     ids = token_ids(40)
@@ -105,7 +107,8 @@ def masked_oracle_logits(model, ids, prefill, kept):
 
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("policy, buffer", [("h2o_2_4_12_sum", 0), ("h2o_2_4_12_mean", 3), ("streaming_2_10", 2)])
+@pytest.mark.parametrize("policy, buffer", [("h2o_2_4_12_sum", 0), ("h2o_2_4_12_mean", 3), ("streaming_2_10", 2)]
+                         + [(cls.sized(2, 4, 12).name, 1) for cls in RULES if cls.NAME not in ("h2o", "streaming")])
 def test_eviction_equals_full_attention_with_evicted_tokens_masked(family, attn, policy, buffer):
     model = tiny_model(family, attn)
     ids = token_ids(48, batch=2)

@@ -1,0 +1,91 @@
+"""Eviction policies: one module per rule, all through one registry.
+
+    import h2o
+    h2o.parse("h2o_4_32_256")        # H2O(sinks=4, recent=32, budget=256, score="mean")
+    h2o.policy_names()               # {grammar: example} of every registered rule
+
+    @h2o.register_policy             # a user's rule: see the README for a complete one
+    @dataclass(frozen=True)
+    class MyRule(h2o.Policy): ...
+
+What a policy observes, keeps and decides, and when, is the contract written in
+`h2o.policies.base`. `keep_indices` is the one pure function every rule is ranked through.
+"""
+
+from __future__ import annotations
+
+from .base import OBSERVATIONS, Observation, Policy, check_sizes, keep_indices
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: make a policy class parseable by name in every h2o entry point."""
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise TypeError(f"register_policy takes a subclass of h2o.Policy, got {cls!r}")
+    for attr in ("NAME", "GRAMMAR", "EXAMPLE"):
+        if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
+            raise TypeError(f"{cls.__name__} must define the class attribute {attr} (a non-empty str)")
+    if cls.NAME in _REGISTRY:
+        raise ValueError(f"a policy named {cls.NAME!r} is already registered ({_REGISTRY[cls.NAME].__name__})")
+    unknown = set(cls.observes) - set(OBSERVATIONS)
+    if unknown:
+        raise ValueError(f"{cls.__name__} observes {sorted(unknown)}; what attention can give: {OBSERVATIONS}")
+    example = cls.from_name(cls.EXAMPLE)
+    if not isinstance(example, cls) or example.name != cls.from_name(example.name).name:
+        raise ValueError(f"{cls.__name__}.EXAMPLE {cls.EXAMPLE!r} does not parse back to a {cls.__name__}")
+    _REGISTRY[cls.NAME] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Policy]]:
+    """{NAME: class} of every registered policy, in registration order."""
+    return dict(_REGISTRY)
+
+
+def policy_names() -> dict[str, str]:
+    """{grammar: example name that parses} of every registered policy."""
+    return {cls.GRAMMAR: cls.EXAMPLE for cls in _REGISTRY.values()}
+
+
+def parse(spec: str | Policy, score: str | None = None) -> Policy:
+    """The policy a name spells (or the object itself, checked); `score` sets H2O's scoring rule.
+
+    `score` is an error for a rule without one, and for a name or object that already names another.
+    """
+    if isinstance(spec, Policy):
+        policy = spec
+        if _REGISTRY.get(type(policy).NAME) is not type(policy):
+            raise ValueError(f"{type(policy).__name__} is not a registered policy; decorate it with "
+                             "@h2o.register_policy")
+        if score is not None and type(policy).has_score and policy.score != score:
+            raise ValueError(f"policy {policy.name!r} has score rule {policy.score!r} but score={score!r} was given")
+    elif not isinstance(spec, str):
+        raise TypeError(f"policy must be a name or a policy object, got {type(spec).__name__}")
+    else:
+        policy = None
+        for cls in _REGISTRY.values():
+            policy = cls.from_name(spec, score if cls.has_score else None)
+            if policy is not None:
+                break
+        if policy is None:
+            grammars = "; ".join(f"'{g}' (e.g. '{e}')" for g, e in policy_names().items())
+            raise ValueError(f"unknown policy {spec!r}; expected one of: {grammars}")
+    if score is not None and not type(policy).has_score:
+        raise ValueError(f"score={score!r} only applies to H2O and the other rules with a scoring rule "
+                         f"({', '.join(n for n, c in _REGISTRY.items() if c.has_score)}), not {policy.name!r}")
+    return policy
+
+
+def resolve(names: list[str], score: str | None = None) -> list[str]:
+    """Canonical names (the scoring rule spelled out); `score` applies to the names of rules that have one."""
+    return [parse(n, score if score is not None and type(parse(n)).has_score else None).name for n in names]
+
+
+# The built-in rules, registered in this order (parse tries them in turn).
+from .full import Full  # noqa: E402
+from .streaming import Streaming  # noqa: E402
+from .h2o import DEFAULT_SCORE, H2O, SCORE_RULES  # noqa: E402
+
+__all__ = ["Policy", "Observation", "OBSERVATIONS", "register_policy", "registered", "policy_names", "parse",
+           "resolve", "keep_indices", "check_sizes", "Full", "Streaming", "H2O", "DEFAULT_SCORE", "SCORE_RULES"]
