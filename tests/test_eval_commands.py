@@ -285,3 +285,33 @@ def test_heatmap_on_the_embedded_model_shows_sinks(tmp_path):
     assert h2o_cli("heatmap", "--tokens", 48, "--layers", 15, "--out", out) == 0
     row = json.loads((out / "heatmap.json").read_text())["rows"][0]
     assert row["sink_share"] > 2 * row["uniform_sink_share"]  # a real model parks attention on its first tokens
+
+
+def test_sweep_takes_every_registered_rule_family(tmp_path):
+    out = tmp_path / "out"
+    assert h2o_cli("sweep", "--model", NEOX, "--parts", "ppl", "--rules", "streaming", "tova", "a2sf", "vatp_sum",
+                   "knorm", "keydiff", "--budgets", 16, "--ppl-tokens", 48, "--chunk", 4, "--buffer", 0,
+                   "--out", out) == 0
+    ppl = read_csv(out / "sweep_ppl.csv")
+    assert [r["policy"] for r in ppl] == ["full", "streaming_4_12", "tova_4_2_16", "a2sf_4_2_16_0.95",
+                                          "vatp_4_2_16_sum", "knorm_4_2_16", "keydiff_4_2_16"]
+    assert all(int(r["max_kept"]) <= 16 for r in ppl[1:])
+
+
+@pytest.mark.slow
+def test_sweep_on_several_texts_reports_the_gap_closed(tmp_path):
+    if importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None:
+        pytest.skip(f"the embedded model's weights package {models.SMOLLM2_PACKAGE} is not installed")
+    out = tmp_path / "out"
+    assert h2o_cli("sweep", "--parts", "ppl", "--texts", "wikitext", "pg19:10146", "--rules", "streaming", "tova",
+                   "--budgets", 16, "--ppl-tokens", 48, "--chunk", 8, "--buffer", 0, "--out", out) == 0
+    rows = read_csv(out / "sweep_ppl.csv")
+    assert [(r["text"], r["policy"]) for r in rows] == [
+        ("wikitext", "full"), ("pg19:10146", "full"), ("wikitext", "streaming_4_12"), ("pg19:10146", "streaming_4_12"),
+        ("wikitext", "tova_4_2_16"), ("pg19:10146", "tova_4_2_16")]
+    ppl = {(r["text"], r["policy"]): float(r["ppl"]) for r in rows}
+    for text in ("wikitext", "pg19:10146"):
+        s, f, t = ppl[text, "streaming_4_12"], ppl[text, "full"], ppl[text, "tova_4_2_16"]
+        gap = next(float(r["gap_closed"]) for r in rows if r["text"] == text and r["policy"] == "tova_4_2_16")
+        assert gap == pytest.approx((s - t) / (s - f))
+    assert (out / "sweep_ppl.png").stat().st_size > 10_000

@@ -46,6 +46,22 @@ policy families and budgets):
                                 tokens; score rule _mean (the default, h2o.DEFAULT_SCORE) or _sum
                                 (the paper's); --score sets it for names without one
                                 e.g. h2o_4_32_256 (= h2o_4_32_256_mean), h2o_4_64_512_sum
+  tova_<sinks>_<recent>_<budget>
+                                TOVA: heavy hitters by the newest query's attention only
+                                e.g. tova_4_32_256
+  a2sf_<sinks>_<recent>_<budget>_<gamma>
+                                A2SF: attention received with a forgetting factor gamma in (0, 1]
+                                e.g. a2sf_4_32_256_0.95
+  vatp_<sinks>_<recent>_<budget>[_mean|_sum]
+                                VATP: H2O's score x the value's L1 norm, e.g. vatp_4_32_256
+  knorm_<sinks>_<recent>_<budget>
+                                the keys with the lowest L2 norm, e.g. knorm_4_32_256
+  keydiff_<sinks>_<recent>_<budget>
+                                KeyDiff: the keys least like the mean key, e.g. keydiff_4_32_256
+  snapkv_<sinks>_<recent>_<budget>_<window>
+                                SnapKV: prompt keys by the attention of the last <window> prompt
+                                queries (question-aware), then H2O's sum, e.g. snapkv_4_32_256_16
+  a policy registered with h2o.register_policy parses the same way (h2o.policy_names() lists all)
   names that spell the same policy (h2o_4_32_256, h2o_4_32_256_mean) are merged and run once"""
 
 EXAMPLES = {

@@ -15,12 +15,13 @@ stops the policy with the largest cache ("OOM") and the batch size is retried wi
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import psutil
 import torch
 
 import h2o
-from h2o.policies import DEFAULT_SCORE, resolve
+from h2o.policies import at_budget, families, resolve
 
 from . import data, report
 from .command import add_text_options, load_text
@@ -31,13 +32,13 @@ from .stress import MEMORY_SHARE, OK, OOM, SKIPPED, _is_oom
 
 NAME = "sweep"
 HELP = "PPL vs cache budget per policy family, and decode throughput vs batch size until memory runs out"
-FAMILIES = ("streaming", "h2o", "h2o_mean", "h2o_sum")
 PARTS = ("ppl", "throughput")
 MAX_BATCH = {"cpu": 8, "cuda": 1024}
 DEFAULT_CONTEXT = {"cpu": 512, "cuda": 1024}
 DEFAULT_NEW_TOKENS = {"cpu": 8, "cuda": 32}
-PPL_COLUMNS = {"family": "Family", "budget": "Budget", "policy": "Policy", "ppl": "PPL",
-               "ppl_after_eviction": "PPL after 1st eviction", "full_ppl_after_eviction": "Full, same tokens"}
+PPL_COLUMNS = {"text": "Text", "family": "Family", "budget": "Budget", "policy": "Policy", "ppl": "PPL",
+               "ppl_after_eviction": "PPL after 1st eviction", "full_ppl_after_eviction": "Full, same tokens",
+               "gap_closed": "Gap closed"}
 SPEED_COLUMNS = {"batch": "Batch", "policy": "Policy", "status": "Status", "tpot_median_ms": "TPOT med (ms)",
                  "decode_tok_s": "Decode tok/s", "throughput_tok_s": "Gen tok/s (with prefill)",
                  "kv_mib": "KV MiB", "run_peak_growth_mib": "Run peak +MiB"}
@@ -46,11 +47,19 @@ SPEED_COLUMNS = {"batch": "Batch", "policy": "Policy", "status": "Status", "tpot
 def add_arguments(p) -> None:
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="cache budgets (tokens)")
-    p.add_argument("--families", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"], choices=FAMILIES,
-                   help="streaming -> streaming_4_{b-4}; h2o[_rule] -> h2o_4_{b//8}_{b}_{rule} (h2o: --score)")
+    p.add_argument("--rules", "--families", dest="families", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"],
+                   choices=families(), metavar="RULE",
+                   help=f"rule families, each at every budget: 4 sinks, recent budget/8 (StreamingLLM: the rest is its "
+                        f"window), e.g. streaming -> streaming_4_{{b-4}}, h2o_mean -> h2o_4_{{b//8}}_{{b}}_mean; a family "
+                        f"without a rule (h2o, vatp) takes --score; any of: {', '.join(families())}")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per policy")
     p.add_argument("--chunk", type=int, default=32, help="tokens per forward in the PPL runs (1 = token by token)")
     add_text_options(p, "wikitext")
+    p.add_argument("--recent-share", type=float, default=0.125,
+                   help="recent window of every family but streaming, as a share of the budget")
+    p.add_argument("--texts", nargs="+", default=None, metavar="TEXT",
+                   help="PPL on several texts at once, one batch row each: wikitext, pg19:<book id> or a text file "
+                        "(default: the one text of --corpus / --pg19-book / --text-file)")
     g = p.add_argument_group("throughput")
     g.add_argument("--batches", nargs="+", type=int, default=None,
                    help=f"batch sizes (default: 1, 2, 4, ... until memory runs out, at most {MAX_BATCH['cpu']} "
@@ -65,11 +74,10 @@ def add_arguments(p) -> None:
     g.add_argument("--throughput-budget", type=int, default=256, help="the compressed policies' budget")
 
 
-def policy_name(family: str, budget: int, score: str | None) -> str:
-    if family == "streaming":
-        return f"streaming_4_{budget - 4}"
-    rule = family.partition("_")[2] or score or DEFAULT_SCORE
-    return f"h2o_4_{budget // 8}_{budget}_{rule}"
+def policy_name(family: str, budget: int, score: str | None, recent_share: float = 0.125) -> str:
+    """The family's policy at `budget` (h2o.policies.at_budget): streaming_4_{b-4}, h2o_4_{b//8}_{b}_{rule}, ...
+    with a recent window of `recent_share` of the budget (at most what the 4 sinks leave)."""
+    return at_budget(family, budget, score, recent=min(budget - 4, int(recent_share * budget))).name
 
 
 def check(args) -> dict:
@@ -98,12 +106,27 @@ def check(args) -> dict:
         if context <= args.throughput_budget + args.buffer:
             raise ValueError(f"--context {context} does not outgrow --throughput-budget + --buffer "
                              f"({args.throughput_budget} + {args.buffer}): the compressed caches would not evict")
-    ppl_policies = [policy_name(f, b, args.score) for b in budgets for f in families]
-    speed_policies = ["full"] + [policy_name(f, args.throughput_budget, args.score) for f in families]
+    if not 0 <= args.recent_share < 1:
+        raise ValueError(f"--recent-share must lie in [0, 1), got {args.recent_share}")
+    ppl_policies = [policy_name(f, b, args.score, args.recent_share) for b in budgets for f in families]
+    speed_policies = ["full"] + [policy_name(f, args.throughput_budget, args.score, args.recent_share) for f in families]
     resolve(ppl_policies + speed_policies)  # every name parses
     return {"budgets": budgets, "families": families, "batches": batches, "context": context,
             "new_tokens": new_tokens, "speed_policies": list(dict.fromkeys(speed_policies)),
-            "text": load_text(args)}
+            "text": load_text(args), "texts": load_texts(args.texts, args.data_dir) if args.texts else None}
+
+
+def load_texts(specs: list[str], data_dir) -> dict[str, tuple[str, str]]:
+    """{label: (text, source)} for wikitext, pg19:<book id> or a file path; a missing one is an error."""
+    texts = {}
+    for spec in dict.fromkeys(specs):
+        if spec == "wikitext":
+            texts[spec] = data.load_document("wikitext", None, data_dir)
+        elif spec.startswith("pg19:"):
+            texts[spec] = data.load_document("pg19", spec.partition(":")[2], data_dir)
+        else:
+            texts[Path(spec).name] = data.load_text_file(spec)
+    return texts
 
 
 def run(session, plan) -> int:
@@ -130,47 +153,82 @@ def run(session, plan) -> int:
         session.write_csv("sweep_throughput.csv", speed_rows)
         session.plot("sweep_throughput.png", plot_throughput(speed_rows, f"{title}\n{what.split(';')[0]}"))
         tables.append(report.format_table(speed_rows, SPEED_COLUMNS))
-    session.write_json("sweep.json", plan={k: v for k, v in plan.items() if k != "text"}, **results, notes=notes)
+    session.write_json("sweep.json", plan={k: v for k, v in plan.items() if k not in ("text", "texts")}, **results, notes=notes)
     return session.finish(tables, notes)
 
 
 # --- PPL vs budget -----------------------------------------------------------------------------
 
 def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
+    """Every family at every budget on the same ids (one batch row per text), the full cache first; with a
+    streaming family, each rule's share of the StreamingLLM -> full gap closed at the same budget and text."""
     args, model = session.args, session.model
-    ids, source = session.token_ids(plan["text"], args.ppl_tokens)
+    if plan["texts"]:
+        if session.tokenizer is None:
+            raise ValueError("--texts needs a pretrained model with a tokenizer")
+        ids = torch.cat([data.tokenize(session.tokenizer, text, args.ppl_tokens, args.bos)
+                         for text, _ in plan["texts"].values()])
+        labels, source = list(plan["texts"]), "; ".join(f"{k}={v[1]}" for k, v in plan["texts"].items())
+    else:
+        ids, source = session.token_ids(plan["text"], args.ppl_tokens)
+        labels = ["text"]
     kw = dict(chunk=args.chunk, prefill=args.chunk, positions=args.positions, buffer=args.buffer,
               progress=not args.no_progress)
+    rows = []
     try:
         full = token_losses(model, ids, "full", desc="PPL full", **kw)
-        rows = [{"family": "full", "budget": None, "policy": "full", "ppl": full.ppl(), "ppl_after_eviction": None,
-                 "full_ppl_after_eviction": None, "first_eviction": None, "max_kept": full.max_kept}]
+        for i, label in enumerate(labels):
+            rows.append({"text": label, "family": "full", "budget": None, "policy": "full", "ppl": full.ppl(i),
+                         "ppl_after_eviction": None, "full_ppl_after_eviction": None, "gap_closed": None,
+                         "first_eviction": None, "max_kept": full.max_kept})
         for budget in plan["budgets"]:
             for family in plan["families"]:
-                name = policy_name(family, budget, args.score)
+                name = policy_name(family, budget, args.score, args.recent_share)
                 result = token_losses(model, ids, name, desc=f"PPL {name}", **kw)
                 check_eviction_in_force(full, result)
-                same = None if result.first_eviction is None else \
-                    torch.exp(full.losses[:, result.first_eviction:].double().mean()).item()
-                rows.append({"family": family, "budget": budget, "policy": result.policy, "ppl": result.ppl(),
-                             "ppl_after_eviction": result.ppl(after_eviction=True), "full_ppl_after_eviction": same,
-                             "first_eviction": result.first_eviction, "max_kept": result.max_kept})
+                for i, label in enumerate(labels):
+                    same = None if result.first_eviction is None else \
+                        torch.exp(full.losses[i, result.first_eviction:].double().mean()).item()
+                    rows.append({"text": label, "family": family, "budget": budget, "policy": result.policy,
+                                 "ppl": result.ppl(i), "ppl_after_eviction": result.ppl(i, after_eviction=True),
+                                 "full_ppl_after_eviction": same, "gap_closed": None,
+                                 "first_eviction": result.first_eviction, "max_kept": result.max_kept})
                 notes += [f"{result.policy}: {n}" for n in result.notes]
     finally:
         h2o.restore(model)
+    _gap_closed(rows)
     mode = "token by token" if args.chunk == 1 else f"chunked, {args.chunk} tokens per forward"
     return rows, f"PPL on {source}, {mode}, BOS {'on' if args.bos else 'off'}"
 
 
+def _gap_closed(rows: list[dict]) -> None:
+    """gap_closed = (PPL streaming - PPL rule) / (PPL streaming - PPL full), per text and budget: 1 is the full
+    cache, 0 StreamingLLM, negative worse than StreamingLLM."""
+    full = {r["text"]: r["ppl"] for r in rows if r["family"] == "full"}
+    streaming = {(r["text"], r["budget"]): r["ppl"] for r in rows if r["family"] == "streaming"}
+    for r in rows:
+        base = streaming.get((r["text"], r["budget"]))
+        if base is not None and r["family"] not in ("full", "streaming") and base != full[r["text"]]:
+            r["gap_closed"] = (base - r["ppl"]) / (base - full[r["text"]])
+
+
 def plot_ppl(rows, title):
+    """One panel per text: PPL against budget for every family, the full cache as a line."""
     plt = report.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    fig, axes = plt.subplots(1, len(texts), figsize=(7 * len(texts), 4.5), layout="constrained", squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        _ppl_panel(ax, [r for r in rows if r["text"] == text], text if len(texts) > 1 else "")
+    fig.suptitle(f"PPL vs cache budget\n{title}", fontsize=8)
+    return fig
+
+
+def _ppl_panel(ax, rows, text):
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
     for i, family in enumerate(dict.fromkeys(r["family"] for r in rows if r["family"] != "full")):
         pts = [(r["budget"], r["ppl"]) for r in rows if r["family"] == family]
-        rule = next(r["policy"] for r in rows if r["family"] == family).rsplit("_", 1)[-1]
-        label = "streaming_4_{b-4}" if family == "streaming" else "h2o_4_{b/8}_{b}_" + rule
-        ax.plot(*zip(*pts), "os^D"[i % 4] + "-", color=f"C{i}", ms=8 - 2 * (i % 4), label=f"{family}: {label}")
+        example = next(r["policy"] for r in rows if r["family"] == family)
+        ax.plot(*zip(*pts), "os^Dv<>p"[i % 8] + "-", color=f"C{i}", ms=7, label=f"{family} (e.g. {example})")
     full = next(r["ppl"] for r in rows if r["family"] == "full")
     ax.axhline(full, color="k", ls="--", lw=1, label=f"full cache ({full:.2f})")
     ax.set_xscale("log", base=2)
@@ -178,9 +236,8 @@ def plot_ppl(rows, title):
     ax.set_xlabel("cache budget (tokens kept per layer and head, log2 scale)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"PPL vs cache budget\n{title}", fontsize=8)
+    ax.set_title(text, fontsize=9)
     ax.legend(fontsize=7)
-    return fig
 
 
 # --- throughput vs batch size --------------------------------------------------------------------

@@ -34,7 +34,9 @@ from h2o.policies import parse, resolve
 
 from . import data, models, report, retrieval
 from .ppl import check_bound
-from .sweep import FAMILIES, policy_name
+from h2o.policies import families
+
+from .sweep import policy_name
 
 NAME = "tasks"
 HELP = "retrieval tasks (passkey, RULER NIAH, key-value, variable tracking) with a full-cache control"
@@ -73,7 +75,7 @@ def variants(policies: list[str], budgets: list[int] | None, ratios: list[float]
     for p in policies:
         if p == "full":
             continue
-        if p in FAMILIES:
+        if p in families():
             if budgets:
                 out += [(p, Variant(p, str(b), name=resolve([policy_name(p, b, score)])[0])) for b in budgets]
             else:
@@ -220,7 +222,7 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
 def add_arguments(p) -> None:
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help=f"any of {', '.join(retrieval.TASKS)}")
     p.add_argument("--policies", nargs="+", default=["streaming", "h2o_mean"],
-                   help=f"families ({', '.join(FAMILIES)}: sized by --budgets or --budget-ratio) or policy names (grammar below); "
+                   help=f"families ({', '.join(families())}: sized by --budgets or --budget-ratio) or policy names (grammar below); "
                         "the full cache always runs as the control")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--budgets", nargs="+", type=int, default=None, help="family budgets in tokens (default: unset; families are sized by --budget-ratio)")

@@ -14,6 +14,8 @@ What a policy observes, keeps and decides, and when, is the contract written in
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import OBSERVATIONS, Observation, Policy, check_sizes, keep_indices
 
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -46,6 +48,30 @@ def registered() -> dict[str, type[Policy]]:
 def policy_names() -> dict[str, str]:
     """{grammar: example name that parses} of every registered policy."""
     return {cls.GRAMMAR: cls.EXAMPLE for cls in _REGISTRY.values()}
+
+
+def families() -> list[str]:
+    """Rule families for sweeps: every registered evicting rule's NAME, and NAME_<rule> for each scoring rule
+    of the rules that have one (h2o_mean, h2o_sum, ...)."""
+    from .h2o import SCORE_RULES
+    out = []
+    for name, cls in _REGISTRY.items():
+        if cls.evicts:
+            out += [name] + ([f"{name}_{rule}" for rule in SCORE_RULES] if cls.has_score else [])
+    return out
+
+
+def at_budget(family: str, budget: int, score: str | None = None, recent: int | None = None) -> Policy:
+    """The family's policy at `budget` tokens: 4 sinks, a recent window of `recent` tokens (default budget / 8;
+    StreamingLLM: the rest is its window); `score` is the scoring rule of a family that does not name one."""
+    if family not in families():
+        raise ValueError(f"unknown rule family {family!r}; choose from {', '.join(families())}")
+    name, _, rule = family.partition("_")
+    cls = _REGISTRY[name]
+    policy = cls.sized(4, budget // 8 if recent is None else recent, budget)
+    if cls.has_score and (rule or score):
+        policy = dataclasses.replace(policy, score=rule or score)
+    return policy
 
 
 def parse(spec: str | Policy, score: str | None = None) -> Policy:
@@ -86,6 +112,14 @@ def resolve(names: list[str], score: str | None = None) -> list[str]:
 from .full import Full  # noqa: E402
 from .streaming import Streaming  # noqa: E402
 from .h2o import DEFAULT_SCORE, H2O, SCORE_RULES  # noqa: E402
+from .tova import TOVA  # noqa: E402
+from .a2sf import A2SF  # noqa: E402
+from .vatp import VATP  # noqa: E402
+from .knorm import KNorm  # noqa: E402
+from .keydiff import KeyDiff  # noqa: E402
+from .snapkv import SnapKV  # noqa: E402
 
 __all__ = ["Policy", "Observation", "OBSERVATIONS", "register_policy", "registered", "policy_names", "parse",
-           "resolve", "keep_indices", "check_sizes", "Full", "Streaming", "H2O", "DEFAULT_SCORE", "SCORE_RULES"]
+           "families", "at_budget",
+           "resolve", "keep_indices", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV",
+           "DEFAULT_SCORE", "SCORE_RULES"]

@@ -1,0 +1,54 @@
+"""KeyDiff (Park et al., 2025; kvpress `KeyDiffPress`): keep the keys least like the average key.
+
+Per KV head, the anchor is the mean of the kept keys' unit vectors (real tokens only); a key's
+priority is minus its cosine similarity to the anchor, so distinctive keys stay. Nothing is
+observed from attention; the rule reads the kept keys when it ranks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from . import register_policy
+from .base import Policy, check_sizes
+
+_NAME = re.compile(r"keydiff_(\d+)_(\d+)_(\d+)")
+
+
+@register_policy
+@dataclass(frozen=True)
+class KeyDiff(Policy):
+    NAME = "keydiff"
+    GRAMMAR = "keydiff_<sinks>_<recent>_<budget>"
+    EXAMPLE = "keydiff_4_32_256"
+
+    sinks: int
+    recent: int
+    budget: int
+
+    def __post_init__(self):
+        check_sizes(self)
+
+    @classmethod
+    def from_name(cls, name, score=None):
+        m = _NAME.fullmatch(name)
+        return cls(int(m[1]), int(m[2]), int(m[3])) if m else None
+
+    @property
+    def name(self) -> str:
+        return f"keydiff_{self.sinks}_{self.recent}_{self.budget}"
+
+    def rank(self, state, times, seen, keys=None, valid=None, **slots):
+        if keys is None:
+            raise ValueError("keydiff ranks by the kept keys: pass keys= to keep_indices")
+        unit = F.normalize(keys.float(), dim=-1)  # [B, H, L, D]
+        if valid is not None:
+            unit = unit * valid[:, None, :, None]
+            count = valid.sum(-1).clamp_min(1).view(-1, 1, 1, 1)
+        else:
+            count = keys.shape[-2]
+        anchor = F.normalize(unit.sum(dim=-2, keepdim=True) / count, dim=-1)
+        return -(unit * anchor).sum(-1)

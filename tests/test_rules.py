@@ -1,0 +1,118 @@
+"""Each registered rule against a naive reference on a tiny model: after one prefill, the cache keeps
+exactly the tokens that the rule, computed by hand from eager attention probabilities and the
+prefill's keys and values, would keep per KV head (sinks and recent window protected)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import h2o
+from tiny import tiny_model, token_ids
+
+T, SINKS, RECENT, BUDGET = 24, 2, 3, 10
+
+
+def grouped(probs, kv_heads):
+    """[B, Hq, q, k] -> [B, Hkv, G, q, k]."""
+    b, hq, q, k = probs.shape
+    return probs.view(b, kv_heads, hq // kv_heads, q, k)
+
+
+def naive_scores(rule: str, probs, keys, values):
+    """The rule's priority of every prefill token [B, Hkv, T], from its definition."""
+    g = grouped(probs, keys.shape[1])
+    mass = g.sum(dim=(2, 3))
+    seen_by = (T - torch.arange(T)).float()
+    if rule == "h2o_sum":
+        return mass
+    if rule == "h2o_mean":
+        return mass / seen_by
+    if rule == "tova":
+        return g[:, :, :, -1].mean(dim=2)
+    if rule == "a2sf":
+        weights = 0.9 ** torch.arange(T - 1, -1, -1).float()
+        return (g * weights.view(1, 1, 1, T, 1)).sum(dim=(2, 3))
+    if rule == "vatp_sum":
+        return mass * values.abs().sum(-1)
+    if rule == "vatp_mean":
+        return mass / seen_by * values.abs().sum(-1)
+    if rule == "knorm":
+        return -keys.norm(dim=-1)
+    if rule == "snapkv":
+        window = (torch.arange(T) >= T - 4).float()
+        pooled = (g * window.view(1, 1, 1, T, 1)).sum(dim=(2, 3))
+        return F.avg_pool1d(pooled.reshape(-1, 1, T), 5, stride=1, padding=2, count_include_pad=False).view_as(pooled)
+    if rule == "keydiff":
+        unit = F.normalize(keys, dim=-1)
+        return -(unit * F.normalize(unit.mean(dim=-2, keepdim=True), dim=-1)).sum(-1)
+    raise ValueError(rule)
+
+
+CASES = {"h2o_sum": f"h2o_{SINKS}_{RECENT}_{BUDGET}_sum", "h2o_mean": f"h2o_{SINKS}_{RECENT}_{BUDGET}_mean",
+         "tova": f"tova_{SINKS}_{RECENT}_{BUDGET}", "a2sf": f"a2sf_{SINKS}_{RECENT}_{BUDGET}_0.9",
+         "vatp_sum": f"vatp_{SINKS}_{RECENT}_{BUDGET}_sum", "vatp_mean": f"vatp_{SINKS}_{RECENT}_{BUDGET}_mean",
+         "knorm": f"knorm_{SINKS}_{RECENT}_{BUDGET}", "keydiff": f"keydiff_{SINKS}_{RECENT}_{BUDGET}",
+         "snapkv": f"snapkv_{SINKS}_{RECENT}_{BUDGET}_4"}
+
+
+def test_every_registered_rule_has_a_naive_reference():
+    covered = {h2o.parse(name).NAME for name in CASES.values()}
+    rules = {cls.NAME for cls in h2o.policies.registered().values() if cls.evicts and cls.NAME != "streaming"}
+    assert rules <= covered, f"rules without a naive reference check: {sorted(rules - covered)}"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("rule", CASES)
+def test_rule_keeps_what_its_definition_says(rule, family):
+    model = tiny_model(family, "eager")
+    ids = token_ids(T, batch=2)
+    full = DynamicCache()
+    with torch.no_grad():
+        probs = model(ids, past_key_values=full, use_cache=True, output_attentions=True).attentions
+    cache = h2o.make_cache(model, CASES[rule], buffer=0)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    h2o.restore(model)
+    for layer, p, reference in zip(cache.layers, probs, full.layers):
+        score = naive_scores(rule, p.float(), reference.keys.float(), reference.values.float())
+        middle = torch.arange(SINKS, T - RECENT)
+        chosen = score[..., middle].topk(BUDGET - SINKS - RECENT, dim=-1).indices + SINKS
+        expect = torch.cat([torch.arange(SINKS).expand(*chosen.shape[:2], -1), chosen,
+                            torch.arange(T - RECENT, T).expand(*chosen.shape[:2], -1)], dim=-1).sort(-1).values
+        assert torch.equal(layer.times, expect), f"{rule}: kept {layer.times.tolist()}, expected {expect.tolist()}"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: h2o.parse("a2sf_4_8_64_0"), r"gamma must be a number in \(0, 1\]"),
+    (lambda: h2o.parse("a2sf_4_8_64_1.5"), r"gamma must be a number in \(0, 1\]"),
+    (lambda: h2o.parse("snapkv_4_8_64_65"), r"window must be an int in \[1, budget = 64\]"),
+    (lambda: h2o.parse("tova_40_30_64"), "exceeds the budget"),
+    (lambda: h2o.parse("knorm_4_8_0"), "budget must be > 0"),
+    (lambda: h2o.parse("vatp_4_8_64_max"), "unknown VATP score rule"),
+    (lambda: h2o.H2O(4, 8, 16.5), "must be an int"),
+    (lambda: h2o.Streaming(True, 8), "must be an int"),
+    (lambda: h2o.parse(h2o.H2O(4, 8, 64, "sum"), score="mean"), "has score rule 'sum' but score='mean'"),
+    (lambda: h2o.parse("tova_4_8_64", score="sum"), "only applies to H2O"),
+])
+def test_bad_rule_parameters_are_refused(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_the_attention_function_computes_only_what_the_rule_observes(monkeypatch):
+    """knorm and keydiff observe nothing: no attention scores are computed for them."""
+    from h2o import attention
+    calls = []
+    for name in ("attention_mass", "last_query_row", "query_counts"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    model = tiny_model("llama")
+    for policy, expect in [("knorm_2_2_8", []), ("keydiff_2_2_8", []), ("tova_2_2_8", ["last_query_row"]),
+                           ("h2o_2_2_8", ["attention_mass"])]:
+        calls.clear()
+        cache = h2o.make_cache(model, policy, buffer=0)
+        with torch.no_grad():
+            model(token_ids(12), past_key_values=cache, use_cache=True)
+        assert sorted(set(calls)) == expect, policy
+    h2o.restore(model)
