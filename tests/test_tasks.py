@@ -130,7 +130,7 @@ def test_tasks_command_end_to_end(tmp_path, capsys):
     if EMBEDDED_MISSING:
         pytest.skip(f"the embedded model's weights package {models.SMOLLM2_PACKAGE} is not installed")
     out = tmp_path / "out"
-    assert h2o_tasks("--tasks", "passkey", "--lengths", 400, "--depths", 0.3, 0.7, "--policies", "streaming",
+    assert h2o_tasks("--tasks", "passkey", "--lengths", 400, "--depths", 0.3, 0.7, "--cases", 1, "--policies", "streaming",
                      "h2o_4_8_64", "--budget-ratio", 0.2, "--buffer", 0, "--min-solved", 1, "--out", out) == 0
     for name in ("tasks.csv", "tasks_cases.csv", "tasks.json", "tasks_kept_share.png", "tasks_passkey_grid.png"):
         assert (out / name).stat().st_size > 0

@@ -40,7 +40,7 @@ class TaskSizes:
 # The same protocol on every device (a quality figure, like the PPL gates): the gates below hold wherever it runs.
 SIZES = {"cpu": TaskSizes(length=768, cases=10, ratios=(0.3,)),
          "cuda": TaskSizes(length=768, cases=10, ratios=(0.3,))}
-# Measured with `pytest benchmarks/test_tasks.py -m gpu --device cpu -s` (SmolLM2-135M fp32, CPU, torch 2.13.0,
+# Measured with `pytest benchmarks/test_passkey.py -m gpu --device cpu -s` (SmolLM2-135M fp32, CPU, torch 2.13.0,
 # transformers 5.23.0): the full cache solved 7 of 10 cases at 768 tokens; at 30% of the prompt StreamingLLM kept
 # 2 of those 7 (0.29), H2O mean and sum 1 (0.14). Each gate leaves one case of slack.
 MIN_SOLVED = 0.6  # share of the cases the full cache must solve (measured 0.7)
