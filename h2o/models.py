@@ -34,8 +34,12 @@ def rotary_embedding(model) -> tuple[torch.Tensor, int]:
     for name, module in model.named_modules():
         if name.endswith("rotary_emb") and isinstance(getattr(module, "inv_freq", None), torch.Tensor):
             rope_type = getattr(module, "rope_type", "default")
-            if rope_type not in ("default", "linear", "llama3", "yarn", "longrope"):
-                raise ValueError(f"positions='reindex' needs position-independent RoPE; {rope_type!r} is not")
+            if rope_type not in ("default", "linear", "llama3", "yarn"):
+                # dynamic NTK and longrope change their frequencies with the sequence length after we read
+                # them (longrope switches from short to long factors past its original context), so keys
+                # re-rotated with the frequencies read here would be wrong
+                raise ValueError(f"positions='reindex' needs RoPE frequencies that do not change with the sequence "
+                                 f"length; {rope_type!r} RoPE changes them. Use positions='original'")
             inv_freq = module.inv_freq.detach().to(torch.float32).clone()
             return inv_freq, 2 * inv_freq.numel()
     raise ValueError(

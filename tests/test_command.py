@@ -61,3 +61,27 @@ def test_nested_peak_meters_both_see_the_peak():
         assert outer.growth >= 60 << 20
         assert inner.growth < 60 << 20
     assert outer_peak >= inner_peak
+
+
+def test_outputs_appear_together_or_not_at_all(tmp_path, monkeypatch):
+    """A run that fails after staging an output leaves neither it nor the staging folder; a good run moves all."""
+    from h2o.eval import command
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "heatmap.csv").write_text("an earlier run\n")
+    real_plot = command.Session.plot
+
+    def failing_plot(self, name, figure):
+        real_plot(self, name, figure)
+        raise ValueError("disk full")
+
+    monkeypatch.setattr(command.Session, "plot", failing_plot)
+    argv = ["heatmap", "--model", "random:tiny-llama", "--tokens", "16", "--top-k", "2", "--out", str(out),
+            "--no-progress"]
+    assert cli.main(argv) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["heatmap.csv"]  # only the earlier run's file, untouched
+    assert (out / "heatmap.csv").read_text() == "an earlier run\n"
+    monkeypatch.setattr(command.Session, "plot", real_plot)
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["heatmap.csv", "heatmap.json", "heatmap_layer0.png",
+                                                     "heatmap_layer1.png"]

@@ -6,7 +6,7 @@ import torch
 
 from h2o.policies import parse, resolve
 
-from . import data, models, report, retrieval, tasks
+from . import data, report, tasks
 from .command import unique_policies
 from .ppl import check_eviction_in_force, token_losses
 from .speed import measure_speed
@@ -70,39 +70,8 @@ def check(args) -> dict:
     if args.passkey_cases < 0:
         raise ValueError(f"--passkey-cases must be >= 0, got {args.passkey_cases}")
     if args.passkey_cases and not args.model.startswith("random:"):
-        n = args.passkey_length
-        for p in policies:
-            if parse(p).evicts and parse(p).budget + args.buffer >= 0.95 * n - 1:
-                raise ValueError(f"{p}: budget + buffer ({parse(p).budget} + {args.buffer}) holds the whole "
-                                 f"{n}-token passkey prompt, so nothing would be compressed; raise --passkey-length")
-        trained = getattr(models.load_config(args.model), "max_position_embeddings", None)
-        if args.positions == "original" and trained and n + retrieval.MAX_NEW_TOKENS["passkey"] > trained:
-            raise ValueError(f"--passkey-length {n} passes the model's trained context of {trained} with positions "
-                             "'original'")
+        tasks.check_passkey(policies, args.passkey_length, args.buffer, args.model, args.positions)
     return {"policies": policies, "texts": texts}
-
-
-def passkey_column(session, policies, texts) -> tuple[dict, str]:
-    """{policy: (solved by it among the full cache's solved, the full cache's solved, cases)} and a note."""
-    args = session.args
-    n = args.passkey_cases
-    depths = [0.5] if n == 1 else [round(0.1 + 0.8 * i / (n - 1), 4) for i in range(n)]
-    haystacks = {name: text for name, (text, _) in texts.items()}
-    cases = retrieval.generate_cases("passkey", session.tokenizer, haystacks, [args.passkey_length], depths, 1, 0)
-    variant_list = [tasks.Variant(p, str(parse(p).budget), name=p) for p in policies if p != "full"]
-    bar = session.progress(total=len(cases) * len(policies), desc="passkey", unit="run")
-    rows = tasks.run_cases(session.model, session.tokenizer, cases, variant_list, "question-aware", chunk=args.chunk,
-                           positions=args.positions, buffer=args.buffer, bar=bar)
-    bar.close()
-    summary, notes = tasks.summarize(rows, min_solved=1)
-    out = {}
-    for r in summary:
-        policy = "full" if r["policy"] == "full" else r["policy"]
-        out[policy] = r
-    note = (f"Passkey kept: {len(cases)} passkey cases of {args.passkey_length} tokens (depths 0.1-0.9, haystacks "
-            f"{', '.join(haystacks)}), question-aware protocol; full: cases it solved; policies: solved among the "
-            "full cache's solved cases (the full-cache control; `h2o tasks` has the other tasks)")
-    return out, "; ".join([note, *notes])
 
 
 def run(session, plan) -> int:
@@ -126,7 +95,9 @@ def run(session, plan) -> int:
 
     passkey, passkey_note = {}, None
     if tokenizer is not None and args.passkey_cases:
-        passkey, passkey_note = passkey_column(session, policies, texts)
+        haystacks = {name: text for name, (text, _) in texts.items()}
+        passkey, passkey_note = tasks.passkey_kept(session, policies, haystacks, args.passkey_cases,
+                                                   args.passkey_length)
 
     if tokenizer is None or "wikitext" not in texts:
         prompt = data.random_ids(model.config.vocab_size, args.context, args.batch)

@@ -158,10 +158,13 @@ def main(argv=None) -> int:
         session = Session(args.command, args)
         return module.run(session, plan) or 0
     except (ValueError, FileNotFoundError, ValidityError) as err:
-        if session is not None and not existed:
-            _remove_if_empty(session.out)
         print(f"h2o {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:  # whatever stopped the run (an error, Ctrl-C): nothing half-written stays behind
+        if session is not None:
+            session.discard()
+            if not existed:
+                _remove_if_empty(session.out)
 
 
 def _exists(path) -> bool:

@@ -14,6 +14,8 @@ versions, arguments, machine) and writing the table, CSV, JSON and plots (each a
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -92,6 +94,7 @@ class Session:
     def __init__(self, command: str, args: argparse.Namespace):
         self.command, self.args = command, args
         self.out = report.prepare_output_dir(args.out)
+        self.stage = self.out / f".h2o-{command}-{os.getpid()}"
         self.started = time.time()
         self.model = self.tokenizer = None
         self.info: dict = {}
@@ -132,23 +135,38 @@ class Session:
         return {"command": self.command, "args": args, "model": self.info, "environment": report.environment(),
                 **fields, "wall_time_s": time.time() - self.started}
 
+    # Outputs are staged in a hidden folder of the output directory and moved into place together by
+    # `finish`, so a run killed or failed midway never leaves one run's CSV beside another run's JSON or PNG.
+
     def write_csv(self, name: str, rows: list[dict]) -> Path:
-        return self._keep(report.write_csv(self.out / name, rows))
+        return self._keep(name, report.write_csv(self._staged(name), rows))
 
     def write_json(self, name: str, **fields) -> Path:
-        return self._keep(report.write_json(self.out / name, self.record(**fields)))
+        return self._keep(name, report.write_json(self._staged(name), self.record(**fields)))
 
     def plot(self, name: str, figure) -> Path:
         """Save a matplotlib figure (closed after) as `name` in the output directory."""
-        return self._keep(report.save_figure(figure, self.out / name))
+        return self._keep(name, report.save_figure(figure, self._staged(name)))
 
     def finish(self, tables: list[str], notes: list[str]) -> int:
+        """Move every staged output into the output directory, then print the tables and notes."""
+        for path in self.files:
+            os.replace(self.stage / path.name, path)
+        self.discard()
         for table in tables:
             print(table)
         print("\n".join(f"- {note}" for note in notes))
         print(f"wrote {', '.join(map(str, self.files))} ({time.time() - self.started:.0f} s)")
         return 0
 
-    def _keep(self, path: Path) -> Path:
-        self.files.append(path)
-        return path
+    def discard(self) -> None:
+        """Drop what a run staged and did not finish."""
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+    def _staged(self, name: str) -> Path:
+        self.stage.mkdir(exist_ok=True)
+        return self.stage / name
+
+    def _keep(self, name: str, staged: Path) -> Path:
+        self.files.append(self.out / name)
+        return self.out / name

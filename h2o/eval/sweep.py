@@ -38,7 +38,7 @@ DEFAULT_CONTEXT = {"cpu": 512, "cuda": 1024}
 DEFAULT_NEW_TOKENS = {"cpu": 8, "cuda": 32}
 PPL_COLUMNS = {"text": "Text", "family": "Family", "budget": "Budget", "policy": "Policy", "ppl": "PPL",
                "ppl_after_eviction": "PPL after 1st eviction", "full_ppl_after_eviction": "Full, same tokens",
-               "gap_closed": "Gap closed"}
+               "gap_closed": "Gap closed", "passkey_kept": "Passkey kept"}
 SPEED_COLUMNS = {"batch": "Batch", "policy": "Policy", "status": "Status", "tpot_median_ms": "TPOT med (ms)",
                  "decode_tok_s": "Decode tok/s", "throughput_tok_s": "Gen tok/s (with prefill)",
                  "kv_mib": "KV MiB", "run_peak_growth_mib": "Run peak +MiB"}
@@ -55,6 +55,10 @@ def add_arguments(p) -> None:
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per policy")
     p.add_argument("--chunk", type=int, default=32, help="tokens per forward in the PPL runs (1 = token by token)")
     add_text_options(p, "wikitext")
+    p.add_argument("--passkey-cases", type=int, default=0,
+                   help="also the passkey kept share of every policy (question-aware, with the full-cache control) "
+                        "on this many cases; 0 = none")
+    p.add_argument("--passkey-length", type=int, default=1280, help="passkey prompt tokens (--passkey-cases)")
     p.add_argument("--recent-share", type=float, default=0.125,
                    help="recent window of every family but streaming, as a share of the budget")
     p.add_argument("--texts", nargs="+", default=None, metavar="TEXT",
@@ -111,6 +115,13 @@ def check(args) -> dict:
     ppl_policies = [policy_name(f, b, args.score, args.recent_share) for b in budgets for f in families]
     speed_policies = ["full"] + [policy_name(f, args.throughput_budget, args.score, args.recent_share) for f in families]
     resolve(ppl_policies + speed_policies)  # every name parses
+    if args.passkey_cases < 0:
+        raise ValueError(f"--passkey-cases must be >= 0, got {args.passkey_cases}")
+    if args.passkey_cases and "ppl" in args.parts:
+        from .tasks import check_passkey  # tasks builds on this module's policy names
+        if args.model.startswith("random:"):
+            raise ValueError("--passkey-cases needs a pretrained model with a tokenizer")
+        check_passkey(ppl_policies, args.passkey_length, args.buffer, args.model, args.positions)
     return {"budgets": budgets, "families": families, "batches": batches, "context": context,
             "new_tokens": new_tokens, "speed_policies": list(dict.fromkeys(speed_policies)),
             "text": load_text(args), "texts": load_texts(args.texts, args.data_dir) if args.texts else None}
@@ -197,6 +208,17 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
     finally:
         h2o.restore(model)
     _gap_closed(rows)
+    if args.passkey_cases:
+        from .tasks import passkey_kept
+        texts = plan["texts"] or {"text": plan["text"]}
+        kept, note = passkey_kept(session, list(dict.fromkeys(r["policy"] for r in rows)),
+                                  {k: v[0] for k, v in texts.items()}, args.passkey_cases, args.passkey_length)
+        for r in rows:
+            k = kept[r["policy"]]
+            r["passkey_kept"] = (f"{k['full_solved']}/{k['cases']}" if r["policy"] == "full"
+                                 else f"{k['policy_solved']}/{k['full_solved']}")
+            r["passkey_kept_share"] = k["kept_share"]
+        notes.append(note)
     mode = "token by token" if args.chunk == 1 else f"chunked, {args.chunk} tokens per forward"
     return rows, f"PPL on {source}, {mode}, BOS {'on' if args.bos else 'off'}"
 

@@ -217,6 +217,38 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
     return out, notes
 
 
+def check_passkey(policies: list[str], length: int, buffer: int, model: str, positions: str) -> None:
+    """The passkey column of bench and sweep: every budget must leave something to compress, and the prompt
+    must fit the model's trained context with original positions (errors before the model loads)."""
+    for p in policies:
+        policy = parse(p)
+        if policy.evicts and policy.budget + buffer >= 0.95 * length - 1:
+            raise ValueError(f"{p}: budget + buffer ({policy.budget} + {buffer}) holds the whole {length}-token "
+                             "passkey prompt, so nothing would be compressed; raise --passkey-length")
+    trained = getattr(models.load_config(model), "max_position_embeddings", None)
+    if positions == "original" and trained and length + retrieval.MAX_NEW_TOKENS["passkey"] > trained:
+        raise ValueError(f"--passkey-length {length} passes the model's trained context of {trained} with "
+                         "positions 'original'")
+
+
+def passkey_kept(session, policies: list[str], haystacks: dict[str, str], n: int, length: int) -> tuple[dict, str]:
+    """n passkey cases of `length` tokens (depths spread over 0.1-0.9), question-aware, under every policy with
+    the full-cache control: ({policy: its summary row}, a note saying how it was measured)."""
+    args = session.args
+    depths = [0.5] if n == 1 else [round(0.1 + 0.8 * i / (n - 1), 4) for i in range(n)]
+    cases = retrieval.generate_cases("passkey", session.tokenizer, haystacks, [length], depths, 1, 0)
+    variant_list = [Variant(p, str(parse(p).budget), name=p) for p in policies if p != "full"]
+    bar = session.progress(total=len(cases) * (1 + len(variant_list)), desc="passkey", unit="run")
+    rows = run_cases(session.model, session.tokenizer, cases, variant_list, "question-aware", chunk=args.chunk,
+                     positions=args.positions, buffer=args.buffer, bar=bar)
+    bar.close()
+    summary, notes = summarize(rows, min_solved=1)
+    note = (f"Passkey kept: {len(cases)} passkey cases of {length} tokens (depths 0.1-0.9, haystacks "
+            f"{', '.join(haystacks)}), question-aware protocol; full: cases it solved; policies: solved among the "
+            "full cache's solved cases (the full-cache control; `h2o tasks` has the other tasks)")
+    return {r["policy"]: r for r in summary}, "; ".join([note, *notes])
+
+
 # --- the command ---------------------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
