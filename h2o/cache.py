@@ -49,7 +49,7 @@ class CompressedLayer(DynamicLayer):
 
     def _clear(self) -> None:
         self.seen = 0  # tokens seen, padding included: the next token's arrival index
-        self.times = self.valid = self.pads = None
+        self.times = self.valid = self.pads = self.pre_keys = None
         self.state: dict[str, torch.Tensor] = {}
         self.has_padding = False  # any kept slot is padding (a host-side flag: no per-step sync)
         self.unobserved = False  # updated, and its attention has not observed it yet
@@ -69,6 +69,8 @@ class CompressedLayer(DynamicLayer):
         self.pads = torch.zeros(b, dtype=torch.long, device=self.device)
         self.state = {name: torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
                       for name in self.policy.state}
+        if self.reindex and self.dtype in (torch.float16, torch.bfloat16):
+            self.pre_keys = key_states.new_empty(b, h, 0, d)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -84,6 +86,8 @@ class CompressedLayer(DynamicLayer):
         arrival = torch.arange(self.seen, self.seen + q, device=self.device)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.pre_keys is not None:  # filled in by `reposition`
+            self.pre_keys = torch.cat([self.pre_keys, key_states], dim=-2)
         self.times = torch.cat([self.times, arrival.expand(b, h, q)], dim=-1)
         self.valid = torch.cat([self.valid, self.valid.new_ones(b, q)], dim=-1)
         if self.state:
@@ -133,6 +137,9 @@ class CompressedLayer(DynamicLayer):
         slots = torch.arange(kept, kept + q, device=self.device)
         delta = (slots - position_ids.to(self.device)).view(-1, 1, q)  # [B or 1, 1, q]
         inv_freq, dims = self.rope
+        if self.pre_keys is not None:  # the new keys without RoPE, rounded once: what evictions re-rotate from
+            position = position_ids.to(self.device).view(-1, 1, q)
+            self.pre_keys[:, :, kept:] = rope_ops.rotate(self.keys[:, :, kept:], -position, inv_freq, dims)
         self.keys[:, :, kept:] = rope_ops.rotate(self.keys[:, :, kept:], delta, inv_freq, dims)
         return rope_ops.rotate(query, delta, inv_freq, dims)
 
@@ -155,16 +162,23 @@ class CompressedLayer(DynamicLayer):
             return False
         idx, kept = keep_indices(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.buffer,
                                  keys=self.keys, values=self.values)
-        d = self.keys.shape[-1]
-        self.keys = self.keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
-        self.values = self.values.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]))
+        gather = lambda t: t.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
+        self.values = gather(self.values)
         self.times = self.times.gather(2, idx)
         self.state = {name: t.gather(2, idx) for name, t in self.state.items()}
         self.valid = kept
         self.has_padding = not bool(kept.all())
-        if self.reindex:
-            slots = torch.arange(idx.shape[-1], device=self.device)
-            self.keys = rope_ops.rotate(self.keys, slots - idx, *self.rope)
+        slots = torch.arange(idx.shape[-1], device=self.device)
+        if self.pre_keys is not None:
+            # half precision: rotate each kept key from its pre-RoPE copy straight to its new slot, so its error
+            # stays at two roundings however many evictions it lives through (re-rotating the stored, rounded
+            # key by each shift would add one rounding per eviction)
+            self.pre_keys = gather(self.pre_keys)
+            self.keys = rope_ops.rotate(self.pre_keys, slots.view(1, 1, -1), *self.rope)
+        else:
+            self.keys = gather(self.keys)
+            if self.reindex:  # float32: one rotation by the shift adds ~1e-7 relative error per eviction
+                self.keys = rope_ops.rotate(self.keys, slots - idx, *self.rope)
         return True
 
     # --- transformers' layer interface ------------------------------------------------------
@@ -192,12 +206,13 @@ class CompressedLayer(DynamicLayer):
 
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the layer holds (keys, values, bookkeeping and state), by name."""
-        named = {"keys": self.keys, "values": self.values, "times": self.times, "valid": self.valid, "pads": self.pads}
+        named = {"keys": self.keys, "values": self.values, "times": self.times, "valid": self.valid, "pads": self.pads,
+                 "pre_keys": self.pre_keys}
         named.update({f"state.{k}": v for k, v in self.state.items()})
         return {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
 
     def _select_rows(self, index: torch.Tensor) -> None:
-        for name in ("keys", "values", "times", "valid", "pads"):
+        for name in ("keys", "values", "times", "valid", "pads", "pre_keys"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
