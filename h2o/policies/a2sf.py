@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import register_policy
-from .base import Policy, check_sizes
+from .base import Sized
 
 _NAME = re.compile(r"a2sf_(\d+)_(\d+)_(\d+)_([0-9]*\.?[0-9]+)")
 DEFAULT_GAMMA = 0.95
@@ -23,20 +23,17 @@ DEFAULT_GAMMA = 0.95
 
 @register_policy
 @dataclass(frozen=True)
-class A2SF(Policy):
+class A2SF(Sized):
     NAME = "a2sf"
     GRAMMAR = "a2sf_<sinks>_<recent>_<budget>_<gamma>"
     EXAMPLE = "a2sf_4_32_256_0.95"
     observes = frozenset({"mass"})
     state = ("score",)
 
-    sinks: int
-    recent: int
-    budget: int
     gamma: float = DEFAULT_GAMMA
 
     def __post_init__(self):
-        check_sizes(self)
+        super().__post_init__()
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0 < self.gamma <= 1:
             raise ValueError(f"a2sf: gamma must be a number in (0, 1], got {self.gamma!r}")
 

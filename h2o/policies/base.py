@@ -31,6 +31,7 @@ gather move it with its key (and what the property tests check). `rank` may look
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -106,6 +107,28 @@ class Policy:
         rank by the kept keys or values themselves (key diversity, value-aware errors) read `keys`/`values`
         [B, Hkv, L, D]; `valid` [B, L] marks the slots that hold real tokens."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Sized(Policy):
+    """The shape most rules share: the name <NAME>_<sinks>_<recent>_<budget>, those three ints, their checks.
+    A rule with more parameters extends `from_name` / `name` (see a2sf.py, snapkv.py)."""
+
+    sinks: int
+    recent: int
+    budget: int
+
+    def __post_init__(self):
+        check_sizes(self)
+
+    @classmethod
+    def from_name(cls, name, score=None):
+        m = re.fullmatch(rf"{cls.NAME}_(\d+)_(\d+)_(\d+)", name)
+        return cls(int(m[1]), int(m[2]), int(m[3])) if m else None
+
+    @property
+    def name(self) -> str:
+        return f"{self.NAME}_{self.sinks}_{self.recent}_{self.budget}"
 
 
 def check_sizes(policy, recent_name: str = "recent") -> None:

@@ -17,16 +17,15 @@ import re
 from dataclasses import dataclass
 
 from . import register_policy
-from .base import Policy, check_sizes
+from .base import Sized
 
 SCORE_RULES = ("mean", "sum")
 DEFAULT_SCORE = "mean"
-_NAME = re.compile(r"h2o_(\d+)_(\d+)_(\d+)(?:_(\w+))?")
 
 
-def scored_name(cls, name: str, score: str | None, pattern: re.Pattern):
-    """(sinks, recent, budget, rule) of '<word>_<s>_<r>_<b>[_<rule>]', checking `score` against a spelled rule."""
-    m = pattern.fullmatch(name)
+def scored_name(cls, name: str, score: str | None):
+    """The policy '<NAME>_<s>_<r>_<b>[_<rule>]' spells, checking `score` against a spelled rule."""
+    m = re.fullmatch(rf"{cls.NAME}_(\d+)_(\d+)_(\d+)(?:_(\w+))?", name)
     if not m:
         return None
     if m[4] and score and score != m[4]:
@@ -49,7 +48,7 @@ def scored(policy, mass, times, seen):
 
 @register_policy
 @dataclass(frozen=True)
-class H2O(Policy):
+class H2O(Sized):
     """`sinks` + `recent` + (`budget` - sinks - recent) heavy hitters, chosen per KV head."""
 
     NAME = "h2o"
@@ -59,22 +58,19 @@ class H2O(Policy):
     state = ("score",)
     has_score = True
 
-    sinks: int
-    recent: int
-    budget: int
     score: str = DEFAULT_SCORE
 
     def __post_init__(self):
-        check_sizes(self)
+        super().__post_init__()
         check_rule(self)
 
     @classmethod
     def from_name(cls, name, score=None):
-        return scored_name(cls, name, score, _NAME)
+        return scored_name(cls, name, score)
 
     @property
     def name(self) -> str:
-        return f"h2o_{self.sinks}_{self.recent}_{self.budget}_{self.score}"
+        return f"{self.NAME}_{self.sinks}_{self.recent}_{self.budget}_{self.score}"
 
     def update(self, state, obs, seen):
         state["score"] += obs.mass

@@ -7,39 +7,20 @@ observed from attention; the rule reads the kept keys when it ranks.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 
 from . import register_policy
-from .base import Policy, check_sizes
-
-_NAME = re.compile(r"keydiff_(\d+)_(\d+)_(\d+)")
+from .base import Sized
 
 
 @register_policy
 @dataclass(frozen=True)
-class KeyDiff(Policy):
+class KeyDiff(Sized):
     NAME = "keydiff"
     GRAMMAR = "keydiff_<sinks>_<recent>_<budget>"
     EXAMPLE = "keydiff_4_32_256"
-
-    sinks: int
-    recent: int
-    budget: int
-
-    def __post_init__(self):
-        check_sizes(self)
-
-    @classmethod
-    def from_name(cls, name, score=None):
-        m = _NAME.fullmatch(name)
-        return cls(int(m[1]), int(m[2]), int(m[3])) if m else None
-
-    @property
-    def name(self) -> str:
-        return f"keydiff_{self.sinks}_{self.recent}_{self.budget}"
 
     def rank(self, state, times, seen, keys=None, valid=None, **slots):
         if keys is None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register_policy
-from .base import Policy, check_sizes
+from .base import Sized
 
 _NAME = re.compile(r"snapkv_(\d+)_(\d+)_(\d+)_(\d+)")
 DEFAULT_WINDOW = 16
@@ -27,20 +27,17 @@ KERNEL = 5
 
 @register_policy
 @dataclass(frozen=True)
-class SnapKV(Policy):
+class SnapKV(Sized):
     NAME = "snapkv"
     GRAMMAR = "snapkv_<sinks>_<recent>_<budget>_<window>"
     EXAMPLE = "snapkv_4_32_256_16"
     observes = frozenset({"mass"})
     state = ("score",)
 
-    sinks: int
-    recent: int
-    budget: int
     window: int = DEFAULT_WINDOW
 
     def __post_init__(self):
-        check_sizes(self)
+        super().__post_init__()
         if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= self.budget:
             raise ValueError(f"snapkv: the observation window must be an int in [1, budget = {self.budget}], "
                              f"got {self.window!r}")
