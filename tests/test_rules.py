@@ -116,3 +116,18 @@ def test_the_attention_function_computes_only_what_the_rule_observes(monkeypatch
             model(token_ids(12), past_key_values=cache, use_cache=True)
         assert sorted(set(calls)) == expect, policy
     h2o.restore(model)
+
+
+def test_recommended_is_a_measured_rule_at_any_budget_and_a_name_everywhere():
+    from h2o.policies import recommendation as recommended
+    policy = h2o.recommended(256)
+    assert policy == h2o.parse("recommended_256") == h2o.policies.at_budget("recommended", 256)
+    assert policy.name == f"{recommended.RULE}_4_128_256_{recommended.GAMMA:g}"
+    assert policy.recent == recommended.RECENT_SHARE * 256 and policy.sinks == 4
+    assert "recommended" in h2o.policies.families()
+    assert h2o.resolve(["recommended_128"]) == [h2o.recommended(128).name]
+    for bad in (4, 16.0, True):
+        with pytest.raises(ValueError, match="budget must be an int >= 8"):
+            h2o.recommended(bad)
+    with pytest.raises(ValueError, match="does not apply"):
+        h2o.parse("recommended_256", score="sum")

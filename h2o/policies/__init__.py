@@ -15,6 +15,7 @@ What a policy observes, keeps and decides, and when, is the contract written in
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from .base import OBSERVATIONS, Observation, Policy, check_sizes, keep_indices
 
@@ -58,14 +59,17 @@ def families() -> list[str]:
     for name, cls in _REGISTRY.items():
         if cls.evicts:
             out += [name] + ([f"{name}_{rule}" for rule in SCORE_RULES] if cls.has_score else [])
-    return out
+    return out + ["recommended"]
 
 
 def at_budget(family: str, budget: int, score: str | None = None, recent: int | None = None) -> Policy:
     """The family's policy at `budget` tokens: 4 sinks, a recent window of `recent` tokens (default budget / 8;
-    StreamingLLM: the rest is its window); `score` is the scoring rule of a family that does not name one."""
+    StreamingLLM: the rest is its window); `score` is the scoring rule of a family that does not name one.
+    "recommended" is `h2o.recommended(budget)`, whose recent window is its own."""
     if family not in families():
         raise ValueError(f"unknown rule family {family!r}; choose from {', '.join(families())}")
+    if family == "recommended":
+        return recommended(budget)
     name, _, rule = family.partition("_")
     cls = _REGISTRY[name]
     policy = cls.sized(4, budget // 8 if recent is None else recent, budget)
@@ -88,6 +92,10 @@ def parse(spec: str | Policy, score: str | None = None) -> Policy:
             raise ValueError(f"policy {policy.name!r} has score rule {policy.score!r} but score={score!r} was given")
     elif not isinstance(spec, str):
         raise TypeError(f"policy must be a name or a policy object, got {type(spec).__name__}")
+    elif m := re.fullmatch(r"recommended_(\d+)", spec):
+        if score is not None:
+            raise ValueError(f"{spec!r} is the recommended policy with its own rule; score={score!r} does not apply")
+        return recommended(int(m[1]))
     else:
         policy = None
         for cls in _REGISTRY.values():
@@ -95,7 +103,8 @@ def parse(spec: str | Policy, score: str | None = None) -> Policy:
             if policy is not None:
                 break
         if policy is None:
-            grammars = "; ".join(f"'{g}' (e.g. '{e}')" for g, e in policy_names().items())
+            grammars = "; ".join([f"'{g}' (e.g. '{e}')" for g, e in policy_names().items()]
+                                 + ["'recommended_<budget>' (e.g. 'recommended_256': h2o.recommended(256))"])
             raise ValueError(f"unknown policy {spec!r}; expected one of: {grammars}")
     if score is not None and not type(policy).has_score:
         raise ValueError(f"score={score!r} only applies to H2O and the other rules with a scoring rule "
@@ -118,8 +127,9 @@ from .vatp import VATP  # noqa: E402
 from .knorm import KNorm  # noqa: E402
 from .keydiff import KeyDiff  # noqa: E402
 from .snapkv import SnapKV  # noqa: E402
+from .recommendation import recommended  # noqa: E402
 
 __all__ = ["Policy", "Observation", "OBSERVATIONS", "register_policy", "registered", "policy_names", "parse",
            "families", "at_budget",
-           "resolve", "keep_indices", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV",
+           "resolve", "keep_indices", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "recommended",
            "DEFAULT_SCORE", "SCORE_RULES"]
