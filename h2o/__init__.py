@@ -16,7 +16,7 @@ _EXPORTS = {
     "CompressedCache": "cache", "CompressedLayer": "cache", "UnobservedError": "cache",
     **{name: "policies" for name in (
         "parse", "resolve", "keep_indices", "register_policy", "policy_names", "Policy", "Observation",
-        "families", "at_budget", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "recommended",
+        "families", "at_budget", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "recommended",
         "DEFAULT_SCORE")},
 }
 __all__ = list(_EXPORTS)

@@ -20,7 +20,7 @@ import h2o
 from h2o.eval import bench, cli, data, models, stress, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICY_NAME = re.compile(r"\b(full|streaming_\d+_\d+|(?:h2o|vatp)_\d+_\d+_\d+(?:_mean|_sum)?|(?:tova|knorm|keydiff)_\d+_\d+_\d+"
+POLICY_NAME = re.compile(r"\b(full|streaming_\d+_\d+|(?:h2o|vatp)_\d+_\d+_\d+(?:_mean|_sum)?|(?:tova|knorm|keydiff|caote)_\d+_\d+_\d+|recommended_\d+"
                          r"|a2sf_\d+_\d+_\d+_[0-9.]+|snapkv_\d+_\d+_\d+_\d+)\b")
 
 

@@ -43,6 +43,10 @@ def naive_scores(rule: str, probs, keys, values):
         window = (torch.arange(T) >= T - 4).float()
         pooled = (g * window.view(1, 1, 1, T, 1)).sum(dim=(2, 3))
         return F.avg_pool1d(pooled.reshape(-1, 1, T), 5, stride=1, padding=2, count_include_pad=False).view_as(pooled)
+    if rule == "caote":
+        a = g[:, :, :, -1].mean(dim=2)  # [B, Hkv, T]
+        out = (a.unsqueeze(-1) * values).sum(dim=-2, keepdim=True)
+        return a / (1 - a) * (values - out).norm(dim=-1)
     if rule == "keydiff":
         unit = F.normalize(keys, dim=-1)
         return -(unit * F.normalize(unit.mean(dim=-2, keepdim=True), dim=-1)).sum(-1)
@@ -53,7 +57,7 @@ CASES = {"h2o_sum": f"h2o_{SINKS}_{RECENT}_{BUDGET}_sum", "h2o_mean": f"h2o_{SIN
          "tova": f"tova_{SINKS}_{RECENT}_{BUDGET}", "a2sf": f"a2sf_{SINKS}_{RECENT}_{BUDGET}_0.9",
          "vatp_sum": f"vatp_{SINKS}_{RECENT}_{BUDGET}_sum", "vatp_mean": f"vatp_{SINKS}_{RECENT}_{BUDGET}_mean",
          "knorm": f"knorm_{SINKS}_{RECENT}_{BUDGET}", "keydiff": f"keydiff_{SINKS}_{RECENT}_{BUDGET}",
-         "snapkv": f"snapkv_{SINKS}_{RECENT}_{BUDGET}_4"}
+         "snapkv": f"snapkv_{SINKS}_{RECENT}_{BUDGET}_4", "caote": f"caote_{SINKS}_{RECENT}_{BUDGET}"}
 
 
 def test_every_registered_rule_has_a_naive_reference():

@@ -61,6 +61,10 @@ policy families and budgets):
   snapkv_<sinks>_<recent>_<budget>_<window>
                                 SnapKV: prompt keys by the attention of the last <window> prompt
                                 queries (question-aware), then H2O's sum, e.g. snapkv_4_32_256_16
+  caote_<sinks>_<recent>_<budget>
+                                CAOTE: keep the tokens whose eviction would move the newest
+                                query's attention output most, e.g. caote_4_32_256
+  recommended_<budget>          h2o.recommended(budget): the measured choice, e.g. recommended_256
   a policy registered with h2o.register_policy parses the same way (h2o.policy_names() lists all)
   names that spell the same policy (h2o_4_32_256, h2o_4_32_256_mean) are merged and run once"""
 
