@@ -322,3 +322,14 @@ def test_sweep_on_several_texts_reports_the_gap_closed(tmp_path):
         gap = next(float(r["gap_closed"]) for r in rows if r["text"] == text and r["policy"] == "tova_4_2_16")
         assert gap == pytest.approx((s - t) / (s - f))
     assert (out / "sweep_ppl.png").stat().st_size > 10_000
+
+
+def test_sweep_merges_families_that_give_the_same_policy_and_rows_say_how(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert h2o_cli("sweep", "--model", NEOX, "--parts", "ppl", "--rules", "streaming", "h2o", "h2o_mean",
+                   "--budgets", 16, "--ppl-tokens", 48, "--chunk", 4, "--buffer", 0, "--out", out) == 0
+    rows = read_csv(out / "sweep_ppl.csv")
+    assert [r["policy"] for r in rows] == ["full", "streaming_4_12", "h2o_4_2_16_mean"]
+    assert "give the same policy h2o_4_2_16_mean: it runs once" in capsys.readouterr().out
+    assert {(r["ppl_mode"], r["ppl_tokens"], r["positions"], r["buffer"]) for r in rows} == {
+        ("chunked, 4 tokens per forward", "48", "original", "0")}

@@ -202,6 +202,8 @@ def run(session, plan) -> int:
     _check_eviction(runs)
 
     notes = _notes(session, source, runs, rows, context, mem_kind, tokenizer is None)
+    for row in rows:  # every row says how it was measured
+        row.update(chunk=args.chunk, decode_steps=steps, positions=args.positions, buffer=args.buffer)
     session.write_csv("stress.csv", rows)
     session.write_json("stress.json", policies=policies, lengths=lengths, text=source, memory_kind=mem_kind,
                        trained_context=context, rows=rows, notes=notes)

@@ -24,7 +24,7 @@ import h2o
 from h2o.policies import at_budget, families, resolve
 
 from . import data, report
-from .command import add_text_options, load_text
+from .command import add_text_options, load_text, unique_policies
 from .memory import PeakMemory
 from .ppl import check_eviction_in_force, token_losses
 from .speed import measure_speed
@@ -112,6 +112,10 @@ def check(args) -> dict:
                              f"({args.throughput_budget} + {args.buffer}): the compressed caches would not evict")
     if not 0 <= args.recent_share < 1:
         raise ValueError(f"--recent-share must lie in [0, 1), got {args.recent_share}")
+    # families that give the same policy (h2o and h2o_mean, with the default rule) are merged, with a note
+    at_first = [policy_name(f, budgets[0], args.score, args.recent_share) for f in families]
+    families = [f for f, p in zip(families, at_first) if p in unique_policies(families, at_first)
+                and at_first.index(p) == families.index(f)]
     ppl_policies = [policy_name(f, b, args.score, args.recent_share) for b in budgets for f in families]
     speed_policies = ["full"] + [policy_name(f, args.throughput_budget, args.score, args.recent_share) for f in families]
     resolve(ppl_policies + speed_policies)  # every name parses
@@ -208,6 +212,9 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
     finally:
         h2o.restore(model)
     _gap_closed(rows)
+    mode = "token by token" if args.chunk == 1 else f"chunked, {args.chunk} tokens per forward"
+    for r in rows:  # every row says how it was measured
+        r.update(ppl_mode=mode, ppl_tokens=args.ppl_tokens, positions=args.positions, buffer=args.buffer)
     if args.passkey_cases:
         from .tasks import passkey_kept
         texts = plan["texts"] or {"text": plan["text"]}
@@ -219,7 +226,6 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
                                  else f"{k['policy_solved']}/{k['full_solved']}")
             r["passkey_kept_share"] = k["kept_share"]
         notes.append(note)
-    mode = "token by token" if args.chunk == 1 else f"chunked, {args.chunk} tokens per forward"
     return rows, f"PPL on {source}, {mode}, BOS {'on' if args.bos else 'off'}"
 
 
