@@ -4,7 +4,7 @@ Peak memory is CUDA's peak allocated bytes, or on CPU the process's peak residen
 run (model weights included; `baseline_bytes` is what was held before it). The cache's bytes are
 asserted exactly: the keys and values of the tokens each layer keeps under the lazy-eviction
 schedule, plus, for evicting policies, the per-slot bookkeeping (arrival index int64 per row and
-KV head, H2O's float32 score per row and KV head, a validity byte per row) and an int64 padding
+KV head, each float32 state tensor of the policy (H2O: its score) per row and KV head, a validity byte per row) and an int64 padding
 count per row.
 """
 
@@ -50,7 +50,7 @@ def test_memory(benchmark, bench, speed_model, prompt_ids, case):
     seen = context + steps
     kept = kept_after(policy, buffer, [context] + [1] * steps)
     if policy.evicts:
-        per_slot = kv_per_token + rows * heads * (8 + (4 if policy.needs_scores else 0)) + rows
+        per_slot = kv_per_token + rows * heads * (8 + 4 * len(policy.state)) + rows  # times int64, state float32
         expected = layers * (kept * per_slot + rows * 8)
     else:
         expected = layers * kept * kv_per_token

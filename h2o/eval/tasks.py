@@ -217,18 +217,31 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
     return out, notes
 
 
-def check_passkey(policies: list[str], length: int, buffer: int, model: str, positions: str) -> None:
-    """The passkey column of bench and sweep: every budget must leave something to compress, and the prompt
-    must fit the model's trained context with original positions (errors before the model loads)."""
-    for p in policies:
-        policy = parse(p)
+def check_budgets(policies: list[str], length: int, buffer: int, prompt: str, hint: str) -> None:
+    """Before the model loads: every policy's budget + buffer leaves something of a `length`-token prompt to
+    compress (prompts are within 5% of the asked length, and the prefill must outgrow budget + buffer to evict)."""
+    for name in policies:
+        policy = parse(name)
         if policy.evicts and policy.budget + buffer >= 0.95 * length - 1:
-            raise ValueError(f"{p}: budget + buffer ({policy.budget} + {buffer}) holds the whole {length}-token "
-                             "passkey prompt, so nothing would be compressed; raise --passkey-length")
+            raise ValueError(f"{name}: budget + buffer ({policy.budget} + {buffer}) holds the whole {length}-token "
+                             f"{prompt}, so nothing would be compressed; {hint}")
+
+
+def check_context(model: str, positions: str, length: int, new_tokens: int, prompt: str) -> None:
+    """Before the model loads: with original positions, a `length`-token prompt plus the answer fits the model's
+    trained context."""
+    if positions != "original":
+        return
     trained = getattr(models.load_config(model), "max_position_embeddings", None)
-    if positions == "original" and trained and length + retrieval.MAX_NEW_TOKENS["passkey"] > trained:
-        raise ValueError(f"--passkey-length {length} passes the model's trained context of {trained} with "
-                         "positions 'original'")
+    if trained and length + new_tokens > trained:
+        raise ValueError(f"{prompt}s of {length} tokens plus the answer pass the model's trained context of "
+                         f"{trained} with positions 'original'; use --positions reindex or shorter prompts")
+
+
+def check_passkey(policies: list[str], length: int, buffer: int, model: str, positions: str) -> None:
+    """The passkey column of bench and sweep: something to compress, and inside the trained context."""
+    check_budgets(policies, length, buffer, "passkey prompt", "raise --passkey-length")
+    check_context(model, positions, length, retrieval.MAX_NEW_TOKENS["passkey"], "passkey prompt")
 
 
 def passkey_kept(session, policies: list[str], haystacks: dict[str, str], n: int, length: int) -> tuple[dict, str]:
@@ -298,22 +311,11 @@ def check(args) -> dict:
     variant_list = variants(args.policies, args.budgets, None if args.budgets else args.budget_ratio, args.score)
     if not variant_list:
         raise ValueError("no policy to compare with the full cache: give --policies")
-    shortest = min(args.lengths)
-    for v in variant_list:
-        budget = parse(v.policy(shortest, args.score)).budget
-        # the prompt is within 5% of the asked length; the prefill must outgrow budget + buffer to evict
-        if budget + args.buffer >= 0.95 * shortest - 1:
-            raise ValueError(f"{v.policy(shortest, args.score)}: budget {budget} + buffer {args.buffer} holds the whole "
-                             f"{shortest}-token prompt, so nothing would be compressed; use longer --lengths, "
-                             "a smaller budget or --buffer")
     lengths = sorted(set(args.lengths))
-    if args.positions == "original":
-        config = models.load_config(args.model)
-        trained = getattr(config, "max_position_embeddings", None)
-        longest = max(lengths) + max(retrieval.MAX_NEW_TOKENS[t] for t in args.tasks)
-        if trained and longest > trained:
-            raise ValueError(f"--lengths up to {max(lengths)} plus the answer pass the model's trained context of "
-                             f"{trained} with positions 'original'; use --positions reindex or shorter --lengths")
+    check_budgets([v.policy(lengths[0], args.score) for v in variant_list], lengths[0], args.buffer, "prompt",
+                  "use longer --lengths, a smaller budget or --buffer")
+    check_context(args.model, args.positions, lengths[-1], max(retrieval.MAX_NEW_TOKENS[t] for t in args.tasks),
+                  "prompt")
     if args.text_file:
         haystacks = {"file": data.load_text_file(args.text_file)[0]}
     else:

@@ -84,11 +84,6 @@ class Policy:
     def name(self) -> str:
         raise NotImplementedError
 
-    @property
-    def needs_scores(self) -> bool:
-        """Whether the attention function must compute anything for this policy."""
-        return bool(self.observes)
-
     def query_weights(self, q: int, device) -> torch.Tensor | None:
         """Weights of the q new queries in `mass` (None: every query counts 1)."""
         return None
