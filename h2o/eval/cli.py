@@ -1,4 +1,4 @@
-"""The `h2o` command: bench (the results table), tasks, stress, sweep, heatmap.
+"""The `h2o` command: bench (the results table), tasks, stress, sweep, heatmap, perf.
 
 Each command is a module on the skeleton of `h2o.eval.command`; this file only wires them up:
 it checks that the `[eval]` extras are installed (before anything else is imported), builds the
@@ -24,6 +24,7 @@ HELPS = {
     "stress": "long-context stress test: TPOT, memory and segment PPL per policy from 1k to 16k tokens",
     "sweep": "PPL vs cache budget per policy family, and decode throughput vs batch size until memory runs out",
     "heatmap": "attention heatmaps (log scale) of chosen layers over a short text: sinks and heavy hitters",
+    "perf": "bookkeeping cost: decode-step and prefill time ratios against their floors, KV bytes vs tokens",
 }
 COMMANDS = tuple(HELPS)
 DESCRIPTION = "KV-cache compression benchmarks (StreamingLLM, H2O)"
@@ -79,6 +80,7 @@ EXAMPLES = {
     "sweep": ["h2o sweep --parts ppl --budgets 64 128 256",
               "h2o sweep --parts throughput --model random:pythia-410m"],
     "heatmap": ["h2o heatmap --layers 0 -1 --tokens 96"],
+    "perf": ["h2o perf", "h2o perf --steps 32 --rounds 3 --kv-lengths 1024 4096"],
 }
 
 
