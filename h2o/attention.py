@@ -7,11 +7,16 @@ the layer that just ran `update` is one of ours, the wrapper (the contract is wr
 `h2o.policies.base`)
 
 1. lets the layer prepare: padding of the new tokens, reindex rotation, the mask over kept slots;
-2. runs the stock attention with that mask (exact, not approximated);
-3. computes only what the layer's policy observes (summed mass, the newest query's row, query
-   counts), in float32, query-blocked so a long prefill never materialises the whole
-   [heads, q, k] matrix;
-4. hands the observation to the layer, which updates the policy's state and evicts.
+2. computes the attention output and only what the layer's policy observes (summed mass, the newest
+   query's row, query counts), the probabilities in float32:
+   - under sdpa, for a rule that observes attention, in one pass (`fused_attention`): per block of
+     queries, the logits, the probabilities, the output and the mass each key received, so QK^T is
+     computed once (query-blocked, so a long prefill never materialises the whole [heads, q, k]
+     matrix; each block reads only the keys its queries can see);
+   - otherwise (eager, a rule that observes no attention, or an attention call with options the
+     one-pass path does not reproduce: dropout, softcapping, position bias), the stock attention
+     with the exact mask, then the observations in a second, equally blocked pass;
+3. hands the observation to the layer, which updates the policy's state and evicts.
 
 Any other call (no compressed layer, e.g. a `full` cache) passes straight through.
 """
@@ -95,6 +100,63 @@ def query_counts(key, mask, q, query_valid):
     return m.sum(dim=1, dtype=torch.float32).unsqueeze(1)
 
 
+def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=frozenset(), query_weights=None,
+                    block_elements=SCORE_BLOCK_ELEMENTS):
+    """Attention output and observations in one pass over the keys: (output [B, q, Hq, Dv] laid out as
+    sdpa_attention_forward returns it, mass or None, last or None).
+
+    Per block of queries: logits = q k^T (float32), probabilities = softmax (float32), output =
+    probabilities @ v (in the model dtype, as eager attention), and, from the same probabilities, the mass
+    each key received (`attention_mass`'s definition) and the newest query's row (`last_query_row`'s).
+    Equal to SDPA within floating-point tolerance; no second QK^T.
+    """
+    b, hq, q, d = query.shape
+    hkv, length, dv = key.shape[1], key.shape[2], value.shape[-1]
+    groups = hq // hkv
+    half = key.dtype != torch.float32
+    grouped = query.view(b, hkv, groups, q, d)
+    keys_t = (key.to(torch.float32) if half else key).transpose(-1, -2)  # [B, Hkv, D, L]
+    mass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device) if "mass" in wants else None
+    last = None
+    out = None if q == 1 else query.new_empty(b, hkv, groups, q, dv)
+    step = max(1, block_elements // max(1, b * hq * length))
+    for start in range(0, q, step):
+        stop = min(q, start + step)
+        n, visible = stop - start, length - q + stop  # later keys are in every query's future
+        block = grouped[:, :, :, start:stop].reshape(b, hkv, groups * n, d)
+        logits = torch.matmul(block.to(torch.float32) if half else block, keys_t[..., :visible])
+        logits = logits.view(b, hkv, groups, n, visible).mul_(scaling)
+        if mask is not None:
+            logits.masked_fill_(~mask[:, :, start:stop, :visible].unsqueeze(2), -torch.inf)
+        elif n > 1:
+            rows = torch.arange(start, stop, device=key.device).unsqueeze(-1) + (length - q)
+            logits.masked_fill_(torch.arange(visible, device=key.device) > rows, -torch.inf)
+        probs = logits.softmax(dim=-1)
+        block_out = torch.matmul(probs.view(b, hkv, groups * n, visible).to(value.dtype), value[:, :, :visible])
+        if out is None:
+            out = block_out.view(b, hkv, groups, n, dv)
+        else:
+            out[:, :, :, start:stop] = block_out.view(b, hkv, groups, n, dv)
+        if "last" in wants and stop == q:  # the newest query sees every kept key (visible == length)
+            last = probs[:, :, :, -1].mean(dim=2)
+        if mass is not None:
+            if query_valid is not None:
+                probs = probs * query_valid[:, None, None, start:stop, None]
+            if query_weights is not None:
+                probs = probs * query_weights[start:stop].to(probs.device, torch.float32).view(1, 1, 1, -1, 1)
+            mass[..., :visible] += probs.sum(dim=(2, 3))
+    return out.reshape(b, hq, q, dv).transpose(1, 2).contiguous(), mass, last
+
+
+def fusable(inner, module, kwargs) -> bool:
+    """Whether the one-pass path computes what the stock attention would for this call: sdpa, no dropout,
+    and none of the options it does not reproduce (softcapping, position bias, attention sinks, weights)."""
+    return (inner is sdpa_attention_forward and not (module.training and kwargs.get("dropout"))
+            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+            and kwargs.get("cache") is None and not kwargs.get("output_attentions")
+            and not {"s_aux", "sinks"} & kwargs.keys())
+
+
 def observe(policy, query, key, mask, scaling, query_valid) -> Observation:
     """Exactly the observations `policy.observes` asks for (nothing else is computed)."""
     wants = policy.observes
@@ -123,9 +185,18 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
         return inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     query, mask, new_valid = layer.prepare(query, attention_mask, kwargs.get("position_ids"),
                                            causal_by_default=inner is sdpa_attention_forward)
-    out = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    layer.observe(observe(layer.policy, query, key, mask, scale, new_valid))
+    policy = layer.policy
+    wants = policy.observes
+    if wants & {"mass", "last"} and fusable(inner, module, kwargs):
+        q = query.shape[-2]
+        out, mass, last = fused_attention(query, key, value, mask, scale, new_valid, wants,
+                                          policy.query_weights(q, key.device) if "mass" in wants else None)
+        count = query_counts(key, mask, q, new_valid) if "count" in wants else None
+        layer.observe(Observation(queries=q, mass=mass, last=last, count=count))
+        return out, None
+    out = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
+    layer.observe(observe(policy, query, key, mask, scale, new_valid))
     return out
 
 

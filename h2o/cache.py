@@ -37,7 +37,16 @@ class UnobservedError(RuntimeError):
 
 
 class CompressedLayer(DynamicLayer):
-    """One layer's kept tokens under an evicting policy."""
+    """One layer's kept tokens under an evicting policy, in preallocated storage written in place.
+
+    Every per-slot tensor (keys, values, times, validity, the half-precision `pre_keys` and each state
+    tensor) lives in one buffer of `capacity` slots; `keys`, `values`, `times`, `valid`, `pre_keys` and
+    `state` are views of the first `length` (the kept tokens). New tokens are written into the next
+    slots; an eviction gathers the kept slots to the front of the same buffers. The capacity grows
+    geometrically up to budget + buffer + q for a forward of q tokens, and an eviction sets it to budget +
+    buffer + q (a chunk of at most budget + buffer tokens; + 1 after a longer forward, a prefill), so
+    decoding, or feeding equal chunks, runs in the same buffers from then on.
+    """
 
     is_croppable = False
 
@@ -45,13 +54,17 @@ class CompressedLayer(DynamicLayer):
         super().__init__()
         self.policy, self.buffer, self.reindex, self.rope = policy, buffer, reindex, rope
         self.is_initialized = False  # not set by the 4.56 base class
+        self._zero_state = type(policy).initial_state is Policy.initial_state
         self._clear()
 
     def _clear(self) -> None:
         self.seen = 0  # tokens seen, padding included: the next token's arrival index
+        self.length = self.capacity = 0  # slots filled, slots allocated
+        self.last_forward = 0  # tokens of the latest update
+        self.storage: dict[str, torch.Tensor] = {}  # name -> buffer over `capacity` slots
         self.times = self.valid = self.pads = self.pre_keys = None
         self.state: dict[str, torch.Tensor] = {}
-        self.has_padding = False  # any kept slot is padding (a host-side flag: no per-step sync)
+        self.has_padding = False  # any kept slot may be padding (a host-side flag: no per-step sync)
         self.unobserved = False  # updated, and its attention has not observed it yet
 
     @property
@@ -62,16 +75,35 @@ class CompressedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor = None) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        self.keys = key_states.new_empty(b, h, 0, d)
-        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
-        self.times = torch.empty(b, h, 0, dtype=torch.long, device=self.device)
-        self.valid = torch.empty(b, 0, dtype=torch.bool, device=self.device)
-        self.pads = torch.zeros(b, dtype=torch.long, device=self.device)
-        self.state = {name: torch.empty(b, h, 0, dtype=torch.float32, device=self.device)
-                      for name in self.policy.state}
+        self._shapes = {  # name -> (shape with the slot axis as None, dtype); the slot axis is -1 or -2
+            "keys": ((b, h, None, d), key_states.dtype), "values": ((b, h, None, value_states.shape[-1]), value_states.dtype),
+            "times": ((b, h, None), torch.long), "valid": ((b, None), torch.bool),
+            **{f"state.{name}": ((b, h, None), torch.float32) for name in self.policy.state},
+        }
         if self.reindex and self.dtype in (torch.float16, torch.bfloat16):
-            self.pre_keys = key_states.new_empty(b, h, 0, d)
+            self._shapes["pre_keys"] = self._shapes["keys"]
+        self.pads = torch.zeros(b, dtype=torch.long, device=self.device)
+        self._allocate(0)
         self.is_initialized = True
+
+    def _allocate(self, capacity: int) -> dict[str, torch.Tensor]:
+        """Fresh buffers of `capacity` slots holding the current first `length` slots; returns the old ones."""
+        old = self.storage
+        self.storage = {}
+        for name, (shape, dtype) in self._shapes.items():
+            buf = torch.empty(tuple(capacity if n is None else n for n in shape), dtype=dtype, device=self.device)
+            if old and self.length:
+                _slots(buf, 0, self.length).copy_(_slots(old[name], 0, self.length))
+            self.storage[name] = buf
+        self.capacity = capacity
+        return old
+
+    def _view(self) -> None:
+        """Point keys, values, times, valid, pre_keys and state at the first `length` slots."""
+        views = {name: _slots(buf, 0, self.length) for name, buf in self.storage.items()}
+        self.keys, self.values, self.times, self.valid = views["keys"], views["values"], views["times"], views["valid"]
+        self.pre_keys = views.get("pre_keys")
+        self.state = {name: views[f"state.{name}"] for name in self.policy.state}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.unobserved:
@@ -82,17 +114,26 @@ class CompressedLayer(DynamicLayer):
                 "cache with h2o.make_cache(model, ...) for the model you run.")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        b, h, q, _ = key_states.shape
-        arrival = torch.arange(self.seen, self.seen + q, device=self.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        if self.pre_keys is not None:  # filled in by `reposition`
-            self.pre_keys = torch.cat([self.pre_keys, key_states], dim=-2)
-        self.times = torch.cat([self.times, arrival.expand(b, h, q)], dim=-1)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(b, q)], dim=-1)
-        if self.state:
-            new = self.policy.initial_state(key_states, value_states)
-            self.state = {name: torch.cat([t, new[name]], dim=-1) for name, t in self.state.items()}
+        q = key_states.shape[-2]
+        start, stop = self.length, self.length + q
+        if stop > self.capacity:  # geometric growth, up to budget + buffer + q
+            self._allocate(max(stop, min(self.policy.budget + self.buffer + q, 2 * self.capacity)))
+        s = self.storage
+        s["keys"][:, :, start:stop].copy_(key_states)  # pre_keys' new slots are written by `reposition`
+        s["values"][:, :, start:stop].copy_(value_states)
+        if q == 1:
+            s["times"][..., start].fill_(self.seen)
+        else:
+            s["times"][..., start:stop].copy_(torch.arange(self.seen, self.seen + q, device=self.device))
+        s["valid"][:, start:stop].fill_(True)
+        if self._zero_state:
+            for name in self.policy.state:
+                s[f"state.{name}"][..., start:stop].zero_()
+        elif self.policy.state:
+            for name, value in self.policy.initial_state(key_states, value_states).items():
+                s[f"state.{name}"][..., start:stop].copy_(value)
+        self.length, self.last_forward = stop, q
+        self._view()
         self.seen += q
         self.unobserved = True
         _pending.layer = self
@@ -117,16 +158,24 @@ class CompressedLayer(DynamicLayer):
     def observe(self, observation: Observation) -> bool:
         """After attention: the policy updates its state from what attention saw, then the layer evicts
         if it holds more than budget + buffer tokens. Returns whether it evicted."""
+        views = tuple(self.state.values())
         self.policy.update(self.state, observation, self.seen)
+        if any(a is not b for a, b in zip(views, self.state.values(), strict=True)):
+            raise TypeError(f"{type(self.policy).__name__}.update must update its state tensors in place "
+                            "(state['x'] += ..., .copy_(...)), not replace them: the cache's storage holds them")
         self.unobserved = False
         return self.evict_if_needed()
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
-        """Record which of the tokens just appended are (left) padding: new_valid [B, q]."""
+        """Record which of the tokens just appended are (left) padding: new_valid [B, q].
+
+        A forward of several tokens (a prefill, a chunk) reads whether any is padding (one host sync). A
+        one-token step does not: the stock mask comes only where padding may be (sdpa skips it for an
+        all-real batch), so the layer then assumes padding, which costs masks but changes no result."""
         q = new_valid.shape[-1]
         self.valid[:, -q:] = new_valid
         self.pads += (~new_valid).sum(-1)
-        self.has_padding = self.has_padding or not bool(new_valid.all())
+        self.has_padding = self.has_padding or q == 1 or not bool(new_valid.all())
 
     def reposition(self, query: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         """reindex mode: move the new keys and the queries from the model's positions to their slots."""
@@ -158,27 +207,39 @@ class CompressedLayer(DynamicLayer):
         return mask | own
 
     def evict_if_needed(self) -> bool:
-        if self.keys.shape[-2] <= self.policy.budget + self.buffer:
+        """Cut back to the budget if over budget + buffer: one gather moves every per-slot tensor to the front
+        of its buffer (or of a fresh, smaller one, after a larger forward). Without padding nothing
+        here reads a value back to the host."""
+        budget = self.policy.budget
+        if self.length <= budget + self.buffer:
             return False
         idx, kept = keep_indices(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.buffer,
-                                 keys=self.keys, values=self.values)
-        gather = lambda t: t.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
-        self.values = gather(self.values)
-        self.times = self.times.gather(2, idx)
-        self.state = {name: t.gather(2, idx) for name, t in self.state.items()}
-        self.valid = kept
-        self.has_padding = not bool(kept.all())
-        slots = torch.arange(idx.shape[-1], device=self.device)
-        if self.pre_keys is not None:
+                                 keys=self.keys, values=self.values, width=budget if not self.has_padding else None)
+        n = idx.shape[-1]
+        moved = {name: _gather(_slots(buf, 0, self.length), idx) for name, buf in self.storage.items()
+                 if name not in ("keys", "valid")}
+        moved["valid"] = kept
+        if "pre_keys" in moved:
             # half precision: rotate each kept key from its pre-RoPE copy straight to its new slot, so its error
             # stays at two roundings however many evictions it lives through (re-rotating the stored, rounded
             # key by each shift would add one rounding per eviction)
-            self.pre_keys = gather(self.pre_keys)
-            self.keys = rope_ops.rotate(self.pre_keys, slots.view(1, 1, -1), *self.rope)
+            moved["keys"] = rope_ops.rotate(moved["pre_keys"], torch.arange(n, device=self.device).view(1, 1, -1),
+                                            *self.rope)
         else:
-            self.keys = gather(self.keys)
+            moved["keys"] = _gather(self.keys, idx)
             if self.reindex:  # float32: one rotation by the shift adds ~1e-7 relative error per eviction
-                self.keys = rope_ops.rotate(self.keys, slots - idx, *self.rope)
+                moved["keys"] = rope_ops.rotate(moved["keys"], torch.arange(n, device=self.device) - idx, *self.rope)
+        self.length = 0
+        # back to budget + buffer + this forward's tokens (a chunk), or + 1 after a longer forward (a prefill)
+        chunk = self.last_forward if self.last_forward <= budget + self.buffer else 1
+        if self.capacity > budget + self.buffer + chunk:
+            self._allocate(budget + self.buffer + chunk)
+        for name, tensor in moved.items():
+            _slots(self.storage[name], 0, n).copy_(tensor)
+        self.length = n
+        self._view()
+        if self.has_padding:
+            self.has_padding = not bool(kept.all())
         return True
 
     # --- transformers' layer interface ------------------------------------------------------
@@ -190,8 +251,7 @@ class CompressedLayer(DynamicLayer):
     def get_mask_sizes(self, query) -> tuple[int, int]:
         # transformers 5.x passes the query length, 4.5x the cache_position tensor.
         q = query if isinstance(query, int) else query.shape[0]
-        kept = self.keys.shape[-2] if self.is_initialized else 0
-        return kept + q, self.seen - kept
+        return self.length + q, self.seen - self.length
 
     def get_max_length(self) -> int:
         return -1
@@ -205,18 +265,15 @@ class CompressedLayer(DynamicLayer):
         raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
 
     def slot_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor the layer holds (keys, values, bookkeeping and state), by name."""
-        named = {"keys": self.keys, "values": self.values, "times": self.times, "valid": self.valid, "pads": self.pads,
-                 "pre_keys": self.pre_keys}
-        named.update({f"state.{k}": v for k, v in self.state.items()})
-        return {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+        """Every tensor the layer holds, by name: the buffers at their full capacity, and `pads`."""
+        return {**self.storage, "pads": self.pads} if self.is_initialized else {}
 
     def _select_rows(self, index: torch.Tensor) -> None:
-        for name in ("keys", "values", "times", "valid", "pads", "pre_keys"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
-        self.state = {k: v.index_select(0, index.to(v.device)) for k, v in self.state.items()}
+        index = index.to(self.device)
+        self.storage = {name: buf.index_select(0, index) for name, buf in self.storage.items()}
+        self.pads = self.pads.index_select(0, index)
+        self._shapes = {name: ((len(index), *shape[1:]), dtype) for name, (shape, dtype) in self._shapes.items()}
+        self._view()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -230,6 +287,18 @@ class CompressedLayer(DynamicLayer):
         if self.is_initialized:
             rows = self.keys.shape[0]
             self._select_rows(torch.arange(rows, device=self.device).repeat_interleave(repeats))
+
+
+def _slots(buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Slots start..stop of a buffer (the slot axis: -2 for keys and values, -1 for the others)."""
+    return buf[:, :, start:stop] if buf.dim() == 4 else buf[..., start:stop]
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Slots idx [B, H, n] of t [B, H, L(, D)]."""
+    if t.dim() == 4:
+        return t.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
+    return t.gather(2, idx)
 
 
 class CompressedCache(Cache):
@@ -249,11 +318,13 @@ class CompressedCache(Cache):
 
     def kept_lengths(self) -> list[int]:
         """Tokens each layer holds now."""
-        return [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
+        return [layer.length if isinstance(layer, CompressedLayer) else
+                layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
                 for layer in self.layers]
 
     def kv_bytes(self) -> int:
-        """Exact bytes held by the cache: keys, values and the per-slot bookkeeping."""
+        """Exact bytes held by the cache: keys, values and the per-slot bookkeeping (a compressed layer's
+        buffers at their allocated capacity, not only the filled slots)."""
         total = 0
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):

@@ -35,8 +35,18 @@ def test_cache_layers_hold_exactly_the_kept_tokens():
     assert [layer.values.shape[-2] for layer in cache.layers] == [8, 8]
     assert cache.get_seq_length() == 30
     assert cache.layers[0].times[0, 0].tolist() == [0, 1, 24, 25, 26, 27, 28, 29]
-    per_layer = 2 * 1 * 2 * 8 * 16 * 4 + 1 * 2 * 8 * 8 + 8 + 8  # k+v fp32, times int64, valid, pads
-    assert cache.kv_bytes() == 2 * per_layer
+    # preallocated: every per-slot tensor holds budget + buffer + 1 slots (the kept 8, the lazy buffer, one
+    # decode token), written in place from then on
+    capacity = 8 + 4 + 1
+    assert [layer.capacity for layer in cache.layers] == [capacity, capacity]
+    per_slot = 2 * 1 * 2 * 16 * 4 + 1 * 2 * 8 + 1  # k+v fp32, times int64, valid bool
+    assert cache.kv_bytes() == 2 * (capacity * per_slot + 8)  # + pads int64
+    storage = cache.layers[0].keys.untyped_storage().data_ptr()
+    with torch.no_grad():
+        for t in range(6):  # 8 -> 12 kept, 13 evicts back to 8, then 9: no new buffer
+            model(token_ids(1, seed=t), past_key_values=cache, use_cache=True)
+            assert cache.layers[0].keys.untyped_storage().data_ptr() == storage
+    assert cache.kept_lengths() == [9, 9] and cache.kv_bytes() == 2 * (capacity * per_slot + 8)
 
 
 def test_score_option_selects_rule():

@@ -104,20 +104,30 @@ def test_bad_rule_parameters_are_refused(make, message):
         make()
 
 
-def test_the_attention_function_computes_only_what_the_rule_observes(monkeypatch):
-    """knorm and keydiff observe nothing: no attention scores are computed for them."""
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_attention_function_computes_only_what_the_rule_observes(monkeypatch, attn):
+    """knorm and keydiff observe nothing: no attention scores are computed for them. Under sdpa a rule that
+    observes attention gets it from the one-pass attention (asked for exactly its observations); under eager,
+    from the stock attention plus the scoring pass."""
     from h2o import attention
     calls = []
-    for name in ("attention_mass", "last_query_row", "query_counts"):
+    for name in ("attention_mass", "last_query_row", "query_counts", "fused_attention"):
         real = getattr(attention, name)
-        monkeypatch.setattr(attention, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
-    model = tiny_model("llama")
-    for policy, expect in [("knorm_2_2_8", []), ("keydiff_2_2_8", []), ("tova_2_2_8", ["last_query_row"]),
-                           ("h2o_2_2_8", ["attention_mass"])]:
+
+        def spy(*a, _r=real, _n=name, **k):
+            calls.append(_n if _n != "fused_attention" else f"fused:{'+'.join(sorted(a[6] if len(a) > 6 else k['wants']))}")
+            return _r(*a, **k)
+        monkeypatch.setattr(attention, name, spy)
+    model = tiny_model("llama", attn)
+    one_pass = attn == "sdpa"
+    for policy, expect in [("knorm_2_2_8", []), ("keydiff_2_2_8", []),
+                           ("tova_2_2_8", ["fused:last"] if one_pass else ["last_query_row"]),
+                           ("h2o_2_2_8", ["fused:mass"] if one_pass else ["attention_mass"])]:
         calls.clear()
         cache = h2o.make_cache(model, policy, buffer=0)
         with torch.no_grad():
             model(token_ids(12), past_key_values=cache, use_cache=True)
+            model(token_ids(1), past_key_values=cache, use_cache=True)
         assert sorted(set(calls)) == expect, policy
     h2o.restore(model)
 

@@ -151,6 +151,7 @@ def keep_indices(
     buffer: int = 0,
     keys: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots to keep after an eviction, per row and head: (idx [B, H, n], kept [B, n]).
 
@@ -165,6 +166,9 @@ def keep_indices(
         if it ran alone: a row holding more than budget + buffer is cut to `budget`, any other row
         keeps all its tokens and only sheds padding.
     keys, values: [B, H, L, D] the slots' keys and values, for rules that rank by them.
+    width: the result's n where the caller knows it: the budget, when no slot is padding and the layer
+        holds more than budget + buffer (every row evicts). None reads it from the rows' counts, the
+        one value this function reads back to the host.
 
     Within an evicting row, sinks (its first `sinks` real tokens) and its `recent` newest tokens are
     always kept and the rest is ranked by `policy.rank`. Rows keep different numbers of tokens,
@@ -180,7 +184,7 @@ def keep_indices(
         state = dict(zip(policy.state, [state]))
     real = valid.sum(-1)
     target = torch.where(real > budget + buffer, torch.full_like(real, budget), real)
-    n = int(target.max())
+    n = int(target.max()) if width is None else width
     since_first = times - first_real.view(-1, 1, 1)
     protected = (since_first < policy.sinks) | (times >= seen - policy.recent)
     protected |= (target == real).view(-1, 1, 1)  # rows that do not evict keep every token
