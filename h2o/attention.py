@@ -114,29 +114,31 @@ def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=fr
     hkv, length, dv = key.shape[1], key.shape[2], value.shape[-1]
     groups = hq // hkv
     half = key.dtype != torch.float32
+    if q == 1:
+        return _decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half)
     grouped = query.view(b, hkv, groups, q, d)
     keys_t = (key.to(torch.float32) if half else key).transpose(-1, -2)  # [B, Hkv, D, L]
     mass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device) if "mass" in wants else None
     last = None
-    out = None if q == 1 else query.new_empty(b, hkv, groups, q, dv)
+    out = query.new_empty(b, hkv, groups, q, dv)
     step = max(1, block_elements // max(1, b * hq * length))
+    future = {}  # block size -> its [n, n] upper triangle: the block's own later keys
     for start in range(0, q, step):
         stop = min(q, start + step)
         n, visible = stop - start, length - q + stop  # later keys are in every query's future
         block = grouped[:, :, :, start:stop].reshape(b, hkv, groups * n, d)
-        logits = torch.matmul(block.to(torch.float32) if half else block, keys_t[..., :visible])
-        logits = logits.view(b, hkv, groups, n, visible).mul_(scaling)
+        block = (block.to(torch.float32) if half else block) * scaling  # the queries scaled: n x d, not n x L
+        logits = torch.matmul(block, keys_t[..., :visible])
+        logits = logits.view(b, hkv, groups, n, visible)
         if mask is not None:
             logits.masked_fill_(~mask[:, :, start:stop, :visible].unsqueeze(2), -torch.inf)
-        elif n > 1:
-            rows = torch.arange(start, stop, device=key.device).unsqueeze(-1) + (length - q)
-            logits.masked_fill_(torch.arange(visible, device=key.device) > rows, -torch.inf)
+        elif n > 1:  # plain causal: only the block's own keys hold a future
+            if n not in future:
+                future[n] = torch.ones(n, n, dtype=torch.bool, device=key.device).triu_(1)
+            logits[..., visible - n:].masked_fill_(future[n], -torch.inf)
         probs = logits.softmax(dim=-1)
         block_out = torch.matmul(probs.view(b, hkv, groups * n, visible).to(value.dtype), value[:, :, :visible])
-        if out is None:
-            out = block_out.view(b, hkv, groups, n, dv)
-        else:
-            out[:, :, :, start:stop] = block_out.view(b, hkv, groups, n, dv)
+        out[:, :, :, start:stop] = block_out.view(b, hkv, groups, n, dv)
         if "last" in wants and stop == q:  # the newest query sees every kept key (visible == length)
             last = probs[:, :, :, -1].mean(dim=2)
         if mass is not None:
@@ -146,6 +148,35 @@ def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=fr
                 probs = probs * query_weights[start:stop].to(probs.device, torch.float32).view(1, 1, 1, -1, 1)
             mass[..., :visible] += probs.sum(dim=(2, 3))
     return out.reshape(b, hq, q, dv).transpose(1, 2).contiguous(), mass, last
+
+
+def _decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half):
+    """fused_attention for one new query, as few kernels as it takes: (B x Hkv) batched matmuls over the
+    group's query heads, no block loop, no layout copy of the output."""
+    b, hq, _, d = query.shape
+    hkv, length, dv = key.shape[1], key.shape[2], value.shape[-1]
+    groups = hq // hkv
+    grouped = query.reshape(b * hkv, groups, d)
+    keys = key.reshape(b * hkv, length, d)  # a view: the slot-slice of the layer's buffer merges B and H
+    if half:
+        grouped, keys = grouped.to(torch.float32), keys.to(torch.float32)
+    grouped = grouped * scaling
+    logits = torch.bmm(grouped, keys.transpose(1, 2))  # [B*Hkv, G, L]
+    if mask is not None:
+        logits.view(b, hkv, groups, length).masked_fill_(~mask.view(b, 1, 1, length), -torch.inf)
+    probs = logits.softmax(dim=-1)
+    out = torch.bmm(probs.to(value.dtype), value.reshape(b * hkv, length, dv))  # [B*Hkv, G, Dv] = [B, 1, Hq, Dv]
+    probs = probs.view(b, hkv, groups, length)
+    mass = last = None
+    if "mass" in wants:
+        mass = probs.sum(dim=2)
+        if query_valid is not None:  # a padding token's query adds nothing
+            mass *= query_valid.view(b, 1, 1)
+        if query_weights is not None:
+            mass *= query_weights[-1].to(torch.float32)
+    if "last" in wants:
+        last = probs.mean(dim=2)
+    return out.view(b, 1, hq, dv), mass, last
 
 
 def fusable(inner, module, kwargs) -> bool:

@@ -1,0 +1,65 @@
+"""The one-pass attention (`fused_attention`) against SDPA and the two-pass definitions of the observations.
+
+Output: torch's SDPA over the same mask (GQA heads repeated), within floating-point tolerance. Observations:
+`attention_mass` and `last_query_row`, the scoring pass the stock-attention path runs, which define them.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from h2o.attention import attention_mass, fused_attention, last_query_row
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def case(q, length, dtype, masked, seed=0, batch=2, hq=6, hkv=3, d=16):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, hq, q, d, generator=g).to(dtype)
+    key = torch.randn(batch, hkv, length, d, generator=g).to(dtype)
+    value = torch.randn(batch, hkv, length, d, generator=g).to(dtype)
+    mask = None
+    if masked:  # padding-like holes, causal over the new keys, each query sees itself
+        causal = torch.ones(q, length, dtype=torch.bool).tril(diagonal=length - q)
+        mask = (torch.rand(batch, 1, q, length, generator=g) > 0.3) & causal
+        mask[..., length - q:] |= torch.eye(q, dtype=torch.bool)
+    return query, key, value, mask
+
+
+def sdpa_reference(query, key, value, mask, scaling):
+    groups = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    q = query.shape[-2]
+    if mask is None:
+        mask = torch.ones(q, key.shape[-2], dtype=torch.bool).tril(diagonal=key.shape[-2] - q)
+    out = F.scaled_dot_product_attention(query.float(), k.float(), v.float(), attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("q, length, block", [(1, 40, 1 << 20), (12, 40, 1 << 20), (12, 40, 6 * 2 * 40 * 5),
+                                              (30, 30, 6 * 2 * 30 * 4)])
+def test_one_pass_equals_sdpa_and_the_scoring_pass(dtype, masked, q, length, block):
+    query, key, value, mask = case(q, length, dtype, masked)
+    scaling = 0.3
+    valid = torch.ones(2, q, dtype=torch.bool)
+    valid[1, : q // 3] = False  # some padding queries in row 1: they add no mass
+    weights = torch.linspace(0.2, 1.0, q, dtype=torch.float64)
+    out, mass, last = fused_attention(query, key, value, mask, scaling, valid, frozenset({"mass", "last"}), weights,
+                                      block_elements=block)
+    assert out.shape == (2, q, 6, 16) and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), sdpa_reference(query, key, value, mask, scaling), **TOL[dtype])
+    assert mass.dtype == last.dtype == torch.float32  # scores in float32 whatever the model dtype
+    torch.testing.assert_close(mass, attention_mass(query, key, mask, scaling, valid, query_weights=weights),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(last, last_query_row(query, key, mask, scaling), rtol=1e-4, atol=1e-5)
+
+
+def test_one_pass_computes_only_what_is_asked():
+    query, key, value, mask = case(5, 20, torch.float32, True)
+    out, mass, last = fused_attention(query, key, value, mask, 0.25, None, frozenset({"last"}))
+    assert mass is None and last is not None
+    out, mass, last = fused_attention(query[:, :, -1:], key, value, mask[:, :, -1:], 0.25, None, frozenset({"mass"}))
+    assert last is None and mass is not None
