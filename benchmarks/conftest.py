@@ -37,15 +37,20 @@ class Sizes:
     tpot_rounds: int  # consecutive decode steps; a multiple of buffer + 1 holds whole eviction cycles
     memory_steps: int  # decode steps after the prefill in the memory suite (fewer than the buffer)
     buffer: int = 64  # make_cache's default lazy-eviction slack
+    batches: tuple[int, ...] = (1,)  # rows of the speed and memory suites
+    batch_max_context: int = 0  # rows > 1 only at contexts up to this (a long prompt x a batch is a long prefill)
+    positions: str = "original"  # "reindex" where contexts pass the model's trained context
 
 
 SIZES = {
-    # Real shapes: Pythia-2.8B (32 layers x 32 heads x 80 dims, fp16; random weights, no download).
+    # Real shapes: Pythia-2.8B (32 layers x 32 heads x 80 dims, fp16; random weights, no download), 1k to 32k
+    # tokens (positions reindex: past its trained 2048), batch 1 everywhere and batch 4 up to 4k.
     "cuda": Sizes(
         model="random:pythia-2.8b", dtype="float16",
-        policies=("full", "streaming_4_252", "h2o_4_32_256", "streaming_4_508", "h2o_4_64_512"),
-        contexts=(2048, 4096, 8192), references=(("full", 256), ("full", 512)),
-        ttft_rounds=5, ttft_warmup=1, tpot_rounds=2 * 65, memory_steps=8,
+        policies=("full", "streaming_4_252", "h2o_4_32_256"),
+        contexts=(1024, 4096, 16384, 32768), references=(("full", 256),),
+        ttft_rounds=3, ttft_warmup=1, tpot_rounds=65, memory_steps=8,
+        batches=(1, 4), batch_max_context=4096, positions="reindex",
     ),
     # 2 CPU cores: the embedded SmolLM2-135M in fp32, one long-ish context, few rounds (each suite < ~3 min).
     "cpu": Sizes(
@@ -69,14 +74,16 @@ def _sizes(config) -> Sizes:
 
 
 def pytest_generate_tests(metafunc):
-    """Device-dependent parameters, (policy, context) pairs: `case` for every policy at every context,
-    `speed_case` adds the full cache at the budgets' lengths (what a compressed decode step can reach)."""
+    """Device-dependent parameters, (policy, context, batch) triples: `case` for every policy at every context
+    and batch, `speed_case` adds the full cache at the budgets' lengths (what a compressed decode step can reach)."""
     for name in ("case", "speed_case"):
         if name in metafunc.fixturenames:
             sizes = _sizes(metafunc.config)
-            cases = [(p, c) for c in sizes.contexts for p in sizes.policies]
-            cases += list(sizes.references) if name == "speed_case" else []
-            metafunc.parametrize(name, cases, ids=[f"{p}-{c}" for p, c in cases])
+            shapes = [(c, b) for c in sizes.contexts for b in sizes.batches if b == 1 or c <= sizes.batch_max_context]
+            cases = [(p, c, b) for c, b in shapes for p in sizes.policies]
+            if name == "speed_case":
+                cases += [(p, c, b) for p, c in sizes.references for b in sizes.batches]
+            metafunc.parametrize(name, cases, ids=[f"{p}-{c}" + (f"-b{b}" if b > 1 else "") for p, c, b in cases])
 
 
 class Bench:
@@ -118,7 +125,8 @@ class Bench:
             "model": describe(model), "device": str(self.device), "device_name": self.device_name(),
             "dtype": str(model.dtype).removeprefix("torch."), "torch": torch.__version__,
             "transformers": transformers.__version__, "h2o": h2o.__version__,
-            "threads": torch.get_num_threads(), "policy": h2o.parse(policy).name, "positions": "original", **extra,
+            "threads": torch.get_num_threads(), "policy": h2o.parse(policy).name, "positions": self.sizes.positions,
+            **extra,
         }
 
     def device_name(self) -> str:

@@ -3,7 +3,8 @@
 Peak memory is CUDA's peak allocated bytes, or on CPU the process's peak resident set, over that
 run (model weights included; `baseline_bytes` is what was held before it). The cache's bytes are
 asserted exactly: the keys and values of the tokens each layer keeps under the lazy-eviction
-schedule, plus, for evicting policies, the per-slot bookkeeping (arrival index int64 per row and
+schedule (an evicting policy: its preallocated budget + buffer + 1 slots), plus, for evicting policies, the
+per-slot bookkeeping (arrival index int64 per row and
 KV head, each float32 state tensor of the policy (H2O: its score) per row and KV head, a validity byte per row) and an int64 padding
 count per row.
 """
@@ -28,15 +29,15 @@ def kept_after(policy, buffer: int, feeds: list[int]) -> int:
 
 
 def test_memory(benchmark, bench, speed_model, prompt_ids, case):
-    name, context = case
+    name, context, batch = case
     model, _ = speed_model
     policy, steps, buffer = h2o.parse(name), bench.sizes.memory_steps, bench.sizes.buffer
 
     def run():
-        cache = h2o.make_cache(model, policy, buffer=buffer)
+        cache = h2o.make_cache(model, policy, positions=bench.sizes.positions, buffer=buffer)
         meter = PeakMemory(bench.device)
         meter.start()
-        token = bench.step(model, prompt_ids[:, :context], cache)
+        token = bench.step(model, prompt_ids[:, :context].expand(batch, -1), cache)
         for _ in range(steps):
             token = bench.step(model, token, cache)
             meter.sample()
@@ -45,13 +46,18 @@ def test_memory(benchmark, bench, speed_model, prompt_ids, case):
     cache, (peak, kind, baseline) = benchmark.pedantic(run, rounds=1, iterations=1)
 
     shape = describe(model)
-    layers, rows, heads, elem = shape["layers"], 1, shape["kv_heads"], model.dtype.itemsize
+    layers, rows, heads, elem = shape["layers"], batch, shape["kv_heads"], model.dtype.itemsize
     kv_per_token = rows * heads * 2 * shape["head_dim"] * elem  # keys + values, one layer
     seen = context + steps
     kept = kept_after(policy, buffer, [context] + [1] * steps)
     if policy.evicts:
         per_slot = kv_per_token + rows * heads * (8 + 4 * len(policy.state)) + rows  # times int64, state float32
-        expected = layers * (kept * per_slot + rows * 8)
+        if bench.sizes.positions == "reindex" and elem < 4:  # half precision reindex keeps pre-RoPE keys too
+            per_slot += rows * heads * shape["head_dim"] * elem
+        # preallocated buffers: after a prefill longer than budget + buffer, budget + buffer + 1 slots (the decode
+        # token's), written in place by every later step
+        slots = policy.budget + buffer + 1 if context > policy.budget + buffer else kept
+        expected = layers * (slots * per_slot + rows * 8)
     else:
         expected = layers * kept * kv_per_token
     full = layers * seen * kv_per_token

@@ -23,6 +23,7 @@ Any other call (no compressed layer, e.g. a `full` cache) passes straight throug
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -33,14 +34,25 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from .cache import take_pending
 from .policies import Observation
 
-# Attention-probability block materialised while scoring (float32 elements: 4 MiB). Measured here
-# (2 CPU cores, 9 query heads): fastest of 2^18..2^22 at 1k-4k prompts; cache-sized blocks win.
-SCORE_BLOCK_ELEMENTS = 1 << 20
+# Attention-probability block materialised per step of a long forward's blocked attention (float32
+# elements), per device type. CPU: 4 MiB, the fastest of 2^18..2^24 on 2 cores (one 2048-token prefill, 9
+# query heads: 74, 65, 72, 91, 101, 154 ms for 2^18..2^23; `benchmarks/test_score_blocks.py` times it);
+# cache-sized blocks win. CUDA: 1 GiB, so that a 32k-token prompt with 32 heads still takes 256 queries per
+# block (at 4 MiB it would take one: tens of thousands of kernel launches per layer). H2O_SCORE_BLOCK_ELEMENTS
+# overrides both.
+SCORE_BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 28}
 NAMES = {"sdpa": "h2o_sdpa", "eager": "h2o_eager"}
 
 
-def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=SCORE_BLOCK_ELEMENTS,
-                   query_weights=None):
+def score_block_elements(device: torch.device | str) -> int:
+    """The blocked attention's probability-block size on `device` (see SCORE_BLOCK_ELEMENTS)."""
+    override = os.environ.get("H2O_SCORE_BLOCK_ELEMENTS")
+    if override:
+        return int(override)
+    return SCORE_BLOCK_ELEMENTS.get(torch.device(device).type, SCORE_BLOCK_ELEMENTS["cpu"])
+
+
+def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=None, query_weights=None):
     """Attention each key received, summed over queries and over the query heads of its KV head.
 
     query [B, Hq, q, D], key [B, Hkv, L, D] (the last q keys belong to the queries),
@@ -55,7 +67,7 @@ def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=S
     grouped = query.view(b, hkv, groups, q, d)
     keys_t = key.to(torch.float32).transpose(-1, -2)  # [B, Hkv, D, L]
     mass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device)
-    step = max(1, block_elements // max(1, b * hq * length))
+    step = max(1, (block_elements or score_block_elements(key.device)) // max(1, b * hq * length))
     for start in range(0, q, step):
         stop = min(q, start + step)
         visible = length - q + stop  # later keys are in every query's future
@@ -101,7 +113,7 @@ def query_counts(key, mask, q, query_valid):
 
 
 def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=frozenset(), query_weights=None,
-                    block_elements=SCORE_BLOCK_ELEMENTS):
+                    block_elements=None):
     """Attention output and observations in one pass over the keys: (output [B, q, Hq, Dv] laid out as
     sdpa_attention_forward returns it, mass or None, last or None).
 
@@ -121,7 +133,7 @@ def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=fr
     mass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device) if "mass" in wants else None
     last = None
     out = query.new_empty(b, hkv, groups, q, dv)
-    step = max(1, block_elements // max(1, b * hq * length))
+    step = max(1, (block_elements or score_block_elements(key.device)) // max(1, b * hq * length))
     future = {}  # block size -> its [n, n] upper triangle: the block's own later keys
     for start in range(0, q, step):
         stop = min(q, start + step)

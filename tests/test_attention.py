@@ -63,3 +63,21 @@ def test_one_pass_computes_only_what_is_asked():
     assert mass is None and last is not None
     out, mass, last = fused_attention(query[:, :, -1:], key, value, mask[:, :, -1:], 0.25, None, frozenset({"mass"}))
     assert last is None and mass is not None
+
+
+def test_score_blocks_are_sized_per_device(monkeypatch):
+    """CPU: cache-sized 4 MiB blocks; CUDA: 1 GiB, so a 32k prompt with 32 heads keeps 256 queries a block."""
+    from h2o.attention import SCORE_BLOCK_ELEMENTS, score_block_elements
+    monkeypatch.delenv("H2O_SCORE_BLOCK_ELEMENTS", raising=False)
+    assert score_block_elements("cpu") == SCORE_BLOCK_ELEMENTS["cpu"] == 1 << 20
+    assert score_block_elements(torch.device("cuda", 0)) == SCORE_BLOCK_ELEMENTS["cuda"]
+    assert SCORE_BLOCK_ELEMENTS["cuda"] // (32 * 32768) == 256
+    monkeypatch.setenv("H2O_SCORE_BLOCK_ELEMENTS", "4096")
+    assert score_block_elements("cuda") == 4096
+    # the size only moves the block boundaries, never the result
+    query, key, value, mask = case(12, 40, torch.float32, False)
+    small = fused_attention(query, key, value, None, 0.3, None, frozenset({"mass"}))
+    monkeypatch.setenv("H2O_SCORE_BLOCK_ELEMENTS", str(1 << 30))
+    whole = fused_attention(query, key, value, None, 0.3, None, frozenset({"mass"}))
+    torch.testing.assert_close(small[0], whole[0])
+    torch.testing.assert_close(small[1], whole[1])

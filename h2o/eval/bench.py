@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from h2o.policies import parse, resolve
-
 from . import data, report, tasks
 from .command import unique_policies
 from .ppl import check_eviction_in_force, token_losses
+from .runners import canonical, describe, is_press, ppl_comparable
 from .speed import measure_speed
 
 NAME = "bench"
@@ -48,15 +47,19 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved repeats of the speed run (TPOT: median and min over them)")
     p.add_argument("--batch", type=int, default=1, help="rows in the speed run")
+    p.add_argument("--tasks", nargs="+", default=["passkey"],
+                   help="retrieval tasks with a kept column each (h2o tasks' names: passkey, niah_multikey, ...)")
     p.add_argument("--passkey-cases", type=int, default=10,
-                   help="passkey cases (depths spread over 0.1-0.9) for the retrieval column; 0 = none")
-    p.add_argument("--passkey-length", type=int, default=1280, help="passkey prompt tokens")
+                   help="cases per retrieval task (depths spread over 0.1-0.9) for the kept columns; 0 = none")
+    p.add_argument("--passkey-length", type=int, default=1280, help="prompt tokens of the retrieval cases")
 
 
 def check(args) -> dict:
     names = ["full"] + [p for p in args.policies if p != "full"]
-    policies = unique_policies(names, resolve(names, args.score))
-    budgets = [parse(p).budget for p in policies if parse(p).budget is not None]
+    policies = unique_policies(names, canonical(names, args.score))
+    if any(is_press(p) for p in policies) and args.positions != "original":
+        raise ValueError("kvpress presses keep the original positions: use --positions original with kvpress: names")
+    budgets = [describe(p).budget for p in policies if describe(p).budget is not None]
     if budgets and not args.no_ppl and args.ppl_tokens <= max(budgets) + args.buffer:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} never outgrows the largest budget + buffer "
                          f"({max(budgets)} + {args.buffer}): no eviction would be measured")
@@ -70,7 +73,7 @@ def check(args) -> dict:
     if args.passkey_cases < 0:
         raise ValueError(f"--passkey-cases must be >= 0, got {args.passkey_cases}")
     if args.passkey_cases and not args.model.startswith("random:"):
-        tasks.check_passkey(policies, args.passkey_length, args.buffer, args.model, args.positions)
+        tasks.check_passkey(policies, args.passkey_length, args.buffer, args.model, args.positions, tuple(args.tasks))
     return {"policies": policies, "texts": texts}
 
 
@@ -79,7 +82,7 @@ def run(session, plan) -> int:
     model, tokenizer = session.load_model()
     progress = not args.no_progress
 
-    ppl, ppl_sources = {}, {}
+    ppl, ppl_sources, not_comparable = {}, {}, []
     notes = [session.model_line]
     if tokenizer is None:
         print(f"note: {args.model} has random weights: perplexity is not measured, only speed and memory")
@@ -87,6 +90,10 @@ def run(session, plan) -> int:
         ids = torch.cat([data.tokenize(tokenizer, text, args.ppl_tokens, args.bos) for text, _ in texts.values()])
         chunk = 1 if args.ppl_mode == "stream" else args.chunk
         for policy in policies:
+            why = ppl_comparable(policy)
+            if why:
+                not_comparable.append(why)
+                continue
             ppl[policy] = token_losses(model, ids, policy, chunk=chunk, prefill=chunk, positions=args.positions,
                                        buffer=args.buffer, progress=progress, desc=f"PPL {policy}")
             if policy != "full":
@@ -96,8 +103,8 @@ def run(session, plan) -> int:
     passkey, passkey_note = {}, None
     if tokenizer is not None and args.passkey_cases:
         haystacks = {name: text for name, (text, _) in texts.items()}
-        passkey, passkey_note = tasks.passkey_kept(session, policies, haystacks, args.passkey_cases,
-                                                   args.passkey_length)
+        passkey, passkey_note = tasks.tasks_kept(session, policies, haystacks, args.tasks, args.passkey_cases,
+                                                 args.passkey_length)
 
     if tokenizer is None or "wikitext" not in texts:
         prompt = data.random_ids(model.config.vocab_size, args.context, args.batch)
@@ -120,11 +127,13 @@ def run(session, plan) -> int:
         for i, name in enumerate(texts if policy in ppl else ()):
             row[f"{name}_ppl"] = ppl[policy].ppl(i)
             row[f"{name}_ppl_after_eviction"] = ppl[policy].ppl(i, after_eviction=True)
-        if policy in passkey:
-            k = passkey[policy]
-            row["passkey_kept"] = (f"{k['full_solved']}/{k['cases']}" if policy == "full"
+        if ppl and policy not in ppl:  # measured for the others, not comparable for this one
+            row.update({f"{name}_ppl": "n/c" for name in texts})
+        for task, kept in passkey.items():
+            k = kept[policy]
+            row[f"{task}_kept"] = (f"{k['full_solved']}/{k['cases']}" if policy == "full"
                                    else f"{k['policy_solved']}/{k['full_solved']}")
-            row["passkey_kept_share"] = k["kept_share"]
+            row[f"{task}_kept_share"] = k["kept_share"]
         row.update({
             "total_time_s": s.total_s, "avg_attn_ms": s.attn_ms_per_step, "ttft_s": s.ttft,
             "tpot_median_ms": 1000 * s.tpot_median, "tpot_min_ms": 1000 * s.tpot_min,
@@ -134,7 +143,11 @@ def run(session, plan) -> int:
         })
         rows.append(row)
 
-    columns = {k: v for k, v in TABLE.items() if k == "configuration" or any(k in r for r in rows)}
+    table = dict(TABLE)
+    at = list(table).index("passkey_kept")
+    kept_columns = {f"{t}_kept": f"{'Passkey' if t == 'passkey' else t} kept" for t in passkey}
+    table = {**dict(list(table.items())[:at]), **kept_columns, **dict(list(table.items())[at + 1:])}
+    columns = {k: v for k, v in table.items() if k == "configuration" or any(k in r for r in rows)}
     mode = "token by token" if args.ppl_mode == "stream" else f"chunked, {args.chunk} tokens per forward"
     notes += [
         f"PPL: {args.ppl_tokens} tokens per text, {mode}, BOS {'on' if args.bos else 'off'}; texts: "
@@ -144,6 +157,7 @@ def run(session, plan) -> int:
         f"step, all layers; Peak Mem = {rows[0]['peak_mem_kind']}; KV MiB = exact cache bytes at the end",
     ]
     notes += [passkey_note] if passkey_note else []
+    notes += [f"n/c (not comparable): {why}" for why in not_comparable]
     for policy, result in ppl.items():
         notes += [f"{policy}: {note}" for note in result.notes]
     session.write_csv("bench.csv", rows)
@@ -154,14 +168,18 @@ def run(session, plan) -> int:
     return session.finish([report.format_table(rows, columns)], notes)
 
 
-FAMILY_COLORS = {"full": "#7f7f7f", "streaming": "#1f77b4", "h2o": "#d62728", "other": "#2ca02c"}
-FAMILY_LABELS = {"full": "full cache", "streaming": "StreamingLLM", "h2o": "H2O", "other": "other"}
+FAMILY_COLORS = {"full": "#7f7f7f", "streaming": "#1f77b4", "h2o": "#d62728", "other": "#2ca02c",
+                 "kvpress": "#9467bd"}
+FAMILY_LABELS = {"full": "full cache", "streaming": "StreamingLLM", "h2o": "H2O", "other": "other (ours)",
+                 "kvpress": "kvpress presses"}
 
 
 def family(name: str) -> str:
     """The plot's colour group of a configuration: full, streaming, h2o or other."""
     if name == "full":
         return "full"
+    if is_press(name):
+        return "kvpress"
     return next((f for f in ("streaming", "h2o") if name.startswith(f + "_")), "other")
 
 
@@ -189,7 +207,7 @@ def plot(rows, texts, model_name, context, setup: str | None = None):
     panels += [("tpot_median_ms", f"TPOT after a {context}-token prompt, ms"), ("kv_mib", "KV cache, MiB")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        values = [r.get(key, float("nan")) for r in rows]
+        values = [v if isinstance(v, (int, float)) else float("nan") for v in (r.get(key) for r in rows)]
         bars = ax.bar(x, values, color=colors)
         ax.bar_label(bars, fmt="%.2f" if key.endswith("_ppl") else "%.1f", fontsize=7)
         if key.endswith("_ppl"):

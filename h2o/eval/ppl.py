@@ -24,9 +24,7 @@ from tqdm.auto import tqdm
 
 import h2o
 
-
-class ValidityError(RuntimeError):
-    """A measurement that would not mean what it claims."""
+from .runners import ValidityError, open_runner
 
 
 @dataclass
@@ -64,8 +62,7 @@ def token_losses(model, ids: torch.Tensor, policy: str, *, chunk: int = 1, prefi
     prefill = chunk if prefill is None else prefill
     if not 1 <= prefill < n:
         raise ValueError(f"prefill must be in [1, {n - 1}], got {prefill}")
-    cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer)
-    bound = None if cache.policy.budget is None else cache.policy.budget + buffer
+    runner = open_runner(model, policy, positions=positions, buffer=buffer)
     device = next(model.parameters()).device
     ids = ids.to(device)
     losses, first_eviction, max_kept = [], None, 0
@@ -73,22 +70,23 @@ def token_losses(model, ids: torch.Tensor, policy: str, *, chunk: int = 1, prefi
     bar = tqdm(total=n, desc=desc or policy, disable=not progress, unit="tok", leave=False)
     with torch.no_grad():
         for start, stop in zip([0] + starts, starts + [n]):
-            logits = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits
+            logits = runner.forward(ids[:, start:stop])
             losses.append(next_token_losses(logits, ids, start, stop))
-            kept = check_bound(cache, bound, policy)
+            kept = runner.check()
             max_kept = max(max_kept, kept)
             if first_eviction is None and kept < stop:
                 first_eviction = stop  # logits at position `stop` (loss index `stop`) are the first computed after it
             bar.update(stop - start)
     bar.close()
+    runner.close()
     losses = torch.cat(losses, dim=1)
     context = trained_context(model)
     past = positions == "original" and context is not None and n > context
-    result = PPLResult(policy=cache.policy.name, mode="stream" if chunk == 1 else f"chunked-{chunk}",
+    result = PPLResult(policy=runner.name, mode="stream" if chunk == 1 else f"chunked-{chunk}",
                        losses=losses, first_eviction=first_eviction, max_kept=max_kept, past_trained_context=past)
     if past:
         result.notes.append(f"{n} tokens with original positions pass the model's trained context of {context}")
-    if cache.policy.evicts and first_eviction is None:
+    if runner.evicts and first_eviction is None:
         result.notes.append(f"the text ({n} tokens) never outgrew budget + buffer: no eviction happened")
     return result
 

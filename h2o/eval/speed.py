@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-import h2o
 
 from .memory import PeakMemory
+from .runners import describe, open_runner
 
 
 @dataclass
@@ -71,6 +71,11 @@ def _step(model, ids, cache):
     return logits[:, -1:].argmax(-1)
 
 
+def _run_step(runner, ids):
+    """One forward of a runner (ours or a kvpress press), then the next token."""
+    return runner.forward(ids, logits_to_keep=1)[:, -1:].argmax(-1)
+
+
 def attention_modules(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
 
@@ -107,16 +112,16 @@ def measure_speed(model, ids: torch.Tensor, policies: list[str], *, new_tokens: 
     device = next(model.parameters()).device
     ids = ids.to(device)
     batch, context = ids.shape
-    results = {p: SpeedResult(h2o.parse(p).name, context, new_tokens, batch) for p in policies}
+    results = {p: SpeedResult(describe(p).name, context, new_tokens, batch) for p in policies}
     bar = tqdm(total=repeats * new_tokens * len(policies), desc="speed", disable=not progress, leave=False)
     with torch.no_grad():
         for _ in range(repeats):
-            caches = {p: h2o.make_cache(model, p, positions=positions, buffer=buffer) for p in policies}
+            caches = {p: open_runner(model, p, positions=positions, buffer=buffer) for p in policies}
             nxt = {}
             for p, cache in caches.items():
                 sync(device)
                 start = time.perf_counter()
-                nxt[p] = _step(model, ids, cache)
+                nxt[p] = _run_step(cache, ids)
                 sync(device)
                 results[p].ttft_s.append(time.perf_counter() - start)
                 bar.update()
@@ -124,12 +129,14 @@ def measure_speed(model, ids: torch.Tensor, policies: list[str], *, new_tokens: 
                 for p, cache in caches.items():
                     sync(device)
                     start = time.perf_counter()
-                    nxt[p] = _step(model, nxt[p], cache)
+                    nxt[p] = _run_step(cache, nxt[p])
                     sync(device)
                     results[p].tpot_s.append(time.perf_counter() - start)
                     bar.update()
             for p, cache in caches.items():
+                cache.check()
                 results[p].kv_bytes = cache.kv_bytes()
+                cache.close()
             del caches, nxt
         bar.close()
         for p in policies:
@@ -140,14 +147,15 @@ def measure_speed(model, ids: torch.Tensor, policies: list[str], *, new_tokens: 
 def _memory_and_attention_pass(model, ids, policy, result, steps, positions, buffer, device):
     meter = PeakMemory(device)
     meter.start()
-    cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer)
-    nxt = _step(model, ids, cache)
+    runner = open_runner(model, policy, positions=positions, buffer=buffer)
+    nxt = _run_step(runner, ids)
     timer = AttentionTimer(model, device)
     try:
         for _ in range(steps):
-            nxt = _step(model, nxt, cache)
+            nxt = _run_step(runner, nxt)
             meter.sample()
     finally:
         timer.close()
+        runner.close()
     result.attn_ms_per_step = 1000 * timer.total / steps
     result.peak_mem_bytes, result.peak_mem_kind = meter.stop()

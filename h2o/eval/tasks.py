@@ -33,7 +33,7 @@ import h2o
 from h2o.policies import parse, resolve
 
 from . import data, models, report, retrieval
-from .ppl import check_bound
+from .runners import canonical, describe, is_press, open_runner
 from h2o.policies import families
 
 from .sweep import policy_name
@@ -62,6 +62,8 @@ class Variant:
     def policy(self, length: int, score: str | None = None) -> str:
         if self.name is not None:
             return self.name
+        if is_press(self.label):  # a kvpress press sized like our families: the same kept tokens
+            return describe(self.label).at(round(self.ratio * length)).name
         return resolve([policy_name(self.label, round(self.ratio * length), score)])[0]
 
 
@@ -75,14 +77,20 @@ def variants(policies: list[str], budgets: list[int] | None, ratios: list[float]
     for p in policies:
         if p == "full":
             continue
-        if p in families():
+        if is_press(p) and not describe(p).sized:  # kvpress:<press>: sized like a family
+            press = describe(p)
+            if budgets:
+                out += [(p, Variant(press.name, str(b), name=press.at(b).name)) for b in budgets]
+            else:
+                out += [(p, Variant(press.name, f"{r:.0%}", ratio=r)) for r in ratios]
+        elif p in families():
             if budgets:
                 out += [(p, Variant(p, str(b), name=resolve([policy_name(p, b, score)])[0])) for b in budgets]
             else:
                 out += [(p, Variant(p, f"{r:.0%}", ratio=r)) for r in ratios]
         else:
-            name = resolve([p], score)[0]
-            out.append((p, Variant(name, str(parse(name).budget), name=name)))
+            name = canonical([p], score)[0]
+            out.append((p, Variant(name, budget_label(name), name=name)))
     merged: dict[object, list[tuple[str, Variant]]] = {}
     for given, v in out:
         # a family's policy at one length fixes it at every length (same rule, same share)
@@ -96,6 +104,12 @@ def variants(policies: list[str], budgets: list[int] | None, ratios: list[float]
     return [same[0][1] for same in merged.values()]
 
 
+def budget_label(name: str) -> str:
+    """The Budget column of a fixed policy name: its tokens, or the share a kvpress ratio keeps."""
+    policy = describe(name)
+    return str(policy.budget) if policy.budget is not None else f"{1 - policy.ratio:.0%}"
+
+
 @dataclass
 class Answer:
     text: str
@@ -103,6 +117,7 @@ class Answer:
     prompt_tokens: int
     kept_tokens: int  # the longest layer's kept length once the prompt is in
     compressed: bool  # the policy evicted while the prompt was fed
+    budget_tokens: int | None = None  # what the policy keeps of this prompt (None: everything)
 
     @property
     def solved(self) -> bool:
@@ -121,26 +136,28 @@ def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, 
     else:
         head = prefix + context
         feeds = [head[i : i + chunk] for i in range(0, len(head), chunk)] + [suffix[:-1]]
-    cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer)
-    bound = None if cache.policy.budget is None else cache.policy.budget + buffer
+    runner = open_runner(model, policy, positions=positions, buffer=buffer)
     device = next(model.parameters()).device
     stop = _eos_ids(model, tokenizer)
-    with torch.no_grad():
-        for feed in filter(None, feeds):
-            model(torch.tensor([feed], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            check_bound(cache, bound, policy)
-        kept = max(cache.kept_lengths())
-        token, out = ids[-1], []
-        for _ in range(case.max_new_tokens):
-            logits = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1).logits
-            check_bound(cache, bound, policy)
-            token = int(logits[0, -1].argmax())
-            if token in stop:
-                break
-            out.append(token)
+    try:
+        with torch.no_grad():
+            for feed in filter(None, feeds):
+                runner.forward(torch.tensor([feed], device=device), logits_to_keep=1)
+                runner.check()
+            kept = max(runner.kept_lengths())
+            token, out = ids[-1], []
+            for _ in range(case.max_new_tokens):
+                logits = runner.forward(torch.tensor([[token]], device=device), logits_to_keep=1)
+                runner.check()
+                token = int(logits[0, -1].argmax())
+                if token in stop:
+                    break
+                out.append(token)
+    finally:
+        runner.close()
     text = tokenizer.decode(out, skip_special_tokens=True)
-    return Answer(text, retrieval.score(case, text), len(ids), kept, kept < len(ids) - 1)
+    return Answer(text, retrieval.score(case, text), len(ids), kept, kept < len(ids) - 1,
+                  runner.budget_for(len(ids) - 1))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -174,10 +191,10 @@ def run_cases(model, tokenizer, cases: list[retrieval.Case], variant_list: list[
 
 
 def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer) -> dict:
-    p = parse(name)
+    p = describe(name)
     return {"task": case.task, "length": case.length, "depth": case.depth, "index": case.index,
             "protocol": protocol, "policy": label, "budget": budget, "policy_name": p.name,
-            "budget_tokens": p.budget, "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
+            "budget_tokens": answer.budget_tokens, "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
             "compressed": answer.compressed if p.evicts else None, "score": answer.score, "solved": answer.solved,
             "full_solved": full.solved, "references": " | ".join(case.references), "answer": answer.text,
             "source": case.source}
@@ -221,9 +238,10 @@ def check_budgets(policies: list[str], length: int, buffer: int, prompt: str, hi
     """Before the model loads: every policy's budget + buffer leaves something of a `length`-token prompt to
     compress (prompts are within 5% of the asked length, and the prefill must outgrow budget + buffer to evict)."""
     for name in policies:
-        policy = parse(name)
-        if policy.evicts and policy.budget + buffer >= 0.95 * length - 1:
-            raise ValueError(f"{name}: budget + buffer ({policy.budget} + {buffer}) holds the whole {length}-token "
+        policy = describe(name)
+        slack = 0 if is_press(name) and not policy.decoding else buffer  # a prefill press cuts the prompt at once
+        if policy.evicts and policy.budget is not None and policy.budget + slack >= 0.95 * length - 1:
+            raise ValueError(f"{name}: budget + buffer ({policy.budget} + {slack}) holds the whole {length}-token "
                              f"{prompt}, so nothing would be compressed; {hint}")
 
 
@@ -238,28 +256,44 @@ def check_context(model: str, positions: str, length: int, new_tokens: int, prom
                          f"{trained} with positions 'original'; use --positions reindex or shorter prompts")
 
 
-def check_passkey(policies: list[str], length: int, buffer: int, model: str, positions: str) -> None:
-    """The passkey column of bench and sweep: something to compress, and inside the trained context."""
-    check_budgets(policies, length, buffer, "passkey prompt", "raise --passkey-length")
-    check_context(model, positions, length, retrieval.MAX_NEW_TOKENS["passkey"], "passkey prompt")
+def check_passkey(policies: list[str], length: int, buffer: int, model: str, positions: str,
+                  task_names: tuple[str, ...] = ("passkey",)) -> None:
+    """The retrieval columns of bench and sweep: something to compress, and inside the trained context."""
+    unknown = [t for t in task_names if t not in retrieval.TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(retrieval.TASKS)}")
+    check_budgets(policies, length, buffer, "task prompt", "raise --passkey-length")
+    check_context(model, positions, length, max(retrieval.MAX_NEW_TOKENS[t] for t in task_names), "task prompt")
 
 
 def passkey_kept(session, policies: list[str], haystacks: dict[str, str], n: int, length: int) -> tuple[dict, str]:
     """n passkey cases of `length` tokens (depths spread over 0.1-0.9), question-aware, under every policy with
     the full-cache control: ({policy: its summary row}, a note saying how it was measured)."""
+    kept, note = tasks_kept(session, policies, haystacks, ["passkey"], n, length)
+    return kept["passkey"], note
+
+
+def tasks_kept(session, policies: list[str], haystacks: dict[str, str], task_names: list[str], n: int,
+               length: int) -> tuple[dict, str]:
+    """n cases of `length` tokens per task (depths spread over 0.1-0.9), question-aware, under every policy with
+    the full-cache control: ({task: {policy: its summary row}}, a note saying how it was measured)."""
     args = session.args
     depths = [0.5] if n == 1 else [round(0.1 + 0.8 * i / (n - 1), 4) for i in range(n)]
-    cases = retrieval.generate_cases("passkey", session.tokenizer, haystacks, [length], depths, 1, 0)
-    variant_list = [Variant(p, str(parse(p).budget), name=p) for p in policies if p != "full"]
-    bar = session.progress(total=len(cases) * (1 + len(variant_list)), desc="passkey", unit="run")
+    cases = [c for task in task_names
+             for c in retrieval.generate_cases(task, session.tokenizer, haystacks, [length], depths, 1, 0)]
+    variant_list = [Variant(p, budget_label(p), name=p) for p in policies if p != "full"]
+    bar = session.progress(total=len(cases) * (1 + len(variant_list)), desc="retrieval", unit="run")
     rows = run_cases(session.model, session.tokenizer, cases, variant_list, "question-aware", chunk=args.chunk,
                      positions=args.positions, buffer=args.buffer, bar=bar)
     bar.close()
     summary, notes = summarize(rows, min_solved=1)
-    note = (f"Passkey kept: {len(cases)} passkey cases of {length} tokens (depths 0.1-0.9, haystacks "
-            f"{', '.join(haystacks)}), question-aware protocol; full: cases it solved; policies: solved among the "
-            "full cache's solved cases (the full-cache control; `h2o tasks` has the other tasks)")
-    return {r["policy"]: r for r in summary}, "; ".join([note, *notes])
+    what = "passkey" if list(task_names) == ["passkey"] else "retrieval"
+    note = (f"{what.capitalize()} kept: {n} {' / '.join(task_names)} cases of {length} tokens"
+            f"{' each' if len(task_names) > 1 else ''} (depths 0.1-0.9, haystacks {', '.join(haystacks)}), "
+            "question-aware protocol; full: cases it solved; policies: solved among the full cache's solved cases "
+            "(the full-cache control; `h2o tasks` has more cases and lengths)")
+    kept = {task: {r["policy"]: r for r in summary if r["task"] == task} for task in task_names}
+    return kept, "; ".join([note, *notes])
 
 
 # --- the command ---------------------------------------------------------------------------------------

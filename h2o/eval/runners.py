@@ -1,0 +1,315 @@
+"""One interface over the caches the harness runs: our policies, and NVIDIA kvpress's presses side by side.
+
+Every measuring loop (retrieval tasks, perplexity, TTFT/TPOT) drives a `Runner`: `forward(ids)` gives the
+logits and keeps the cache, `check()` raises a `ValidityError` if the cache is not what the policy
+promises, `kept_lengths()` and `kv_bytes()` say what it holds.
+
+kvpress names (the `kvpress:` prefix says where a row comes from):
+
+    kvpress:<press>@<ratio>            a prefill press at kvpress's compression_ratio (the share removed),
+                                       e.g. kvpress:snapkv@0.8 keeps 20% of each prompt
+    kvpress:<press>@<tokens>           the same press with its ratio set per prompt so that it keeps exactly
+                                       <tokens> (an int), e.g. kvpress:snapkv@256: the kept tokens of h2o_4_32_256
+    kvpress:decoding:<press>@<tokens>  kvpress's DecodingPress around <press>: back to <tokens> every
+                                       --buffer + 1 tokens (our lazy eviction's cadence; `PressPolicy.make`)
+    kvpress:<press>                    (h2o tasks) sized like our families, to each --budget-ratio / --budgets
+
+<press> is a kvpress press class in snake case without "Press": snapkv, tova, knorm, streaming_llm,
+expected_attention, keydiff, ... (`press_names()` lists them).
+
+How a press runs, through kvpress's public API as its pipeline does: a `DynamicCache`; the prompt's prefill
+inside `with press(model)` (kvpress hooks transformers' attention layers and compresses the cache after the
+prefill); every later forward outside it. kvpress's cache holds fewer tokens than were seen, so every
+forward passes `position_ids` (the tokens' true positions), as its pipeline does. A decoding press stays
+entered for the whole run. The model runs its stock attention (`h2o.restore`): kvpress hooks it.
+
+What compares: retrieval answers (question-aware: the prompt minus its last token is the prefill), TTFT,
+TPOT and KV bytes. Perplexity does not for a prefill press (it compresses only the first forward, so every
+later token is scored on a growing, uncompressed cache): `ppl_comparable` says so and the commands print
+that instead of a number. A decoding press compresses throughout, so its perplexity is measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+import h2o
+
+PREFIX = "kvpress:"
+KVPRESS_VERSION = "0.5.5"
+_NAME = re.compile(r"kvpress:(?:(decoding):)?([a-z0-9_]+)(?:@([0-9.]+))?")
+
+
+class ValidityError(RuntimeError):
+    """A measurement that would not mean what it claims."""
+
+
+def is_press(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+# --- kvpress: installed, supported, its presses -----------------------------------------------------
+
+def check_kvpress() -> None:
+    """kvpress importable with a transformers it supports; a clear error (before any model loads) if not."""
+    if importlib.util.find_spec("kvpress") is None:
+        raise ValueError("kvpress is not installed: pip install 'h2o-kvcache[kvpress]' (kvpress "
+                         f"{KVPRESS_VERSION}; it needs transformers >= 4.56, < 5.3: tox -e kvpress has that env)")
+    import transformers
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    wanted = next((r.split(";")[0].removeprefix("transformers").strip() for r in
+                   importlib.metadata.requires("kvpress") or [] if re.match(r"transformers\b", r)), "")
+    have = transformers.__version__
+    if wanted and Version(have) not in SpecifierSet(wanted):
+        raise ValueError(f"kvpress {importlib.metadata.version('kvpress')} supports transformers {wanted}, and "
+                         f"transformers {have} is installed: use an environment with a supported one "
+                         "(tox -e kvpress installs transformers 4.57.6)")
+
+
+@lru_cache(maxsize=1)
+def _press_classes() -> dict[str, type]:
+    import kvpress
+
+    out = {}
+    for attr in dir(kvpress):
+        cls = getattr(kvpress, attr)
+        if isinstance(cls, type) and attr.endswith("Press") and issubclass(cls, kvpress.ScorerPress) \
+                and cls is not kvpress.ScorerPress:
+            out[_snake(attr.removesuffix("Press"))] = cls
+    return out
+
+
+def _snake(camel: str) -> str:
+    """A press's name: SnapKV -> snapkv, StreamingLLM -> streaming_llm, ExpectedAttention -> expected_attention,
+    TOVA -> tova, KeyDiff -> keydiff (our rule's spelling), LagKV -> lagkv."""
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", camel).lower().replace("_kv", "kv")
+    return {"key_diff": "keydiff"}.get(name, name)
+
+
+def _press_key(name: str) -> str | None:
+    """The press a spelling means (underscores do not matter: snap_kv = snapkv), or None."""
+    return next((k for k in _press_classes() if k.replace("_", "") == name.replace("_", "")), None)
+
+
+def press_names() -> list[str]:
+    """The kvpress presses usable by name (kvpress's score-based presses: they take a compression ratio)."""
+    check_kvpress()
+    return sorted(_press_classes())
+
+
+@dataclass(frozen=True)
+class PressPolicy:
+    """A kvpress press as the harness runs it (see the module docstring for the names)."""
+
+    press: str
+    decoding: bool = False
+    ratio: float | None = None  # kvpress's compression_ratio (prefill presses spelled @<ratio>)
+    tokens: int | None = None  # kept tokens (@<tokens>; a decoding press's target size)
+
+    evicts = True
+
+    @property
+    def name(self) -> str:
+        size = "" if self.ratio is None and self.tokens is None else \
+            f"@{self.ratio:g}" if self.ratio is not None else f"@{self.tokens}"
+        return f"{PREFIX}{'decoding:' if self.decoding else ''}{self.press}{size}"
+
+    @property
+    def budget(self) -> int | None:
+        """Tokens kept (None for a ratio: it depends on the prompt)."""
+        return self.tokens
+
+    @property
+    def sized(self) -> bool:
+        return self.ratio is not None or self.tokens is not None
+
+    def at(self, tokens: int) -> "PressPolicy":
+        """This press keeping `tokens` (a family-like name sized to a budget)."""
+        return PressPolicy(self.press, self.decoding, None, tokens)
+
+    def kept_after_prefill(self, prompt: int) -> int:
+        """Tokens kvpress keeps of a `prompt`-token prefill (its compute_n_kept)."""
+        from kvpress.utils import compute_n_kept
+
+        return prompt if self.decoding else compute_n_kept(prompt, self.ratio_for(prompt))
+
+    def ratio_for(self, prompt: int) -> float:
+        """The compression ratio of a `prompt`-token prefill: the given one, or the one that keeps `tokens`."""
+        if self.ratio is not None:
+            return self.ratio
+        if self.tokens >= prompt:
+            return 0.0
+        return 1.0 - (self.tokens + 0.5) / prompt  # int(prompt * (1 - ratio)) == tokens
+
+    def make(self, prompt: int, buffer: int):
+        """The kvpress press object for a first forward of `prompt` tokens. A decoding press compresses every
+        `compression_interval` forwards: (buffer + 1) / prompt of them (rounded up), so that token by token it is
+        every buffer + 1 tokens and with chunks about as often in tokens (our lazy eviction's cadence)."""
+        cls = _press_classes()[self.press]
+        if self.decoding:
+            import kvpress
+
+            interval = max(1, -(-(buffer + 1) // prompt))
+            return kvpress.DecodingPress(base_press=cls(), compression_interval=interval, target_size=self.tokens)
+        return cls(compression_ratio=self.ratio_for(prompt))
+
+
+def parse_press(name: str) -> PressPolicy:
+    """The press `name` spells; clear errors for a bad name, a press kvpress lacks, or kvpress missing."""
+    m = _NAME.fullmatch(name)
+    if not m:
+        raise ValueError(f"bad kvpress name {name!r}: use kvpress:<press>@<ratio in (0, 1)>, kvpress:<press>@<tokens>, "
+                         "kvpress:decoding:<press>@<tokens> or (h2o tasks) kvpress:<press>")
+    check_kvpress()
+    decoding, press, size = m[1] == "decoding", _press_key(m[2]), m[3]
+    if press is None:
+        press = m[2]
+        raise ValueError(f"kvpress has no press {press!r}; its score-based presses: {', '.join(press_names())}")
+    ratio = tokens = None
+    if size is not None:
+        if "." in size:
+            ratio = float(size)
+            if not 0 < ratio < 1:
+                raise ValueError(f"{name}: a compression ratio must lie in (0, 1), got {size}")
+            if decoding:
+                raise ValueError(f"{name}: a decoding press keeps a number of tokens (@<tokens>), not a ratio")
+        else:
+            tokens = int(size)
+            if tokens < 1:
+                raise ValueError(f"{name}: must keep at least 1 token, got {size}")
+    elif decoding:
+        raise ValueError(f"{name}: a decoding press needs its target size, kvpress:decoding:{press}@<tokens>")
+    return PressPolicy(press, decoding, ratio, tokens)
+
+
+# --- what every command asks of a policy name ----------------------------------------------------------
+
+def describe(name: str, score: str | None = None):
+    """The policy object of any name the harness takes: ours (`h2o.parse`) or a kvpress press."""
+    return parse_press(name) if is_press(name) else h2o.parse(name, score)
+
+
+def canonical(names: list[str], score: str | None = None) -> list[str]:
+    """Canonical names: ours with their scoring rule spelled out (`h2o.resolve`), presses as they parse."""
+    return [parse_press(n).name if is_press(n) else h2o.resolve([n], score)[0] for n in names]
+
+
+def ppl_comparable(name: str) -> str | None:
+    """None if the policy's perplexity can be measured like ours; else why it cannot."""
+    if is_press(name) and not parse_press(name).decoding:
+        return (f"{name}: a prefill press compresses only the first forward, so perplexity (scored over later "
+                "forwards on a growing, uncompressed cache) would not measure it: not comparable, not measured")
+    return None
+
+
+# --- runners -------------------------------------------------------------------------------------------
+
+class CacheRunner:
+    """One of our policies: a `CompressedCache` (bound: budget + buffer after every forward)."""
+
+    def __init__(self, model, name: str, positions: str = "original", buffer: int = 64):
+        self.model, self.cache = model, h2o.make_cache(model, name, positions=positions, buffer=buffer)
+        self.policy = self.cache.policy
+        self.name, self.evicts = self.policy.name, self.policy.evicts
+        self.bound = None if self.policy.budget is None else self.policy.budget + buffer
+
+    def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        return self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep).logits
+
+    def check(self) -> int:
+        kept = max(self.cache.kept_lengths())
+        if self.bound is not None and kept > self.bound:
+            raise ValidityError(f"{self.name}: a layer holds {kept} tokens, above budget + buffer = {self.bound}")
+        return kept
+
+    def kept_lengths(self) -> list[int]:
+        return self.cache.kept_lengths()
+
+    def kv_bytes(self) -> int:
+        return self.cache.kv_bytes()
+
+    def budget_for(self, prompt: int) -> int | None:
+        return self.policy.budget
+
+    def close(self) -> None:
+        pass
+
+
+class PressRunner:
+    """A kvpress press on a `DynamicCache`, run through kvpress's API (module docstring). `check` holds kvpress
+    to what it promises: a prefill press keeps exactly compute_n_kept(prompt) tokens after the prefill, then one
+    more per token fed; a decoding press never more than its target + one interval."""
+
+    def __init__(self, model, name: str, positions: str = "original", buffer: int = 64):
+        from transformers import DynamicCache
+
+        if positions != "original":
+            raise ValueError(f"{name}: kvpress presses keep the original positions (--positions original)")
+        h2o.restore(model)  # kvpress hooks transformers' own attention
+        self.model, self.policy, self.buffer = model, parse_press(name), buffer
+        self.name, self.evicts = self.policy.name, True
+        self.cache, self.seen, self.longest = DynamicCache(), 0, 0
+        self.expected = None  # a prefill press: tokens it must hold now
+        self._entered = contextlib.ExitStack()
+
+    def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        q = ids.shape[-1]
+        positions = torch.arange(self.seen, self.seen + q, device=ids.device).unsqueeze(0)
+        first = self.seen == 0
+        if first:
+            press = self.policy.make(q, self.buffer)
+            if self.policy.decoding:  # compresses while decoding: entered for the whole run
+                self._entered.enter_context(press(self.model))
+                context = contextlib.nullcontext()
+            else:
+                context = press(self.model)
+            self.expected = self.policy.kept_after_prefill(q)
+        else:
+            context = contextlib.nullcontext()
+            self.expected += q
+        with context:
+            logits = self.model(ids, past_key_values=self.cache, use_cache=True, position_ids=positions,
+                                logits_to_keep=logits_to_keep).logits
+        self.seen += q
+        self.longest = max(self.longest, q)
+        return logits
+
+    def check(self) -> int:
+        kept = max(self.kept_lengths())
+        if self.policy.decoding:
+            bound = self.policy.tokens + self.buffer + 1 + self.longest  # one interval: buffer + 1 tokens, or a chunk
+            if kept > bound:
+                raise ValidityError(f"{self.name}: a layer holds {kept} tokens, above kvpress's target + one "
+                                    f"interval = {bound}")
+        elif set(self.kept_lengths()) != {self.expected}:
+            raise ValidityError(f"{self.name}: layers hold {sorted(set(self.kept_lengths()))} tokens, kvpress's "
+                                f"compute_n_kept says {self.expected}: the press did not compress as it should")
+        return kept
+
+    def kept_lengths(self) -> list[int]:
+        return [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
+                for layer in self.cache.layers]
+
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+
+    def budget_for(self, prompt: int) -> int:
+        return self.policy.tokens if self.policy.decoding else self.policy.kept_after_prefill(prompt)
+
+    def close(self) -> None:
+        self._entered.close()
+
+
+def open_runner(model, name: str, positions: str = "original", buffer: int = 64):
+    """The runner of policy `name`: a kvpress press (`kvpress:` names) or one of ours."""
+    return (PressRunner if is_press(name) else CacheRunner)(model, name, positions=positions, buffer=buffer)
