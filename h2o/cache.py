@@ -62,10 +62,33 @@ class CompressedLayer(DynamicLayer):
         self.length = self.capacity = 0  # slots filled, slots allocated
         self.last_forward = 0  # tokens of the latest update
         self.storage: dict[str, torch.Tensor] = {}  # name -> buffer over `capacity` slots
-        self.times = self.valid = self.pads = self.pre_keys = None
-        self.state: dict[str, torch.Tensor] = {}
+        self.pads = None
         self.has_padding = False  # any kept slot may be padding (a host-side flag: no per-step sync)
         self.unobserved = False  # updated, and its attention has not observed it yet
+
+    # Views of the first `length` slots. `keys` and `values` are attributes (set by `update` and evictions:
+    # transformers reads them, and the attention function checks it got them); the rest are made on access.
+
+    @property
+    def times(self) -> torch.Tensor | None:
+        """[B, H, length] arrival index of the token in each slot."""
+        return self.storage["times"][..., :self.length] if self.storage else None
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """[B, length] True where a slot holds a real, kept token."""
+        return self.storage["valid"][:, :self.length] if self.storage else None
+
+    @property
+    def pre_keys(self) -> torch.Tensor | None:
+        """[B, H, length, D] half-precision reindex only: each kept key without RoPE, rounded once."""
+        return self.storage["pre_keys"][:, :, :self.length] if "pre_keys" in self.storage else None
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The policy's per-slot state {name: [B, H, length] float32}, updated in place by the policy."""
+        return {name: self.storage[f"state.{name}"][..., :self.length] for name in self.policy.state} \
+            if self.storage else {}
 
     @property
     def scores(self) -> torch.Tensor | None:
@@ -86,24 +109,32 @@ class CompressedLayer(DynamicLayer):
         self._allocate(0)
         self.is_initialized = True
 
-    def _allocate(self, capacity: int) -> dict[str, torch.Tensor]:
-        """Fresh buffers of `capacity` slots holding the current first `length` slots; returns the old ones."""
+    def _allocate(self, capacity: int) -> None:
+        """Fresh buffers of `capacity` slots holding the current first `length` slots. Free slots are ready for
+        new tokens: valid True, state zero (a default-state policy's), so an update writes only keys, values, times."""
         old = self.storage
         self.storage = {}
         for name, (shape, dtype) in self._shapes.items():
-            buf = torch.empty(tuple(capacity if n is None else n for n in shape), dtype=dtype, device=self.device)
+            size = tuple(capacity if n is None else n for n in shape)
+            fill = {"valid": torch.ones, **({f"state.{k}": torch.zeros for k in self.policy.state}
+                                            if self._zero_state else {})}.get(name, torch.empty)
+            buf = fill(size, dtype=dtype, device=self.device)
             if old and self.length:
                 _slots(buf, 0, self.length).copy_(_slots(old[name], 0, self.length))
             self.storage[name] = buf
         self.capacity = capacity
-        return old
 
     def _view(self) -> None:
-        """Point keys, values, times, valid, pre_keys and state at the first `length` slots."""
-        views = {name: _slots(buf, 0, self.length) for name, buf in self.storage.items()}
-        self.keys, self.values, self.times, self.valid = views["keys"], views["values"], views["times"], views["valid"]
-        self.pre_keys = views.get("pre_keys")
-        self.state = {name: views[f"state.{name}"] for name in self.policy.state}
+        """Point keys and values at the first `length` slots."""
+        self.keys = self.storage["keys"][:, :, :self.length]
+        self.values = self.storage["values"][:, :, :self.length]
+
+    def _reset_free_slots(self) -> None:
+        """After an eviction: the slots past `length` held evicted tokens; make them ready for new ones."""
+        self.storage["valid"][:, self.length:].fill_(True)
+        if self._zero_state:
+            for name in self.policy.state:
+                self.storage[f"state.{name}"][..., self.length:].zero_()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.unobserved:
@@ -125,11 +156,7 @@ class CompressedLayer(DynamicLayer):
             s["times"][..., start].fill_(self.seen)
         else:
             s["times"][..., start:stop].copy_(torch.arange(self.seen, self.seen + q, device=self.device))
-        s["valid"][:, start:stop].fill_(True)
-        if self._zero_state:
-            for name in self.policy.state:
-                s[f"state.{name}"][..., start:stop].zero_()
-        elif self.policy.state:
+        if self.policy.state and not self._zero_state:  # valid and zero state are ready in free slots
             for name, value in self.policy.initial_state(key_states, value_states).items():
                 s[f"state.{name}"][..., start:stop].copy_(value)
         self.length, self.last_forward = stop, q
@@ -158,9 +185,10 @@ class CompressedLayer(DynamicLayer):
     def observe(self, observation: Observation) -> bool:
         """After attention: the policy updates its state from what attention saw, then the layer evicts
         if it holds more than budget + buffer tokens. Returns whether it evicted."""
-        views = tuple(self.state.values())
-        self.policy.update(self.state, observation, self.seen)
-        if any(a is not b for a, b in zip(views, self.state.values(), strict=True)):
+        state = self.state
+        views = tuple(state.values())
+        self.policy.update(state, observation, self.seen)
+        if any(a is not b for a, b in zip(views, state.values(), strict=True)):
             raise TypeError(f"{type(self.policy).__name__}.update must update its state tensors in place "
                             "(state['x'] += ..., .copy_(...)), not replace them: the cache's storage holds them")
         self.unobserved = False
@@ -238,6 +266,7 @@ class CompressedLayer(DynamicLayer):
             _slots(self.storage[name], 0, n).copy_(tensor)
         self.length = n
         self._view()
+        self._reset_free_slots()
         if self.has_padding:
             self.has_padding = not bool(kept.all())
         return True
