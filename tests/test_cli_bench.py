@@ -35,7 +35,7 @@ def test_bench_on_a_random_model_measures_speed_and_memory_only(tmp_path, capsys
     (["--data-dir", "/nonexistent/corpora"], "wiki.test.raw"),
     (["--text-file", "/nonexistent/file.txt"], "no text file"),
     (["--new-tokens", "1"], "--new-tokens >= 2"),
-    (["--passkey-length", "300"], "holds the whole 300-token passkey prompt"),
+    (["--passkey-length", "300"], "holds the whole 300-token task prompt"),
     (["--passkey-cases", "-1"], "--passkey-cases must be >= 0"),
 ])
 def test_bench_refuses_bad_input_before_loading_anything(tmp_path, capsys, argv, message):

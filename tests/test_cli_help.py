@@ -284,7 +284,7 @@ def test_bench_plot_zooms_ppl_colours_families_marks_tpot_min_and_titles_the_set
         mins = tpot_ax.collections[0].get_offsets()[:, 1].tolist()
         assert mins == [47.0, 34.0, 37.0, 42.0]
         labels = [t.get_text() for t in fig.legends[0].get_texts()]
-        assert labels == ["full cache", "StreamingLLM", "H2O", "other", "TPOT min"]
+        assert labels == ["full cache", "StreamingLLM", "H2O", "other (ours)", "TPOT min"]
         assert setup in fig._suptitle.get_text() and "smollm2-135m" in fig._suptitle.get_text()
     finally:
         from h2o.eval import report

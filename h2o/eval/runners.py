@@ -21,7 +21,9 @@ How a press runs, through kvpress's public API as its pipeline does: a `DynamicC
 inside `with press(model)` (kvpress hooks transformers' attention layers and compresses the cache after the
 prefill); every later forward outside it. kvpress's cache holds fewer tokens than were seen, so every
 forward passes `position_ids` (the tokens' true positions), as its pipeline does. A decoding press stays
-entered for the whole run. The model runs its stock attention (`h2o.restore`): kvpress hooks it.
+entered around every forward of its run (not across other runners' forwards). kvpress hooks the attention modules, not the attention function: a model that also
+runs our caches (h2o's attention function registered) computes kvpress's layers with the stock attention,
+which h2o's passes through for any cache that is not ours, so both kinds interleave in one process.
 
 What compares: retrieval answers (question-aware: the prompt minus its last token is the prefill), TTFT,
 TPOT and KV bytes. Perplexity does not for a prefill press (it compresses only the first forward, so every
@@ -254,31 +256,33 @@ class PressRunner:
 
         if positions != "original":
             raise ValueError(f"{name}: kvpress presses keep the original positions (--positions original)")
-        h2o.restore(model)  # kvpress hooks transformers' own attention
         self.model, self.policy, self.buffer = model, parse_press(name), buffer
         self.name, self.evicts = self.policy.name, True
         self.cache, self.seen, self.longest = DynamicCache(), 0, 0
+        self.press = None  # made at the first forward (a prefill press's ratio depends on the prompt length)
         self.expected = None  # a prefill press: tokens it must hold now
-        self._entered = contextlib.ExitStack()
+        self.decoding_state = None  # a decoding press's step counts and buffers between this runner's forwards
 
     def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         q = ids.shape[-1]
         positions = torch.arange(self.seen, self.seen + q, device=ids.device).unsqueeze(0)
-        first = self.seen == 0
-        if first:
-            press = self.policy.make(q, self.buffer)
-            if self.policy.decoding:  # compresses while decoding: entered for the whole run
-                self._entered.enter_context(press(self.model))
-                context = contextlib.nullcontext()
-            else:
-                context = press(self.model)
+        if self.seen == 0:
+            self.press = self.policy.make(q, self.buffer)
             self.expected = self.policy.kept_after_prefill(q)
         else:
-            context = contextlib.nullcontext()
             self.expected += q
-        with context:
+        # kvpress's hooks act on every forward of the model while entered, whatever the cache: entered around this
+        # runner's own forwards only (the prefill; every forward for a decoding press), so that runners
+        # interleaved in one process never touch each other. A DecodingPress resets its step counts and hidden
+        # state buffers on exit; they are carried over from one of this runner's forwards to the next.
+        entered = self.seen == 0 or self.policy.decoding
+        with self.press(self.model) if entered else contextlib.nullcontext():
+            if self.policy.decoding and self.decoding_state is not None:
+                self.press.hidden_states_buffer, self.press.layer_step_counts = self.decoding_state
             logits = self.model(ids, past_key_values=self.cache, use_cache=True, position_ids=positions,
                                 logits_to_keep=logits_to_keep).logits
+            if self.policy.decoding:
+                self.decoding_state = self.press.hidden_states_buffer, self.press.layer_step_counts
         self.seen += q
         self.longest = max(self.longest, q)
         return logits
@@ -307,7 +311,7 @@ class PressRunner:
         return self.policy.tokens if self.policy.decoding else self.policy.kept_after_prefill(prompt)
 
     def close(self) -> None:
-        self._entered.close()
+        pass
 
 
 def open_runner(model, name: str, positions: str = "original", buffer: int = 64):

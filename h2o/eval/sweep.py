@@ -223,7 +223,7 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
         for r in rows:
             k = kept[r["policy"]]
             r["passkey_kept"] = (f"{k['full_solved']}/{k['cases']}" if r["policy"] == "full"
-                                 else f"{k['policy_solved']}/{k['full_solved']}")
+                                 else f"{k['policy_solved']}/{k['control']}")
             r["passkey_kept_share"] = k["kept_share"]
         notes.append(note)
     return rows, f"PPL on {source}, {mode}, BOS {'on' if args.bos else 'off'}"

@@ -194,7 +194,8 @@ def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer)
     p = describe(name)
     return {"task": case.task, "length": case.length, "depth": case.depth, "index": case.index,
             "protocol": protocol, "policy": label, "budget": budget, "policy_name": p.name,
-            "budget_tokens": answer.budget_tokens, "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
+            "budget_tokens": answer.budget_tokens if answer.budget_tokens is not None else p.budget,
+            "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
             "compressed": answer.compressed if p.evicts else None, "score": answer.score, "solved": answer.solved,
             "full_solved": full.solved, "references": " | ".join(case.references), "answer": answer.text,
             "source": case.source}
@@ -216,6 +217,7 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
                    r["budget_tokens"] / r["prompt_tokens"] for r in group),
                "cases": len(group), "not_compressed": len(group) - len(scored),
                "full_solved": sum(r["full_solved"] for r in group),
+               "control": len(control) if policy != "full" else None,  # full-solved cases it was scored on
                "policy_solved": solved if policy != "full" else None,
                "kept_share": solved / len(control) if enough and control and policy != "full" else None,
                "policy_accuracy": statistics.mean(r["score"] for r in group),
