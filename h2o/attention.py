@@ -100,6 +100,41 @@ def last_query_row(query, key, mask, scaling):
     return logits.softmax(dim=-1).mean(dim=2)
 
 
+def value_weighted_mass(query, key, value, mask, scaling, query_valid=None, block_elements=None):
+    """Each key's share of each query's value-weighted attention, summed over the real queries (keys_values'
+    h2o-vlen): per query, the group-averaged attention row times ||v||_2, renormalised to sum to one.
+    float32 [B, Hkv, L]; blocked like `attention_mass`."""
+    b, hq, q, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    groups = hq // hkv
+    grouped = query.view(b, hkv, groups, q, d)
+    keys_t = key.to(torch.float32).transpose(-1, -2)
+    norms = value.to(torch.float32).norm(dim=-1)  # [B, Hkv, L]
+    out = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device)
+    step = max(1, (block_elements or score_block_elements(key.device)) // max(1, b * hq * length))
+    for start in range(0, q, step):
+        stop = min(q, start + step)
+        visible = length - q + stop
+        block = grouped[:, :, :, start:stop].reshape(b, hkv, groups * (stop - start), d).to(torch.float32)
+        logits = torch.matmul(block, keys_t[..., :visible]).view(b, hkv, groups, stop - start, visible) * scaling
+        if mask is not None:
+            logits.masked_fill_(~mask[:, :, start:stop, :visible].unsqueeze(2), -torch.inf)
+        elif stop - start > 1:
+            rows = torch.arange(start, stop, device=key.device).unsqueeze(-1) + (length - q)
+            logits.masked_fill_(torch.arange(visible, device=key.device) > rows, -torch.inf)
+        out[..., :visible] += _vlen_share(logits.softmax(dim=-1), norms[..., :visible], query_valid, start, stop)
+    return out
+
+
+def _vlen_share(probs, norms, query_valid, start, stop):
+    """probs [B, Hkv, G, n, V], norms [B, Hkv, V] -> [B, Hkv, V]: h2o-vlen's per-query shares, summed."""
+    weighted = probs.mean(dim=2) * norms.unsqueeze(2)  # [B, Hkv, n, V]
+    weighted = weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    if query_valid is not None:
+        weighted = weighted * query_valid[:, None, start:stop, None]
+    return weighted.sum(dim=2)
+
+
 def query_counts(key, mask, q, query_valid):
     """How many of the q new real queries saw each kept key: float32 [B, 1, L]."""
     b, length = key.shape[0], key.shape[2]
@@ -113,21 +148,27 @@ def query_counts(key, mask, q, query_valid):
 
 
 def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=frozenset(), query_weights=None,
-                    block_elements=None):
+                    block_elements=None, with_vmass=False):
     """Attention output and observations in one pass over the keys: (output [B, q, Hq, Dv] laid out as
     sdpa_attention_forward returns it, mass or None, last or None).
 
     Per block of queries: logits = q k^T (float32), probabilities = softmax (float32), output =
     probabilities @ v (in the model dtype, as eager attention), and, from the same probabilities, the mass
     each key received (`attention_mass`'s definition) and the newest query's row (`last_query_row`'s).
-    Equal to SDPA within floating-point tolerance; no second QK^T.
+    Equal to SDPA within floating-point tolerance; no second QK^T. With `with_vmass`, a fourth result: the
+    h2o-vlen observation (`value_weighted_mass`'s definition) if "vmass" is wanted, else None.
     """
     b, hq, q, d = query.shape
     hkv, length, dv = key.shape[1], key.shape[2], value.shape[-1]
     groups = hq // hkv
     half = key.dtype != torch.float32
+    vnorms = value.to(torch.float32).norm(dim=-1) if "vmass" in wants else None
+    vmass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device) if "vmass" in wants else None
     if q == 1:
-        return _decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half)
+        out, mass, last, probs = _decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half)
+        if vmass is not None:
+            vmass = _vlen_share(probs.unsqueeze(3), vnorms, query_valid, 0, 1)
+        return (out, mass, last, vmass) if with_vmass else (out, mass, last)
     grouped = query.view(b, hkv, groups, q, d)
     keys_t = (key.to(torch.float32) if half else key).transpose(-1, -2)  # [B, Hkv, D, L]
     mass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device) if "mass" in wants else None
@@ -153,13 +194,16 @@ def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=fr
         out[:, :, :, start:stop] = block_out.view(b, hkv, groups, n, dv)
         if "last" in wants and stop == q:  # the newest query sees every kept key (visible == length)
             last = probs[:, :, :, -1].mean(dim=2)
+        if vmass is not None:
+            vmass[..., :visible] += _vlen_share(probs, vnorms[..., :visible], query_valid, start, stop)
         if mass is not None:
             if query_valid is not None:
                 probs = probs * query_valid[:, None, None, start:stop, None]
             if query_weights is not None:
                 probs = probs * query_weights[start:stop].to(probs.device, torch.float32).view(1, 1, 1, -1, 1)
             mass[..., :visible] += probs.sum(dim=(2, 3))
-    return out.reshape(b, hq, q, dv).transpose(1, 2).contiguous(), mass, last
+    out = out.reshape(b, hq, q, dv).transpose(1, 2).contiguous()
+    return (out, mass, last, vmass) if with_vmass else (out, mass, last)
 
 
 def _decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half):
@@ -188,7 +232,7 @@ def _decode_step(query, key, value, mask, scaling, wants, query_valid, query_wei
             mass *= query_weights[-1].to(torch.float32)
     if "last" in wants:
         last = probs.mean(dim=2)
-    return out.view(b, 1, hq, dv), mass, last
+    return out.view(b, 1, hq, dv), mass, last, probs
 
 
 def fusable(inner, module, kwargs) -> bool:
@@ -200,7 +244,7 @@ def fusable(inner, module, kwargs) -> bool:
             and not {"s_aux", "sinks"} & kwargs.keys())
 
 
-def observe(policy, query, key, mask, scaling, query_valid) -> Observation:
+def observe(policy, query, key, value, mask, scaling, query_valid) -> Observation:
     """Exactly the observations `policy.observes` asks for (nothing else is computed)."""
     wants = policy.observes
     q = query.shape[-2]
@@ -210,6 +254,7 @@ def observe(policy, query, key, mask, scaling, query_valid) -> Observation:
         if "mass" in wants else None,
         last=last_query_row(query, key, mask, scaling) if "last" in wants else None,
         count=query_counts(key, mask, q, query_valid) if "count" in wants else None,
+        vmass=value_weighted_mass(query, key, value, mask, scaling, query_valid) if "vmass" in wants else None,
     )
 
 
@@ -231,15 +276,16 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     policy = layer.policy
     wants = policy.observes
-    if wants & {"mass", "last"} and fusable(inner, module, kwargs):
+    if wants & {"mass", "last", "vmass"} and fusable(inner, module, kwargs):
         q = query.shape[-2]
-        out, mass, last = fused_attention(query, key, value, mask, scale, new_valid, wants,
-                                          policy.query_weights(q, key.device) if "mass" in wants else None)
+        out, mass, last, vmass = fused_attention(query, key, value, mask, scale, new_valid, wants,
+                                                 policy.query_weights(q, key.device) if "mass" in wants else None,
+                                                 with_vmass=True)
         count = query_counts(key, mask, q, new_valid) if "count" in wants else None
-        layer.observe(Observation(queries=q, mass=mass, last=last, count=count))
+        layer.observe(Observation(queries=q, mass=mass, last=last, count=count, vmass=vmass))
         return out, None
     out = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
-    layer.observe(observe(policy, query, key, mask, scale, new_valid))
+    layer.observe(observe(policy, query, key, value, mask, scale, new_valid))
     return out
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from h2o.attention import attention_mass, fused_attention, last_query_row
+from h2o.attention import attention_mass, fused_attention, last_query_row, value_weighted_mass
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
@@ -47,14 +47,17 @@ def test_one_pass_equals_sdpa_and_the_scoring_pass(dtype, masked, q, length, blo
     valid = torch.ones(2, q, dtype=torch.bool)
     valid[1, : q // 3] = False  # some padding queries in row 1: they add no mass
     weights = torch.linspace(0.2, 1.0, q, dtype=torch.float64)
-    out, mass, last = fused_attention(query, key, value, mask, scaling, valid, frozenset({"mass", "last"}), weights,
-                                      block_elements=block)
+    out, mass, last, vmass = fused_attention(query, key, value, mask, scaling, valid,
+                                             frozenset({"mass", "last", "vmass"}), weights, block_elements=block,
+                                             with_vmass=True)
     assert out.shape == (2, q, 6, 16) and out.dtype == dtype and out.is_contiguous()
     torch.testing.assert_close(out.float(), sdpa_reference(query, key, value, mask, scaling), **TOL[dtype])
     assert mass.dtype == last.dtype == torch.float32  # scores in float32 whatever the model dtype
     torch.testing.assert_close(mass, attention_mass(query, key, mask, scaling, valid, query_weights=weights),
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last, last_query_row(query, key, mask, scaling), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(vmass, value_weighted_mass(query, key, value, mask, scaling, valid), rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_one_pass_computes_only_what_is_asked():

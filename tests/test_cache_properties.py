@@ -40,7 +40,8 @@ def random_observation(policy, batch, length, g) -> Observation:
     return Observation(mass=rand() if "mass" in policy.observes else None,
                        last=rand().softmax(-1) if "last" in policy.observes else None,
                        count=torch.randint(0, 5, (batch, 1, length), generator=g).float()
-                       if "count" in policy.observes else None)
+                       if "count" in policy.observes else None,
+                       vmass=rand() if "vmass" in policy.observes else None)
 
 
 def at_tokens(obs: Observation, times: torch.Tensor, total: int) -> Observation:
@@ -51,7 +52,7 @@ def at_tokens(obs: Observation, times: torch.Tensor, total: int) -> Observation:
         out = torch.zeros(*x.shape[:2], total)
         out.scatter_(2, times[:, : x.shape[1]].expand(-1, x.shape[1], -1), x)
         return out
-    return Observation(mass=spread(obs.mass), last=spread(obs.last), count=spread(obs.count))
+    return Observation(mass=spread(obs.mass), last=spread(obs.last), count=spread(obs.count), vmass=spread(obs.vmass))
 
 
 @pytest.mark.parametrize("cls", EVICTING, ids=[c.NAME for c in EVICTING])

@@ -37,6 +37,10 @@ def naive_scores(rule: str, probs, keys, values):
         return mass * values.abs().sum(-1)
     if rule == "vatp_mean":
         return mass / seen_by * values.abs().sum(-1)
+    if rule in ("vlen_sum", "vlen_mean"):
+        weighted = g.mean(dim=2) * values.norm(dim=-1).unsqueeze(2)  # [B, Hkv, q, k]: group mean x ||v||_2
+        vmass = (weighted / weighted.sum(dim=-1, keepdim=True)).sum(dim=2)
+        return vmass if rule == "vlen_sum" else vmass / seen_by
     if rule == "knorm":
         return -keys.norm(dim=-1)
     if rule == "snapkv":
@@ -57,7 +61,8 @@ CASES = {"h2o_sum": f"h2o_{SINKS}_{RECENT}_{BUDGET}_sum", "h2o_mean": f"h2o_{SIN
          "tova": f"tova_{SINKS}_{RECENT}_{BUDGET}", "a2sf": f"a2sf_{SINKS}_{RECENT}_{BUDGET}_0.9",
          "vatp_sum": f"vatp_{SINKS}_{RECENT}_{BUDGET}_sum", "vatp_mean": f"vatp_{SINKS}_{RECENT}_{BUDGET}_mean",
          "knorm": f"knorm_{SINKS}_{RECENT}_{BUDGET}", "keydiff": f"keydiff_{SINKS}_{RECENT}_{BUDGET}",
-         "snapkv": f"snapkv_{SINKS}_{RECENT}_{BUDGET}_4", "caote": f"caote_{SINKS}_{RECENT}_{BUDGET}"}
+         "snapkv": f"snapkv_{SINKS}_{RECENT}_{BUDGET}_4", "caote": f"caote_{SINKS}_{RECENT}_{BUDGET}",
+         "vlen_sum": f"vlen_{SINKS}_{RECENT}_{BUDGET}_sum", "vlen_mean": f"vlen_{SINKS}_{RECENT}_{BUDGET}_mean"}
 
 
 def test_every_registered_rule_has_a_naive_reference():

@@ -55,6 +55,9 @@ policy families and budgets):
                                 e.g. a2sf_4_32_256_0.95
   vatp_<sinks>_<recent>_<budget>[_mean|_sum]
                                 VATP: H2O's score x the value's L1 norm, e.g. vatp_4_32_256
+  vlen_<sinks>_<recent>_<budget>[_mean|_sum]
+                                keys_values' h2o-vlen: H2O over attention x the value's L2 norm,
+                                renormalised per query, e.g. vlen_4_32_256
   knorm_<sinks>_<recent>_<budget>
                                 the keys with the lowest L2 norm, e.g. knorm_4_32_256
   keydiff_<sinks>_<recent>_<budget>

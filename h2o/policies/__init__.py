@@ -128,9 +128,10 @@ from .knorm import KNorm  # noqa: E402
 from .keydiff import KeyDiff  # noqa: E402
 from .snapkv import SnapKV  # noqa: E402
 from .caote import CAOTE  # noqa: E402
+from .vlen import VLen  # noqa: E402
 from .recommendation import recommended  # noqa: E402
 
 __all__ = ["Policy", "Observation", "OBSERVATIONS", "register_policy", "registered", "policy_names", "parse",
            "families", "at_budget",
-           "resolve", "keep_indices", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "recommended",
+           "resolve", "keep_indices", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "recommended",
            "DEFAULT_SCORE", "SCORE_RULES"]

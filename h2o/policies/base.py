@@ -15,6 +15,9 @@ The contract between attention, cache and policy, for one forward of one compres
      `Policy.query_weights` when the policy gives weights: a decayed sum);
    - ``last``  [B, Hkv, L]: the newest query's attention row, averaged over the group's query heads;
    - ``count`` [B, 1, L]: how many of the new real queries saw each key;
+   - ``vmass`` [B, Hkv, L]: each key's share of each new query's value-weighted attention (the group-
+     averaged attention times the value's L2 norm, renormalised per query: keys_values' h2o-vlen),
+     summed over the new real queries;
    and always ``queries``, the number of new queries.
    Key and value norms are not observations: a policy reads them from the new keys and values in
    `initial_state`, once per token.
@@ -37,7 +40,7 @@ from typing import ClassVar
 
 import torch
 
-OBSERVATIONS = ("mass", "last", "count")
+OBSERVATIONS = ("mass", "last", "count", "vmass")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Observation:
     mass: torch.Tensor | None = None
     last: torch.Tensor | None = None
     count: torch.Tensor | None = None
+    vmass: torch.Tensor | None = None
 
 
 class Policy:
