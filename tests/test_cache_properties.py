@@ -14,10 +14,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from h2o.cache import CompressedLayer, UnobservedError, take_pending
-from h2o.policies import SCORE_RULES, Observation, Streaming, registered
+from h2o.policies import SCORE_RULES, Observation, Streaming, parse, registered
 
 HEADS, DIM = 2, 3
-EVICTING = [cls for cls in registered().values() if cls.evicts]
+
+
+class Composed:
+    """SnapKV then a decode rule (snapkv_..+<rule>): sized like a registered class, for the same properties."""
+
+    has_score = False
+
+    def __init__(self, rule):
+        self.rule, self.__name__ = rule, f"snapkv+{rule}"
+
+    def sized(self, sinks, recent, budget):
+        return parse(f"snapkv_{sinks}_{recent}_{budget}_{min(3, budget)}+{self.rule}")
+
+
+EVICTING = [cls for cls in registered().values() if cls.evicts] + [Composed("tova"), Composed("h2o_mean"),
+                                                                     Composed("vatp_sum")]
 
 
 @st.composite
@@ -35,9 +50,9 @@ def layer_run(draw, cls):
     return policy, buffer, pads, [prefill] + chunks, draw(st.integers(0, 2**31 - 1))
 
 
-def random_observation(policy, batch, length, g) -> Observation:
+def random_observation(policy, batch, length, g, queries=1) -> Observation:
     rand = lambda: torch.rand(batch, HEADS, length, generator=g)
-    return Observation(mass=rand() if "mass" in policy.observes else None,
+    return Observation(queries=queries, mass=rand() if "mass" in policy.observes else None,
                        last=rand().softmax(-1) if "last" in policy.observes else None,
                        count=torch.randint(0, 5, (batch, 1, length), generator=g).float()
                        if "count" in policy.observes else None,
@@ -52,10 +67,11 @@ def at_tokens(obs: Observation, times: torch.Tensor, total: int) -> Observation:
         out = torch.zeros(*x.shape[:2], total)
         out.scatter_(2, times[:, : x.shape[1]].expand(-1, x.shape[1], -1), x)
         return out
-    return Observation(mass=spread(obs.mass), last=spread(obs.last), count=spread(obs.count), vmass=spread(obs.vmass))
+    return Observation(queries=obs.queries, mass=spread(obs.mass), last=spread(obs.last), count=spread(obs.count),
+                       vmass=spread(obs.vmass))
 
 
-@pytest.mark.parametrize("cls", EVICTING, ids=[c.NAME for c in EVICTING])
+@pytest.mark.parametrize("cls", EVICTING, ids=[getattr(c, "NAME", c.__name__) for c in EVICTING])
 def test_layer_invariants(cls):
     @settings(max_examples=60, deadline=None)
     @given(layer_run(cls))
@@ -78,7 +94,7 @@ def test_layer_invariants(cls):
                 new_valid = torch.arange(q).unsqueeze(0) >= torch.tensor(pads).unsqueeze(1)
                 layer.mark_padding(new_valid)
             length = keys.shape[-2]
-            obs = random_observation(policy, batch, length, g)
+            obs = random_observation(policy, batch, length, g, q)
             twin.observe(at_tokens(obs, layer.times, seen + q))
             seen += q
             evicted = layer.observe(obs)

@@ -21,6 +21,7 @@ from tiny import tiny_model, token_ids
 FAMILIES = ["llama", "gpt_neox", "qwen2", "qwen3", "mistral"]
 # every registered evicting rule, at tiny sizes: a new rule gets these oracles by being registered
 RULES = [cls for cls in h2o.policies.registered().values() if cls.evicts]
+COMPOSED = ["snapkv_2_4_12_4+tova", "snapkv_2_4_12_4+h2o_mean"]  # SnapKV's prompt rule, then a decode rule
 ATTN = ["sdpa", "eager"]
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -108,7 +109,8 @@ def masked_oracle_logits(model, ids, prefill, kept):
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("policy, buffer", [("h2o_2_4_12_sum", 0), ("h2o_2_4_12_mean", 3), ("streaming_2_10", 2)]
-                         + [(cls.sized(2, 4, 12).name, 1) for cls in RULES if cls.NAME not in ("h2o", "streaming")])
+                         + [(cls.sized(2, 4, 12).name, 1) for cls in RULES if cls.NAME not in ("h2o", "streaming")]
+                         + [(name, 1) for name in COMPOSED])
 def test_eviction_equals_full_attention_with_evicted_tokens_masked(family, attn, policy, buffer):
     model = tiny_model(family, attn)
     ids = token_ids(48, batch=2)

@@ -150,3 +150,28 @@ def test_recommended_is_a_measured_rule_at_any_budget_and_a_name_everywhere():
             h2o.recommended(bad)
     with pytest.raises(ValueError, match="does not apply"):
         h2o.parse("recommended_256", score="sum")
+
+
+def test_snapkv_hands_over_to_the_decode_rule():
+    """snapkv_..+tova: SnapKV ranks after the prompt; from the first one-token forward on, every slot is ranked
+    by TOVA's newest-query row, the prompt's SnapKV score no longer counts."""
+    from h2o.cache import CompressedLayer, take_pending
+    from h2o.policies import Observation
+    policy = h2o.parse("snapkv_0_1_4_2+tova")
+    assert policy.name == "snapkv_0_1_4_2+tova" and h2o.parse(policy.name) == policy
+    layer = CompressedLayer(policy, buffer=0, reindex=False)
+    x = torch.zeros(1, 1, 6, 2)
+    layer.update(x, x)
+    take_pending(layer.keys)
+    prompt_mass = torch.tensor([[[0.0, 5.0, 0.1, 4.0, 0.2, 3.0]]])
+    layer.observe(Observation(queries=6, mass=prompt_mass))
+    # pooled over 5 neighbours (real ones only): 1.7, 2.275, 1.86, 2.46, 1.825 for tokens 0-4; token 5 is recent
+    assert layer.times[0, 0].tolist() == [1, 2, 3, 5]
+    layer.update(x[:, :, :1], x[:, :, :1])
+    take_pending(layer.keys)
+    row = torch.tensor([[[0.5, 0.0, 0.3, 0.1, 0.1]]])  # the newest query's row over tokens 1, 2, 3, 5, 6
+    layer.observe(Observation(queries=1, last=row, mass=row))
+    assert layer.times[0, 0].tolist() == [1, 3, 5, 6]  # TOVA's choice (token 6 recent); SnapKV's would keep 2
+    assert layer.state["decoding"].eq(1).all()
+    with pytest.raises(ValueError, match="decode-time rule"):
+        h2o.parse("snapkv_4_32_256_16+streaming")

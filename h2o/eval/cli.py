@@ -62,9 +62,10 @@ policy families and budgets):
                                 the keys with the lowest L2 norm, e.g. knorm_4_32_256
   keydiff_<sinks>_<recent>_<budget>
                                 KeyDiff: the keys least like the mean key, e.g. keydiff_4_32_256
-  snapkv_<sinks>_<recent>_<budget>_<window>
+  snapkv_<sinks>_<recent>_<budget>_<window>[+<rule>]
                                 SnapKV: prompt keys by the attention of the last <window> prompt
-                                queries (question-aware), then H2O's sum, e.g. snapkv_4_32_256_16
+                                queries (question-aware), then H2O's sum, e.g. snapkv_4_32_256_16;
+                                +<rule>: then any decode-time rule, e.g. snapkv_4_32_256_16+tova
   caote_<sinks>_<recent>_<budget>
                                 CAOTE: keep the tokens whose eviction would move the newest
                                 query's attention output most, e.g. caote_4_32_256
