@@ -289,12 +289,15 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
     return out
 
 
-def h2o_sdpa(module, query, key, value, attention_mask, **kwargs):
-    return _compressed_attention(sdpa_attention_forward, module, query, key, value, attention_mask, **kwargs)
+# `dropout` may come positionally (kvpress's attention patch wraps every registered function that way).
+
+def h2o_sdpa(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+    return _compressed_attention(sdpa_attention_forward, module, query, key, value, attention_mask, dropout=dropout,
+                                 **kwargs)
 
 
-def h2o_eager(module, query, key, value, attention_mask, **kwargs):
-    return _compressed_attention(_eager_inner, module, query, key, value, attention_mask, **kwargs)
+def h2o_eager(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+    return _compressed_attention(_eager_inner, module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 
 
 def register() -> None:

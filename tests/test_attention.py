@@ -84,3 +84,17 @@ def test_score_blocks_are_sized_per_device(monkeypatch):
     whole = fused_attention(query, key, value, None, 0.3, None, frozenset({"mass"}))
     torch.testing.assert_close(small[0], whole[0])
     torch.testing.assert_close(small[1], whole[1])
+
+
+def test_attention_functions_take_dropout_positionally():
+    """kvpress wraps every registered attention function and passes dropout as the sixth positional argument."""
+    from h2o.attention import h2o_eager, h2o_sdpa
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    query, key, value, _ = case(4, 10, torch.float32, False)
+    expect, _ = sdpa_attention_forward(module, query, key, value, None, 0.0, scaling=0.3)
+    out, _ = h2o_sdpa(module, query, key, value, None, 0.0, scaling=0.3)  # not a compressed layer's: passes through
+    torch.testing.assert_close(out, expect)
+    assert h2o_eager.__code__.co_varnames[5] == "dropout"

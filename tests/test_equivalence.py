@@ -68,7 +68,7 @@ def test_full_policy_leaves_the_model_alone_and_matches_generate():
 _ORACLE_MASKS = {}
 
 
-def _oracle_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Eager attention over the whole sequence with a per-layer, per-KV-head boolean mask."""
     groups = query.shape[1] // key.shape[1]
     allowed = _ORACLE_MASKS[module.layer_idx].repeat_interleave(groups, dim=1)
