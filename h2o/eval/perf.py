@@ -109,10 +109,9 @@ def prefills(session, ids, policies: dict[str, str], rounds: int) -> dict[str, l
     bar = session.progress(total=rounds * len(order), desc="prefills")
     for r in range(rounds):
         for key in order[r % len(order):] + order[:r % len(order)]:
-            cache = session_cache(model, policies[key], a)
+            cache = session_cache(model, policies[key], a)  # fresh each round (the last one's is dropped here)
             seconds, _ = _timed(device, lambda: _step(model, prompt, cache))
             times[key].append(seconds)
-            del cache
             bar.update()
     bar.close()
     return times

@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import h2o
-
 from .runners import ValidityError, open_runner
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import h2o
-from h2o.policies import parse, resolve
+from h2o.policies import resolve
 
 from . import data, models, report, retrieval
 from .runners import canonical, describe, is_press, open_runner
