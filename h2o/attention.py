@@ -35,9 +35,9 @@ from .cache import take_pending
 from .policies import Observation
 
 # Attention-probability block materialised per step of a long forward's blocked attention (float32
-# elements), per device type. CPU: 4 MiB, the fastest of 2^18..2^24 on 2 cores (one 2048-token prefill, 9
-# query heads: 74, 65, 72, 91, 101, 154 ms for 2^18..2^23; `benchmarks/test_score_blocks.py` times it);
-# cache-sized blocks win. CUDA: 1 GiB, so that a 32k-token prompt with 32 heads still takes 256 queries per
+# elements), per device type. CPU: 4 MiB, the fastest of 2^18..2^30 on 2 cores (`benchmarks/test_score_blocks.py`
+# --device cpu, one layer's 2048-token prefill, 9 query heads: 77, 58, 64, 107, 170, 167, 180 ms for 2^18, 2^20,
+# ..., 2^30); cache-sized blocks win. CUDA: 1 GiB, so that a 32k-token prompt with 32 heads still takes 256 queries per
 # block (at 4 MiB it would take one: tens of thousands of kernel launches per layer). H2O_SCORE_BLOCK_ELEMENTS
 # overrides both.
 SCORE_BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 28}
