@@ -52,21 +52,15 @@ def score_block_elements(device: torch.device | str) -> int:
     return SCORE_BLOCK_ELEMENTS.get(torch.device(device).type, SCORE_BLOCK_ELEMENTS["cpu"])
 
 
-def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=None, query_weights=None):
-    """Attention each key received, summed over queries and over the query heads of its KV head.
-
-    query [B, Hq, q, D], key [B, Hkv, L, D] (the last q keys belong to the queries),
-    mask bool [B, 1, q, L] or None (plain causal), query_valid bool [B, q] or None,
-    query_weights float [q] or None (each query's weight in the sum).
-    Returns float32 [B, Hkv, L]. Queries are taken in blocks of about `block_elements`
-    probabilities, and each block only reads the keys its queries can see.
-    """
+def _probability_blocks(query, key, mask, scaling, block_elements=None):
+    """The float32 attention probabilities of the queries, block by block: (start, stop, visible, probs
+    [B, Hkv, G, stop - start, visible]). Blocks hold about `block_elements` probabilities, and each reads only
+    the keys its queries can see (the last q keys belong to the queries)."""
     b, hq, q, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     groups = hq // hkv
     grouped = query.view(b, hkv, groups, q, d)
     keys_t = key.to(torch.float32).transpose(-1, -2)  # [B, Hkv, D, L]
-    mass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device)
     step = max(1, (block_elements or score_block_elements(key.device)) // max(1, b * hq * length))
     for start in range(0, q, step):
         stop = min(q, start + step)
@@ -79,7 +73,19 @@ def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=N
         elif stop - start > 1:
             rows = torch.arange(start, stop, device=key.device).unsqueeze(-1) + (length - q)
             logits.masked_fill_(torch.arange(visible, device=key.device) > rows, -torch.inf)
-        probs = logits.softmax(dim=-1)
+        yield start, stop, visible, logits.softmax(dim=-1)
+
+
+def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=None, query_weights=None):
+    """Attention each key received, summed over queries and over the query heads of its KV head.
+
+    query [B, Hq, q, D], key [B, Hkv, L, D] (the last q keys belong to the queries),
+    mask bool [B, 1, q, L] or None (plain causal), query_valid bool [B, q] or None,
+    query_weights float [q] or None (each query's weight in the sum).
+    Returns float32 [B, Hkv, L], computed block by block (`_probability_blocks`).
+    """
+    mass = torch.zeros(key.shape[0], key.shape[1], key.shape[2], dtype=torch.float32, device=key.device)
+    for start, stop, visible, probs in _probability_blocks(query, key, mask, scaling, block_elements):
         if query_valid is not None:
             probs *= query_valid[:, None, None, start:stop, None]
         if query_weights is not None:
@@ -103,26 +109,11 @@ def last_query_row(query, key, mask, scaling):
 def value_weighted_mass(query, key, value, mask, scaling, query_valid=None, block_elements=None):
     """Each key's share of each query's value-weighted attention, summed over the real queries (keys_values'
     h2o-vlen): per query, the group-averaged attention row times ||v||_2, renormalised to sum to one.
-    float32 [B, Hkv, L]; blocked like `attention_mass`."""
-    b, hq, q, d = query.shape
-    hkv, length = key.shape[1], key.shape[2]
-    groups = hq // hkv
-    grouped = query.view(b, hkv, groups, q, d)
-    keys_t = key.to(torch.float32).transpose(-1, -2)
+    float32 [B, Hkv, L], computed block by block (`_probability_blocks`)."""
     norms = value.to(torch.float32).norm(dim=-1)  # [B, Hkv, L]
-    out = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device)
-    step = max(1, (block_elements or score_block_elements(key.device)) // max(1, b * hq * length))
-    for start in range(0, q, step):
-        stop = min(q, start + step)
-        visible = length - q + stop
-        block = grouped[:, :, :, start:stop].reshape(b, hkv, groups * (stop - start), d).to(torch.float32)
-        logits = torch.matmul(block, keys_t[..., :visible]).view(b, hkv, groups, stop - start, visible) * scaling
-        if mask is not None:
-            logits.masked_fill_(~mask[:, :, start:stop, :visible].unsqueeze(2), -torch.inf)
-        elif stop - start > 1:
-            rows = torch.arange(start, stop, device=key.device).unsqueeze(-1) + (length - q)
-            logits.masked_fill_(torch.arange(visible, device=key.device) > rows, -torch.inf)
-        out[..., :visible] += _vlen_share(logits.softmax(dim=-1), norms[..., :visible], query_valid, start, stop)
+    out = torch.zeros_like(norms)
+    for start, stop, visible, probs in _probability_blocks(query, key, mask, scaling, block_elements):
+        out[..., :visible] += _vlen_share(probs, norms[..., :visible], query_valid, start, stop)
     return out
 
 

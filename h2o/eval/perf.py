@@ -22,12 +22,12 @@ import time
 
 import torch
 
-import h2o
 from h2o.policies import parse
 
 from . import report
 from .command import add_text_options, load_text
-from .speed import _step, sync
+from .runners import open_runner
+from .speed import _run_step, sync
 
 NAME = "perf"
 HELP = "bookkeeping cost: decode-step and prefill time ratios against their floors, KV bytes vs tokens"
@@ -85,16 +85,15 @@ def decode_steps(session, ids, policies: dict[str, str], budget: int, steps: int
     """Per configuration, the time of each of `steps` decode steps, the configurations interleaved."""
     a, model, device = session.args, session.model, session.device
     prompt = ids[:, :a.prompt].to(device)
-    caches = {key: session_cache(model, name, a) for key, name in policies.items()}
-    caches["full"] = session_cache(model, "full", a)
-    nxt = {key: _step(model, prompt if key != "full" else prompt[:, -budget:], cache)
-           for key, cache in caches.items()}
+    caches = {key: open_runner(model, name, a.positions, a.buffer) for key, name in policies.items()}
+    caches["full"] = open_runner(model, "full", a.positions, a.buffer)
+    nxt = {key: _run_step(cache, prompt if key != "full" else prompt[:, -budget:]) for key, cache in caches.items()}
     times = {key: [] for key in caches}
     order = list(caches)
     bar = session.progress(total=steps * len(order), desc="decode steps")
     for s in range(steps):
         for key in order[s % len(order):] + order[:s % len(order)]:
-            seconds, nxt[key] = _timed(device, lambda: _step(model, nxt[key], caches[key]))
+            seconds, nxt[key] = _timed(device, lambda: _run_step(caches[key], nxt[key]))
             times[key].append(seconds)
             bar.update()
     bar.close()
@@ -109,8 +108,8 @@ def prefills(session, ids, policies: dict[str, str], rounds: int) -> dict[str, l
     bar = session.progress(total=rounds * len(order), desc="prefills")
     for r in range(rounds):
         for key in order[r % len(order):] + order[:r % len(order)]:
-            cache = session_cache(model, policies[key], a)  # fresh each round (the last one's is dropped here)
-            seconds, _ = _timed(device, lambda: _step(model, prompt, cache))
+            cache = open_runner(model, policies[key], a.positions, a.buffer)  # fresh each round
+            seconds, _ = _timed(device, lambda: _run_step(cache, prompt))
             times[key].append(seconds)
             bar.update()
     bar.close()
@@ -123,11 +122,11 @@ def kv_bytes(session, ids, policies: list[str], lengths: list[int], chunk: int) 
     rows = []
     bar = session.progress(total=len(policies) * max(lengths), desc="KV bytes", unit="tok")
     for name in policies:
-        cache, fed = session_cache(model, name, a), 0
+        cache, fed = open_runner(model, name, a.positions, a.buffer), 0
         for target in lengths:
             while fed < target:
                 stop = min(target, fed + chunk)
-                _step(model, ids[:, fed:stop].to(device), cache)
+                _run_step(cache, ids[:, fed:stop].to(device))
                 bar.update(stop - fed)
                 fed = stop
             rows.append({"policy": name, "tokens": target, "kv_bytes": cache.kv_bytes(),
@@ -135,10 +134,6 @@ def kv_bytes(session, ids, policies: list[str], lengths: list[int], chunk: int) 
         del cache
     bar.close()
     return rows
-
-
-def session_cache(model, name, args):
-    return h2o.make_cache(model, name, positions=args.positions, buffer=args.buffer)
 
 
 def ratio_rows(decode: dict[str, list[float]], prefill: dict[str, list[float]]) -> list[dict]:

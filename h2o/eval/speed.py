@@ -66,11 +66,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(model, ids, cache):
-    logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    return logits[:, -1:].argmax(-1)
-
-
 def _run_step(runner, ids):
     """One forward of a runner (ours or a kvpress press), then the next token."""
     return runner.forward(ids, logits_to_keep=1)[:, -1:].argmax(-1)
