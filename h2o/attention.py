@@ -154,12 +154,11 @@ def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=fr
     groups = hq // hkv
     half = key.dtype != torch.float32
     vnorms = value.to(torch.float32).norm(dim=-1) if "vmass" in wants else None
-    vmass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device) if "vmass" in wants else None
     if q == 1:
         out, mass, last, probs = _decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half)
-        if vmass is not None:
-            vmass = _vlen_share(probs.unsqueeze(3), vnorms, query_valid, 0, 1)
+        vmass = _vlen_share(probs.unsqueeze(3), vnorms, query_valid, 0, 1) if vnorms is not None else None
         return (out, mass, last, vmass) if with_vmass else (out, mass, last)
+    vmass = torch.zeros_like(vnorms) if vnorms is not None else None
     grouped = query.view(b, hkv, groups, q, d)
     keys_t = (key.to(torch.float32) if half else key).transpose(-1, -2)  # [B, Hkv, D, L]
     mass = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device) if "mass" in wants else None
