@@ -65,6 +65,8 @@ class CompressedLayer(DynamicLayer):
         self.pads = None
         self.has_padding = False  # any kept slot may be padding (a host-side flag: no per-step sync)
         self.unobserved = False  # updated, and its attention has not observed it yet
+        self.pre_ready = 0  # half-precision reindex: slots [0, pre_ready) have their pre-RoPE key in `pre_keys`
+        self.model_slots = None  # (seen, kept) of a forward whose positions the model was given as slots
 
     # Views of the first `length` slots. `keys` and `values` are attributes (set by `update` and evictions:
     # transformers reads them, and the attention function checks it got them); the rest are made on access.
@@ -150,7 +152,7 @@ class CompressedLayer(DynamicLayer):
         if stop > self.capacity:  # geometric growth, up to budget + buffer + q
             self._allocate(max(stop, min(self.policy.budget + self.buffer + q, 2 * self.capacity)))
         s = self.storage
-        s["keys"][:, :, start:stop].copy_(key_states)  # pre_keys' new slots are written by `reposition`
+        s["keys"][:, :, start:stop].copy_(key_states)  # pre_keys' new slots: `reposition` or `_fill_pre_keys`
         s["values"][:, :, start:stop].copy_(value_states)
         if q == 1:
             s["times"][..., start].fill_(self.seen)
@@ -178,8 +180,9 @@ class CompressedLayer(DynamicLayer):
             last_row = attention_mask[:, 0, -1, -q:]
             new_valid = last_row if last_row.dtype == torch.bool else last_row == 0
             self.mark_padding(new_valid)
-        if self.reindex:
-            query = self.reposition(query, position_ids)
+        if self.reindex and self.model_slots != (self.seen - q, self.length - q):
+            query = self.reposition(query, position_ids)  # the model rotated at its own positions: move to slots
+        self.model_slots = None
         return query, self.attention_mask(q, causal_by_default), new_valid
 
     def observe(self, observation: Observation) -> bool:
@@ -206,19 +209,29 @@ class CompressedLayer(DynamicLayer):
         self.has_padding = self.has_padding or q == 1 or not bool(new_valid.all())
 
     def reposition(self, query: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        """reindex mode: move the new keys and the queries from the model's positions to their slots."""
+        """reindex mode, when the model rotated the new keys and queries at its own positions (not at their
+        slots, see `CompressedCache.slot_positions`): move them to their slots."""
         q = query.shape[-2]
         kept = self.keys.shape[-2] - q
         if position_ids is None:  # what the model uses when it is given none
             position_ids = torch.arange(self.seen - q, self.seen, device=self.device)
-        slots = torch.arange(kept, kept + q, device=self.device)
-        delta = (slots - position_ids.to(self.device)).view(-1, 1, q)  # [B or 1, 1, q]
+        position = position_ids.to(self.device).view(-1, 1, q)  # [B or 1, 1, q]
         inv_freq, dims = self.rope
-        if self.pre_keys is not None:  # the new keys without RoPE, rounded once: what evictions re-rotate from
-            position = position_ids.to(self.device).view(-1, 1, q)
+        if self.pre_keys is not None and self.pre_ready == kept:  # straight from the model's key: one rotation
             self.pre_keys[:, :, kept:] = rope_ops.rotate(self.keys[:, :, kept:], -position, inv_freq, dims)
+            self.pre_ready = self.length
+        delta = torch.arange(kept, kept + q, device=self.device) - position
         self.keys[:, :, kept:] = rope_ops.rotate(self.keys[:, :, kept:], delta, inv_freq, dims)
         return rope_ops.rotate(query, delta, inv_freq, dims)
+
+    def _fill_pre_keys(self) -> None:
+        """The pre-RoPE copy of every key that has none yet: in reindex mode the key in slot j is rotated at
+        position j, so one rotation by -j undoes it (once per eviction, not per step)."""
+        if self.pre_ready < self.length:
+            start = self.pre_ready
+            slots = torch.arange(start, self.length, device=self.device).view(1, 1, -1)
+            self.pre_keys[:, :, start:] = rope_ops.rotate(self.keys[:, :, start:], -slots, *self.rope)
+            self.pre_ready = self.length
 
     def attention_mask(self, q: int, causal_by_default: bool) -> torch.Tensor | None:
         """Boolean mask [B, 1, q, L] over the kept slots, or None where no mask is needed: a single
@@ -244,6 +257,8 @@ class CompressedLayer(DynamicLayer):
         idx, kept = keep_indices(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.buffer,
                                  keys=self.keys, values=self.values, width=budget if not self.has_padding else None)
         n = idx.shape[-1]
+        if self.pre_keys is not None:
+            self._fill_pre_keys()
         moved = {name: _gather(_slots(buf, 0, self.length), idx) for name, buf in self.storage.items()
                  if name not in ("keys", "valid")}
         moved["valid"] = kept
@@ -264,7 +279,7 @@ class CompressedLayer(DynamicLayer):
             self._allocate(budget + self.buffer + chunk)
         for name, tensor in moved.items():
             _slots(self.storage[name], 0, n).copy_(tensor)
-        self.length = n
+        self.length = self.pre_ready = n
         self._view()
         self._reset_free_slots()
         if self.has_padding:
@@ -344,6 +359,21 @@ class CompressedCache(Cache):
 
     def __repr__(self) -> str:
         return f"CompressedCache({self.policy.name}, positions={self.positions}, buffer={self.buffer})"
+
+    def slot_positions(self, q: int, device) -> torch.Tensor | None:
+        """reindex mode: the position ids [1, q] that make the model rotate the next forward's q tokens at their
+        slots, so that no layer re-rotates them (`h2o.make_cache` installs the model hook that passes them);
+        None where they do not apply (original positions, a policy that never evicts, layers holding different
+        numbers of tokens). Each layer checks, in its `prepare`, that it got these positions (else it re-rotates)."""
+        if self.positions != "reindex" or not self.policy.evicts:
+            return None
+        layers = self.layers
+        kept = layers[0].length
+        if any(layer.length != kept for layer in layers):
+            return None
+        for layer in layers:
+            layer.model_slots = (layer.seen, kept)
+        return torch.arange(kept, kept + q, device=device).unsqueeze(0)
 
     def kept_lengths(self) -> list[int]:
         """Tokens each layer holds now."""

@@ -74,7 +74,9 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
     score: H2O scoring rule, "mean" (default) or "sum" (the paper's).
 
     For evicting policies the model's attention implementation is switched to the matching
-    ``h2o_*`` function (undo with `restore(model)`); the model's code is not modified.
+    ``h2o_*`` function, and with positions="reindex" a forward pre-hook on the base model passes slot
+    positions, so the model's RoPE rotates new tokens at their slots (undo both with `restore(model)`);
+    the model's code is not modified.
     """
     policy = parse(policy, score)
     if positions not in POSITION_MODES:
@@ -92,11 +94,47 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
             )
         attention.register()
         _set_attn_implementation(model, attention.NAMES[current])
+        if positions == "reindex":
+            _install_slot_positions(model)
     return CompressedCache(policy, model.config.num_hidden_layers, positions, buffer, rope)
 
 
+def _slot_positions_hook(module, args, kwargs):
+    """Forward pre-hook of the base model: with a reindex cache, position ids in slot space, so the model's own
+    RoPE rotates the new queries and keys at their slots once (instead of the cache moving them from the
+    model's positions on every layer). Any positions the caller passed are replaced; in reindex mode the
+    result never depended on them (a layer moved every token to its slot)."""
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, CompressedCache):
+        return None
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds")
+    if tokens is None:
+        return None
+    positions = cache.slot_positions(tokens.shape[1], tokens.device)
+    if positions is None:
+        return None
+    return args, {**kwargs, "position_ids": positions}
+
+
+def _slot_hooks(module) -> list:
+    return [key for key, hook in module._forward_pre_hooks.items() if hook is _slot_positions_hook]
+
+
+def _install_slot_positions(model) -> None:
+    base = model.base_model
+    if not _slot_hooks(base):  # once per model (a deep copy carries it)
+        base.register_forward_pre_hook(_slot_positions_hook, with_kwargs=True)
+
+
 def restore(model) -> None:
-    """Give the model back its own attention implementation (a no-op if `make_cache` changed nothing)."""
+    """Give the model back its own attention implementation and remove the reindex hook (a no-op if
+    `make_cache` changed nothing)."""
     original = _STOCK.get(_attn_implementation(model))
     if original is not None:
         _set_attn_implementation(model, original)
+    base = model.base_model
+    for key in _slot_hooks(base):
+        del base._forward_pre_hooks[key]
+        base._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -56,10 +56,13 @@ def test_reindex_refuses_rope_whose_frequencies_change_with_length():
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("given", ["model positions", "slot positions"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reindex_keys_do_not_drift_in_half_precision(dtype):
+def test_reindex_keys_do_not_drift_in_half_precision(dtype, given):
     """3000 one-token steps, an eviction at each: every kept key stays within two roundings of that token's key
-    rotated once, in float32, to its slot (re-rotating the rounded key by each shift, as before, drifted to 3.6e-2 in bf16, about 9 roundings)."""
+    rotated once, in float32, to its slot (re-rotating the rounded key by each shift, as before, drifted to 3.6e-2 in bf16, about 9 roundings).
+    Either way the model may hand keys over: rotated at the token's position (the layer moves them to their slots)
+    or, as under `make_cache`'s hook, rotated at their slots already."""
     from h2o import rope
     from h2o.cache import CompressedLayer, take_pending
     from h2o.policies import Observation
@@ -70,7 +73,11 @@ def test_reindex_keys_do_not_drift_in_half_precision(dtype):
     layer = CompressedLayer(h2o.H2O(4, 16, 64, "sum"), buffer=0, reindex=True, rope=(inv_freq, dim))
     base = torch.randn(steps, heads, dim)  # each token's key before RoPE, float32
     for t in range(steps):
-        key = at(base[t].view(1, heads, 1, dim), [t]).to(dtype)  # what the model hands the cache: rotated at t
+        if given == "model positions":
+            key = at(base[t].view(1, heads, 1, dim), [t]).to(dtype)  # what the model hands the cache: rotated at t
+        else:
+            layer.model_slots = (layer.seen, layer.length)  # what CompressedCache.slot_positions marks
+            key = at(base[t].view(1, heads, 1, dim), [layer.length]).to(dtype)
         layer.update(key, key)
         take_pending(layer.keys)
         layer.prepare(torch.zeros(1, heads, 1, dim, dtype=dtype), None, torch.tensor([[t]]), causal_by_default=True)
@@ -86,3 +93,51 @@ def test_reindex_keys_do_not_drift_in_half_precision(dtype):
         rounding.append((true.to(dtype).float() - true).abs().amax(-1) / true.abs().amax(-1))
     error, one = torch.stack(error), torch.stack(rounding).max()
     assert error.max() <= 3 * one, f"{dtype}: kept keys drifted to {error.max():.2e} relative, one rounding {one:.2e}"
+
+
+def _reposition_calls(monkeypatch) -> list:
+    from h2o.cache import CompressedLayer
+    calls, original = [], CompressedLayer.reposition
+    def counted(self, *args):
+        calls.append(self)
+        return original(self, *args)
+    monkeypatch.setattr(CompressedLayer, "reposition", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_reindex_model_rotates_at_slots_and_no_layer_re_rotates(family, monkeypatch):
+    """Under make_cache's hook the model's own RoPE rotates new tokens at their slots: no layer moves a query or
+    a key on any forward, and the logits equal those of layers that move them from the model's positions (the
+    path taken where the hook cannot apply)."""
+    from h2o.cache import CompressedCache
+    model = tiny_model(family)
+    ids = token_ids(40)
+    settings = dict(max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    calls = _reposition_calls(monkeypatch)
+    fast_cache = h2o.make_cache(model, "h2o_2_4_12", positions="reindex", buffer=2)
+    fast = model.generate(ids, past_key_values=fast_cache, **settings)
+    assert calls == [] and fast_cache.layers[0].seen == 40 + 29 and max(fast_cache.kept_lengths()) <= 14
+    monkeypatch.setattr(CompressedCache, "slot_positions", lambda self, q, device: None)
+    slow = model.generate(ids, past_key_values=h2o.make_cache(model, "h2o_2_4_12", positions="reindex", buffer=2),
+                          **settings)
+    h2o.restore(model)
+    assert len(calls) == 30 * model.config.num_hidden_layers
+    assert torch.equal(fast.sequences, slow.sequences)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(slow.logits), rtol=1e-4, atol=1e-4)
+
+
+def test_the_reindex_hook_is_installed_once_and_removed_by_restore():
+    from h2o.models import _slot_hooks
+    model = tiny_model("llama")
+    h2o.make_cache(model, "streaming_2_6", positions="reindex")
+    h2o.make_cache(model, "h2o_2_2_8", positions="reindex")
+    assert len(_slot_hooks(model.base_model)) == 1
+    twin = copy.deepcopy(model)
+    h2o.make_cache(twin, "streaming_2_6", positions="reindex")
+    assert len(_slot_hooks(twin.base_model)) == 1
+    h2o.restore(twin)
+    h2o.restore(model)
+    assert _slot_hooks(model.base_model) == [] and _slot_hooks(twin.base_model) == []
+    assert h2o.make_cache(model, "streaming_2_6") is not None and _slot_hooks(model.base_model) == []
+    h2o.restore(model)
