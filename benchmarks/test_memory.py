@@ -52,8 +52,8 @@ def test_memory(benchmark, bench, speed_model, prompt_ids, case):
     kept = kept_after(policy, buffer, [context] + [1] * steps)
     if policy.evicts:
         per_slot = kv_per_token + rows * heads * (8 + 4 * len(policy.state)) + rows  # times int64, state float32
-        if bench.sizes.positions == "reindex" and elem < 4:  # half precision reindex keeps pre-RoPE keys too
-            per_slot += rows * heads * shape["head_dim"] * elem
+        if bench.sizes.positions == "reindex" and elem < 4:  # half precision reindex keeps the model's keys too,
+            per_slot += rows * heads * (shape["head_dim"] * elem + 4)  # and the positions they are rotated at (int32)
         # preallocated buffers: after a prefill longer than budget + buffer, budget + buffer + 1 slots (the decode
         # token's), written in place by every later step
         slots = policy.budget + buffer + 1 if context > policy.budget + buffer else kept

@@ -39,9 +39,9 @@ class UnobservedError(RuntimeError):
 class CompressedLayer(DynamicLayer):
     """One layer's kept tokens under an evicting policy, in preallocated storage written in place.
 
-    Every per-slot tensor (keys, values, times, validity, the half-precision `pre_keys` and each state
-    tensor) lives in one buffer of `capacity` slots; `keys`, `values`, `times`, `valid`, `pre_keys` and
-    `state` are views of the first `length` (the kept tokens). New tokens are written into the next
+    Every per-slot tensor (keys, values, times, validity, the half-precision reindex `model_keys` and
+    `model_positions`, each state tensor) lives in one buffer of `capacity` slots; `keys`, `values`, `times`,
+    `valid`, `model_keys` and `state` are views of the first `length` (the kept tokens). New tokens are written into the next
     slots; an eviction gathers the kept slots to the front of the same buffers. The capacity grows
     geometrically up to budget + buffer + q for a forward of q tokens, and an eviction sets it to budget +
     buffer + q (a chunk of at most budget + buffer tokens; + 1 after a longer forward, a prefill), so
@@ -65,7 +65,7 @@ class CompressedLayer(DynamicLayer):
         self.pads = None
         self.has_padding = False  # any kept slot may be padding (a host-side flag: no per-step sync)
         self.unobserved = False  # updated, and its attention has not observed it yet
-        self.pre_ready = 0  # half-precision reindex: slots [0, pre_ready) have their pre-RoPE key in `pre_keys`
+        self.model_ready = 0  # half-precision reindex: slots [0, model_ready) hold their `model_keys`
         self.model_slots = None  # (seen, kept) of a forward whose positions the model was given as slots
 
     # Views of the first `length` slots. `keys` and `values` are attributes (set by `update` and evictions:
@@ -82,9 +82,10 @@ class CompressedLayer(DynamicLayer):
         return self.storage["valid"][:, :self.length] if self.storage else None
 
     @property
-    def pre_keys(self) -> torch.Tensor | None:
-        """[B, H, length, D] half-precision reindex only: each kept key without RoPE, rounded once."""
-        return self.storage["pre_keys"][:, :, :self.length] if "pre_keys" in self.storage else None
+    def model_keys(self) -> torch.Tensor | None:
+        """[B, H, length, D] half-precision reindex only: each kept key exactly as the model handed it over,
+        rotated at `model_positions` [B, H, length]; an eviction rotates it once, straight to the new slot."""
+        return self.storage["model_keys"][:, :, :self.length] if "model_keys" in self.storage else None
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -106,7 +107,8 @@ class CompressedLayer(DynamicLayer):
             **{f"state.{name}": ((b, h, None), torch.float32) for name in self.policy.state},
         }
         if self.reindex and self.dtype in (torch.float16, torch.bfloat16):
-            self._shapes["pre_keys"] = self._shapes["keys"]
+            self._shapes["model_keys"] = self._shapes["keys"]
+            self._shapes["model_positions"] = ((b, h, None), torch.int32)
         self.pads = torch.zeros(b, dtype=torch.long, device=self.device)
         self._allocate(0)
         self.is_initialized = True
@@ -152,7 +154,7 @@ class CompressedLayer(DynamicLayer):
         if stop > self.capacity:  # geometric growth, up to budget + buffer + q
             self._allocate(max(stop, min(self.policy.budget + self.buffer + q, 2 * self.capacity)))
         s = self.storage
-        s["keys"][:, :, start:stop].copy_(key_states)  # pre_keys' new slots: `reposition` or `_fill_pre_keys`
+        s["keys"][:, :, start:stop].copy_(key_states)  # model_keys' new slots: `reposition` or `_keep_model_keys`
         s["values"][:, :, start:stop].copy_(value_states)
         if q == 1:
             s["times"][..., start].fill_(self.seen)
@@ -216,22 +218,24 @@ class CompressedLayer(DynamicLayer):
         if position_ids is None:  # what the model uses when it is given none
             position_ids = torch.arange(self.seen - q, self.seen, device=self.device)
         position = position_ids.to(self.device).view(-1, 1, q)  # [B or 1, 1, q]
-        inv_freq, dims = self.rope
-        if self.pre_keys is not None and self.pre_ready == kept:  # straight from the model's key: one rotation
-            self.pre_keys[:, :, kept:] = rope_ops.rotate(self.keys[:, :, kept:], -position, inv_freq, dims)
-            self.pre_ready = self.length
+        if "model_keys" in self.storage:  # the model's keys as handed over, and the positions they are rotated at
+            self._keep_model_keys(kept)
+            self.storage["model_keys"][:, :, kept:self.length].copy_(self.keys[:, :, kept:])
+            self.storage["model_positions"][..., kept:self.length].copy_(position.expand(self.keys.shape[0], -1, -1))
+            self.model_ready = self.length
         delta = torch.arange(kept, kept + q, device=self.device) - position
+        inv_freq, dims = self.rope
         self.keys[:, :, kept:] = rope_ops.rotate(self.keys[:, :, kept:], delta, inv_freq, dims)
         return rope_ops.rotate(query, delta, inv_freq, dims)
 
-    def _fill_pre_keys(self) -> None:
-        """The pre-RoPE copy of every key that has none yet: in reindex mode the key in slot j is rotated at
-        position j, so one rotation by -j undoes it (once per eviction, not per step)."""
-        if self.pre_ready < self.length:
-            start = self.pre_ready
-            slots = torch.arange(start, self.length, device=self.device).view(1, 1, -1)
-            self.pre_keys[:, :, start:] = rope_ops.rotate(self.keys[:, :, start:], -slots, *self.rope)
-            self.pre_ready = self.length
+    def _keep_model_keys(self, stop: int) -> None:
+        """Copy the keys of slots [model_ready, stop) to `model_keys`: they are still as the model handed them
+        over, rotated at their slot (the model was given slot positions), so their position is the slot."""
+        start = self.model_ready
+        if start < stop:
+            self.storage["model_keys"][:, :, start:stop].copy_(self.storage["keys"][:, :, start:stop])
+            self.storage["model_positions"][..., start:stop].copy_(torch.arange(start, stop, device=self.device))
+            self.model_ready = stop
 
     def attention_mask(self, q: int, causal_by_default: bool) -> torch.Tensor | None:
         """Boolean mask [B, 1, q, L] over the kept slots, or None where no mask is needed: a single
@@ -257,17 +261,17 @@ class CompressedLayer(DynamicLayer):
         idx, kept = keep_indices(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.buffer,
                                  keys=self.keys, values=self.values, width=budget if not self.has_padding else None)
         n = idx.shape[-1]
-        if self.pre_keys is not None:
-            self._fill_pre_keys()
+        if "model_keys" in self.storage:
+            self._keep_model_keys(self.length)
         moved = {name: _gather(_slots(buf, 0, self.length), idx) for name, buf in self.storage.items()
                  if name not in ("keys", "valid")}
         moved["valid"] = kept
-        if "pre_keys" in moved:
-            # half precision: rotate each kept key from its pre-RoPE copy straight to its new slot, so its error
-            # stays at two roundings however many evictions it lives through (re-rotating the stored, rounded
-            # key by each shift would add one rounding per eviction)
-            moved["keys"] = rope_ops.rotate(moved["pre_keys"], torch.arange(n, device=self.device).view(1, 1, -1),
-                                            *self.rope)
+        if "model_keys" in moved:
+            # half precision: rotate each kept key from the model's own key straight to its new slot, so its error
+            # stays at one rounding over the model's key however many evictions it lives through (re-rotating
+            # the stored, rounded key by each shift would add one rounding per eviction)
+            moved["keys"] = rope_ops.rotate(moved["model_keys"],
+                                            torch.arange(n, device=self.device) - moved["model_positions"], *self.rope)
         else:
             moved["keys"] = _gather(self.keys, idx)
             if self.reindex:  # float32: one rotation by the shift adds ~1e-7 relative error per eviction
@@ -279,7 +283,7 @@ class CompressedLayer(DynamicLayer):
             self._allocate(budget + self.buffer + chunk)
         for name, tensor in moved.items():
             _slots(self.storage[name], 0, n).copy_(tensor)
-        self.length = self.pre_ready = n
+        self.length = self.model_ready = n
         self._view()
         self._reset_free_slots()
         if self.has_padding:
