@@ -238,6 +238,8 @@ def observe(policy, query, key, value, mask, scaling, query_valid) -> Observatio
     """Exactly the observations `policy.observes` asks for (nothing else is computed)."""
     wants = policy.observes
     q = query.shape[-2]
+    if not wants:
+        return Observation(queries=q)
     return Observation(
         queries=q,
         mass=attention_mass(query, key, mask, scaling, query_valid, query_weights=policy.query_weights(q, key.device))

@@ -190,12 +190,15 @@ class CompressedLayer(DynamicLayer):
     def observe(self, observation: Observation) -> bool:
         """After attention: the policy updates its state from what attention saw, then the layer evicts
         if it holds more than budget + buffer tokens. Returns whether it evicted."""
-        state = self.state
-        views = tuple(state.values())
-        self.policy.update(state, observation, self.seen)
-        if any(a is not b for a, b in zip(views, state.values(), strict=True)):
-            raise TypeError(f"{type(self.policy).__name__}.update must update its state tensors in place "
-                            "(state['x'] += ..., .copy_(...)), not replace them: the cache's storage holds them")
+        if self.policy.state:
+            state = self.state
+            views = tuple(state.values())
+            self.policy.update(state, observation, self.seen)
+            if any(a is not b for a, b in zip(views, state.values(), strict=True)):
+                raise TypeError(f"{type(self.policy).__name__}.update must update its state tensors in place "
+                                "(state['x'] += ..., .copy_(...)), not replace them: the cache's storage holds them")
+        else:  # a rule without per-slot state (StreamingLLM): no views to make
+            self.policy.update({}, observation, self.seen)
         self.unobserved = False
         return self.evict_if_needed()
 
