@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .cache import take_pending
+from .cache import HeadGroupLayer, take_pending
 from .policies import Observation
 
 # Attention-probability block materialised per step of a long forward's blocked attention (float32
@@ -263,6 +263,21 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
     layer = take_pending(key)
     if layer is None:
         return inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if isinstance(layer, HeadGroupLayer):  # heads holding different numbers of tokens: one call per head group
+        out = None
+        for (_, heads), sub in zip(layer.index(query.device, query.shape[1] // layer.heads), layer.sublayers):
+            part = _attend(inner, module, sub, query.index_select(1, heads), sub.keys, sub.values, attention_mask,
+                           scaling, kwargs)[0]  # [B, q, heads of the group, Dv]
+            if out is None:
+                out = part.new_empty(*part.shape[:2], query.shape[1], part.shape[-1])
+            out.index_copy_(2, heads, part)
+        layer.observed()
+        return out, None
+    return _attend(inner, module, layer, query, key, value, attention_mask, scaling, kwargs)
+
+
+def _attend(inner, module, layer, query, key, value, attention_mask, scaling, kwargs):
+    """One compressed layer's attention: prepare, attention with what the policy observes, observe (and evict)."""
     query, mask, new_valid = layer.prepare(query, attention_mask, kwargs.get("position_ids"),
                                            causal_by_default=inner is sdpa_attention_forward)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -19,7 +19,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import rope as rope_ops
-from .policies import Observation, Policy, keep_indices
+from .policies import Observation, Policy, keep_indices, priorities
+from .policies.allocation import Allocated, LayerPlan, split_budget
 
 # The layer whose `update` ran last on this thread. The attention function of the same layer
 # runs right after it and picks it up (checking it received that layer's keys).
@@ -50,9 +51,12 @@ class CompressedLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: Policy, buffer: int, reindex: bool, rope: tuple | None = None):
+    def __init__(self, policy: Policy, buffer: int, reindex: bool, rope: tuple | None = None, joint: bool = False):
         super().__init__()
         self.policy, self.buffer, self.reindex, self.rope = policy, buffer, reindex, rope
+        # tokens per head it is cut back to: the policy's budget, or (joint) what the owning `HeadGroupLayer`'s last
+        # split gave it; a joint layer never evicts by itself, its `HeadGroupLayer` evicts all its heads together
+        self.budget, self.joint = policy.budget, joint
         self.is_initialized = False  # not set by the 4.56 base class
         self._zero_state = type(policy).initial_state is Policy.initial_state
         self._clear()
@@ -67,6 +71,8 @@ class CompressedLayer(DynamicLayer):
         self.unobserved = False  # updated, and its attention has not observed it yet
         self.model_ready = 0  # half-precision reindex: slots [0, model_ready) hold their `model_keys`
         self.model_slots = None  # (seen, kept) of a forward whose positions the model was given as slots
+        if self.joint:
+            self.budget = self.policy.budget
 
     # Views of the first `length` slots. `keys` and `values` are attributes (set by `update` and evictions:
     # transformers reads them, and the attention function checks it got them); the rest are made on access.
@@ -152,7 +158,7 @@ class CompressedLayer(DynamicLayer):
         q = key_states.shape[-2]
         start, stop = self.length, self.length + q
         if stop > self.capacity:  # geometric growth, up to budget + buffer + q
-            self._allocate(max(stop, min(self.policy.budget + self.buffer + q, 2 * self.capacity)))
+            self._allocate(max(stop, min(self.budget + self.buffer + q, 2 * self.capacity)))
         s = self.storage
         s["keys"][:, :, start:stop].copy_(key_states)  # model_keys' new slots: `reposition` or `_keep_model_keys`
         s["values"][:, :, start:stop].copy_(value_states)
@@ -200,7 +206,7 @@ class CompressedLayer(DynamicLayer):
         else:  # a rule without per-slot state (StreamingLLM): no views to make
             self.policy.update({}, observation, self.seen)
         self.unobserved = False
-        return self.evict_if_needed()
+        return False if self.joint else self.evict_if_needed()
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
         """Record which of the tokens just appended are (left) padding: new_valid [B, q].
@@ -258,11 +264,31 @@ class CompressedLayer(DynamicLayer):
         """Cut back to the budget if over budget + buffer: one gather moves every per-slot tensor to the front
         of its buffer (or of a fresh, smaller one, after a larger forward). Without padding nothing
         here reads a value back to the host."""
-        budget = self.policy.budget
+        budget = self.budget
         if self.length <= budget + self.buffer:
             return False
         idx, kept = keep_indices(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.buffer,
                                  keys=self.keys, values=self.values, width=budget if not self.has_padding else None)
+        self._keep(idx, kept)
+        return True
+
+    def priorities(self) -> torch.Tensor:
+        """[B, H, length] the policy's priority of each slot as an eviction now would rank it (`priorities`)."""
+        return priorities(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.keys, self.values)
+
+    def evict_to(self, targets: torch.Tensor, width: int, uneven: bool) -> None:
+        """Cut each row back to `targets` [B] tokens (width = their largest, and `uneven` = whether some row gets
+        fewer, both known on the host): an allocation's split (`HeadGroupLayer`). The layer's budget becomes
+        `width`, so its buffers shrink or grow to it."""
+        idx, kept = keep_indices(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.buffer,
+                                 keys=self.keys, values=self.values, width=width, targets=targets)
+        self.budget = width
+        self.has_padding = self.has_padding or uneven
+        self._keep(idx, kept)
+
+    def _keep(self, idx: torch.Tensor, kept: torch.Tensor) -> None:
+        """Keep slots idx [B, H, n] (kept [B, n]: False for a row's unused slots): one gather of every buffer."""
+        budget = self.budget
         n = idx.shape[-1]
         if "model_keys" in self.storage:
             self._keep_model_keys(self.length)
@@ -291,7 +317,6 @@ class CompressedLayer(DynamicLayer):
         self._reset_free_slots()
         if self.has_padding:
             self.has_padding = not bool(kept.all())
-        return True
 
     # --- transformers' layer interface ------------------------------------------------------
 
@@ -306,6 +331,12 @@ class CompressedLayer(DynamicLayer):
 
     def get_max_length(self) -> int:
         return -1
+
+    def kept_mask(self) -> torch.Tensor:
+        """[B, H, seen] True where the layer keeps that token (arrival index) for that row and KV head."""
+        b, h = self.storage["times"].shape[:2]
+        mask = torch.zeros(b, h, self.seen, dtype=torch.bool, device=self.device)
+        return mask.scatter_(2, self.times, self.valid.unsqueeze(1).expand_as(self.times))
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -352,13 +383,145 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(2, idx)
 
 
+class HeadGroupLayer(DynamicLayer):
+    """One model layer whose KV heads hold different numbers of tokens: each group of heads is a `CompressedLayer`
+    of its own over those heads (its own preallocated buffers, sized by its own budget), so a head holds, and
+    `kv_bytes` counts, only its own tokens; nothing is masked. h2o's attention function runs once per group on the
+    group's keys and its query heads, and writes the outputs back in head order.
+
+    A joint layer (Ada-KV) has one group per head; after attention, once its heads hold more than
+    heads x (budget + buffer) tokens together, it ranks all their slots together (`split_budget`), reads the
+    per-head counts back to the host (one read per eviction: the new lengths are data-dependent shapes) and
+    cuts each head to its count with the usual one gather per head."""
+
+    is_croppable = False
+
+    def __init__(self, plan: LayerPlan, rule: Policy, buffer: int, reindex: bool, rope: tuple | None = None):
+        super().__init__()
+        self.plan = plan
+        self.heads = sum(len(heads) for heads, _ in plan.groups)
+        self.sublayers = [CompressedLayer(rule.with_budget(budget), buffer, reindex, rope, joint=plan.joint)
+                          for _, budget in plan.groups]
+        self.buffer, self.is_initialized = buffer, False
+        self._index: dict = {}  # (device, query groups) -> per group (KV head index, query head index)
+
+    def index(self, device, groups: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group, its KV heads and its query heads (GQA: KV head h serves query heads h*groups .. + groups-1)."""
+        key = (device, groups)
+        if key not in self._index:
+            self._index[key] = [(torch.tensor(heads, device=device),
+                                 torch.tensor([h * groups + g for h in heads for g in range(groups)], device=device))
+                                for heads, _ in self.plan.groups]
+        return self._index[key]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        for (kv, _), sub in zip(self.index(key_states.device), self.sublayers):
+            sub.update(key_states.index_select(1, kv), value_states.index_select(1, kv))
+        self.is_initialized = True
+        self.keys, self.values = self.sublayers[0].keys, self.sublayers[0].values  # how attention finds the layer
+        _pending.layer = self
+        return self.keys, self.values
+
+    def observed(self) -> bool:
+        """After every group's attention: a joint layer over its total budget + buffers splits and evicts."""
+        subs = self.sublayers
+        if not self.plan.joint or (sum(sub.length for sub in subs) <= self.plan.total + self.heads * self.buffer
+                                   and all(sub.length <= sub.budget + self.buffer for sub in subs)):
+            return False
+        counts = split_budget([sub.priorities() for sub in subs], self.plan.total, self.plan.floor)
+        # each row as if it ran alone: only a row holding more than its total budget + buffers evicts
+        real = torch.stack([sub.valid.sum(-1) for sub in subs], dim=1)  # [B, H]
+        counts = torch.where(real.sum(-1, keepdim=True) > self.plan.total + self.heads * self.buffer, counts, real)
+        rows = counts.tolist()  # the one host read of an eviction: the heads' new lengths are data-dependent shapes
+        for h, sub in enumerate(subs):
+            per_row = [row[h] for row in rows]
+            # rows given fewer tokens than the head's width get unused slots first: masked like padding
+            sub.evict_to(counts[:, h], max(per_row), uneven=min(per_row) < max(per_row))
+        return True
+
+    @property
+    def length(self) -> int:
+        """The longest head's kept tokens."""
+        return max(sub.length for sub in self.sublayers)
+
+    @property
+    def seen(self) -> int:
+        return self.sublayers[0].seen
+
+    def head_lengths(self) -> list[int]:
+        """Kept tokens per KV head, in head order."""
+        out = [0] * self.heads
+        for (heads, _), sub in zip(self.plan.groups, self.sublayers):
+            for h in heads:
+                out[h] = sub.length
+        return out
+
+    def head_bounds(self) -> list[int]:
+        """What each KV head may hold after a forward: its budget (a joint head's from the last split) + buffer."""
+        out = [0] * self.heads
+        for (heads, _), sub in zip(self.plan.groups, self.sublayers):
+            for h in heads:
+                out[h] = sub.budget + self.buffer
+        return out
+
+    def kept_mask(self) -> torch.Tensor:
+        first = self.sublayers[0].kept_mask()
+        out = first.new_zeros(first.shape[0], self.heads, first.shape[-1])
+        for (kv, _), sub in zip(self.index(first.device), self.sublayers):
+            out[:, kv] = sub.kept_mask()
+        return out
+
+    def get_seq_length(self) -> int:
+        return self.sublayers[0].get_seq_length()
+
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        return self.sublayers[0].get_mask_sizes(query)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{name}": t for i, sub in enumerate(self.sublayers) for name, t in sub.slot_tensors().items()}
+
+    def reset(self) -> None:
+        for sub in self.sublayers:
+            sub.reset()
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._each("reorder_cache", beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._each("batch_select_indices", indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._each("batch_repeat_interleave", repeats)
+
+    def _each(self, method: str, arg) -> None:
+        for sub in self.sublayers:
+            getattr(sub, method)(arg)
+        if self.is_initialized:
+            self.keys, self.values = self.sublayers[0].keys, self.sublayers[0].values
+
+
 class CompressedCache(Cache):
     """A `Cache` of one layer per model layer; a `full` policy uses plain `DynamicLayer`s."""
 
-    def __init__(self, policy: Policy, num_layers: int, positions: str = "original", buffer: int = 64,
-                 rope: tuple | None = None):
-        if policy.evicts:
-            layers = [CompressedLayer(policy, buffer, positions == "reindex", rope) for _ in range(num_layers)]
+    def __init__(self, policy: Policy | Allocated, num_layers: int, positions: str = "original", buffer: int = 64,
+                 rope: tuple | None = None, kv_heads: int | None = None, head_scores=None):
+        reindex = positions == "reindex"
+        if isinstance(policy, Allocated):  # head and layer budgets: one plan per layer
+            if kv_heads is None:
+                raise ValueError(f"{policy.name}: an allocation needs the model's number of KV heads (kv_heads=)")
+            layers = [CompressedLayer(policy.rule.with_budget(plan.groups[0][1]), buffer, reindex, rope)
+                      if plan.uniform else HeadGroupLayer(plan, policy.rule, buffer, reindex, rope)
+                      for plan in policy.plan(num_layers, kv_heads, head_scores)]
+        elif policy.evicts:
+            layers = [CompressedLayer(policy, buffer, reindex, rope) for _ in range(num_layers)]
         else:
             layers = [DynamicLayer() for _ in range(num_layers)]
         super().__init__(layers=layers)
@@ -374,7 +537,7 @@ class CompressedCache(Cache):
         numbers of tokens). Each layer checks, in its `prepare`, that it got these positions (else it re-rotates)."""
         if self.positions != "reindex" or not self.policy.evicts:
             return None
-        layers = self.layers
+        layers = self.compressed_layers()
         kept = layers[0].length
         if any(layer.length != kept for layer in layers):
             return None
@@ -382,21 +545,48 @@ class CompressedCache(Cache):
             layer.model_slots = (layer.seen, kept)
         return torch.arange(kept, kept + q, device=device).unsqueeze(0)
 
+    def compressed_layers(self) -> list[CompressedLayer]:
+        """Every `CompressedLayer`: one per model layer, or one per head group of a `HeadGroupLayer`."""
+        return [sub for layer in self.layers for sub in getattr(layer, "sublayers", [layer])
+                if isinstance(sub, CompressedLayer)]
+
     def kept_lengths(self) -> list[int]:
-        """Tokens each layer holds now."""
-        return [layer.length if isinstance(layer, CompressedLayer) else
+        """Tokens each layer holds now (its longest head's, where heads hold different numbers)."""
+        return [layer.length if isinstance(layer, (CompressedLayer, HeadGroupLayer)) else
                 layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
                 for layer in self.layers]
 
+    def head_lengths(self) -> list[list[int]]:
+        """Tokens each KV head of each layer holds now."""
+        return [layer.head_lengths() if isinstance(layer, HeadGroupLayer) else
+                [length] * _heads(layer) for layer, length in zip(self.layers, self.kept_lengths())]
+
+    def head_bounds(self) -> list[list[int | None]]:
+        """What each KV head may hold after any forward (budget + buffer; None: a full cache's layer)."""
+        return [layer.head_bounds() if isinstance(layer, HeadGroupLayer) else
+                [layer.budget + layer.buffer if isinstance(layer, CompressedLayer) else None] * _heads(layer)
+                for layer in self.layers]
+
+    def evicted(self) -> bool:
+        """Whether any head of any layer holds fewer tokens than it has seen."""
+        return any(layer.length < layer.seen for layer in self.compressed_layers())
+
     def kv_bytes(self) -> int:
-        """Exact bytes held by the cache: keys, values and the per-slot bookkeeping (a compressed layer's
-        buffers at their allocated capacity, not only the filled slots)."""
+        """Exact bytes held by the cache: keys, values and the per-slot bookkeeping of every head (a compressed
+        layer's buffers at their allocated capacity, not only the filled slots: up to buffer + 1 free slots per
+        head after an eviction, plus the geometric growth of a head that has not evicted yet; a head group's
+        buffers hold only its own heads)."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, CompressedLayer):
+            if isinstance(layer, (CompressedLayer, HeadGroupLayer)):
                 tensors = layer.slot_tensors().values()
             else:
                 tensors = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
                            if isinstance(t, torch.Tensor)]
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
+
+
+def _heads(layer) -> int:
+    keys = getattr(layer, "keys", None)
+    return keys.shape[1] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0

@@ -64,7 +64,7 @@ def check_model(model) -> None:
 
 
 def make_cache(model, policy: str | Policy, positions: str = "original", buffer: int = 64,
-               score: str | None = None) -> CompressedCache:
+               score: str | None = None, head_scores=None) -> CompressedCache:
     """A `transformers` Cache applying `policy` to `model`, for `generate` or manual forward loops.
 
     policy: "full", "streaming_<sinks>_<window>", "h2o_<sinks>_<recent>_<budget>[_mean|_sum]".
@@ -72,6 +72,8 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         slots, keys re-rotated after eviction: StreamingLLM's shift, to stream past the trained context).
     buffer: lazy eviction; a layer is cut back to `budget` once it holds more than `budget + buffer`.
     score: H2O scoring rule, "mean" (default) or "sum" (the paper's).
+    head_scores: `h2o.head_scores(model, ...)` (or its `.scores` dict), for the allocations that choose heads by a
+        head score ("retrieval_<share>_<factor>+<rule>", "induction_..."; `h2o.policies.allocation`).
 
     For evicting policies the model's attention implementation is switched to the matching
     ``h2o_*`` function, and with positions="reindex" a forward pre-hook on the base model passes slot
@@ -85,6 +87,9 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         raise ValueError(f"buffer must be an int >= 0, got {buffer!r}")
     rope = rotary_embedding(model) if positions == "reindex" else None
     check_model(model)
+    # built first: a bad allocation (head scores missing or of another model) is refused before the model is touched
+    cache = CompressedCache(policy, model.config.num_hidden_layers, positions, buffer, rope,
+                            kv_heads=kv_heads(model.config), head_scores=head_scores)
     if policy.evicts:
         current = _STOCK.get(_attn_implementation(model), _attn_implementation(model))
         if current not in attention.NAMES:
@@ -96,7 +101,12 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         _set_attn_implementation(model, attention.NAMES[current])
         if positions == "reindex":
             _install_slot_positions(model)
-    return CompressedCache(policy, model.config.num_hidden_layers, positions, buffer, rope)
+    return cache
+
+
+def kv_heads(config) -> int:
+    """KV heads per layer (GPT-NeoX has no GQA: one per query head)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def _slot_positions_hook(module, args, kwargs):

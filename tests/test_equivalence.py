@@ -227,3 +227,116 @@ def test_chunked_scoring_matches_one_block():
     torch.testing.assert_close(chunked, whole)
     causal_none = attention_mass(query, key, None, 0.3, block_elements=500)
     torch.testing.assert_close(causal_none, attention_mass(query, key, causal.expand(2, 1, 50, 70), 0.3))
+
+
+# --- head and layer budgets (allocations) ----------------------------------------------------------
+
+def run_steps_per_head(model, cache, ids, prefill):
+    """`run_steps`, recording before each step every layer's kept tokens per row and KV head ([B, H, t] masks)."""
+    logits, kept = [], []
+    with torch.no_grad():
+        logits.append(model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits)
+        for t in range(prefill, ids.shape[1]):
+            kept.append([layer.kept_mask().clone() for layer in cache.layers])
+            logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            for lengths, bounds in zip(cache.head_lengths(), cache.head_bounds()):
+                assert all(n <= b for n, b in zip(lengths, bounds)), (lengths, bounds)  # each head's own bound
+    return torch.cat(logits, dim=1), kept
+
+
+def masked_oracle_per_head(model, ids, prefill, kept):
+    """One full forward in which query t (t >= prefill) of layer l and KV head h sees only what that head kept."""
+    batch, total = ids.shape
+    heads = h2o.models.kv_heads(model.config)
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    for layer in range(model.config.num_hidden_layers):
+        mask = causal.expand(batch, heads, total, total).clone()
+        for step, per_layer in enumerate(kept):
+            t = prefill + step
+            row = torch.zeros(batch, heads, total, dtype=torch.bool)
+            row[:, :, :t] = per_layer[layer]
+            row[:, :, t] = True
+            mask[:, :, t] = row
+        _ORACLE_MASKS[layer] = mask
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("h2o_test_oracle")
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def head_scores_for(model, seed=0):
+    """Random head scores of the model's shape (the allocations only rank by them)."""
+    shape = (model.config.num_hidden_layers, h2o.models.kv_heads(model.config))
+    g = torch.Generator().manual_seed(seed)
+    return {"retrieval": torch.rand(shape, generator=g), "induction": torch.rand(shape, generator=g)}
+
+
+# every registered rule with its budget split across heads at each eviction; head groups and layer budgets
+ALLOCATED = ([f"adakv+{cls.sized(2, 4, 12).name}" for cls in RULES]
+             + ["adakv_0.5+snapkv_2_4_12_4+tova", "retrieval_0.3_2+h2o_2_4_12_sum", "induction_0.3_2+tova_2_4_12",
+                "retrieval_0.3_2+streaming_2_10", "pyramid_4+h2o_2_4_12", "pyramid_4+a2sf_2_4_12_0.9"])
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ALLOCATED)
+def test_allocated_eviction_equals_full_attention_with_each_heads_evicted_tokens_masked(family, attn, policy):
+    model = tiny_model(family, attn)
+    ids = token_ids(48, batch=2)
+    cache = h2o.make_cache(model, policy, buffer=1, head_scores=head_scores_for(model))
+    ours, kept = run_steps_per_head(model, cache, ids, prefill=20)
+    h2o.restore(model)
+    lengths = cache.head_lengths()
+    assert cache.evicted()
+    if not policy.startswith("adakv+streaming"):  # heads (or layers) really hold different numbers of tokens
+        assert len({n for layer in lengths for n in layer}) > 1, lengths
+    torch.testing.assert_close(ours, masked_oracle_per_head(model, ids, 20, kept), **TOL)
+
+
+@pytest.mark.parametrize("policy", ["adakv+h2o_2_4_16", "retrieval_0.3_2+h2o_2_4_16", "pyramid_4+h2o_2_4_16"])
+@pytest.mark.parametrize("positions", ["original", "reindex"])
+def test_allocated_padded_batch_equals_rows_alone(policy, positions):
+    model = tiny_model("llama", "sdpa")
+    scores = head_scores_for(model)
+    rows = [token_ids(30, seed=3)[0], token_ids(13, seed=4)[0]]
+    ids, mask = left_pad(rows)
+    settings = dict(max_new_tokens=25, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    batch = model.generate(ids, attention_mask=mask, **settings,
+                           past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5, head_scores=scores))
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), **settings,
+                               past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5,
+                                                              head_scores=scores))
+        assert torch.equal(batch.sequences[i, ids.shape[1]:], alone.sequences[0, len(row):])
+        torch.testing.assert_close(torch.stack(batch.logits)[:, i], torch.stack(alone.logits)[:, 0], **TOL)
+    h2o.restore(model)
+
+
+@pytest.mark.parametrize("policy", ["adakv+h2o_2_4_12", "retrieval_0.3_2+h2o_2_4_12", "pyramid_4+h2o_2_4_12"])
+def test_allocated_kv_bytes_never_exceed_the_uniform_rule(policy):
+    model = tiny_model("llama", "sdpa", layers=3)
+    ids = token_ids(60)
+    uniform = h2o.make_cache(model, h2o.parse(policy).rule, buffer=4)
+    run_steps(model, uniform, ids, prefill=30)
+    allocated = h2o.make_cache(model, policy, buffer=4, head_scores=head_scores_for(model))
+    run_steps_per_head(model, allocated, ids, prefill=30)
+    h2o.restore(model)
+    assert allocated.evicted() and uniform.evicted()
+    assert allocated.kv_bytes() <= uniform.kv_bytes()
+    # what the heads hold: never more slots than every head at the rule's budget + buffer
+    heads = [n for layer in allocated.head_lengths() for n in layer]
+    assert sum(heads) <= len(heads) * (12 + 4)
+
+
+def test_allocations_refuse_missing_or_misshapen_head_scores_before_touching_the_model():
+    model = tiny_model("llama", "sdpa")
+    with pytest.raises(ValueError, match="needs head scores"):
+        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12")
+    with pytest.raises(ValueError, match="do not fit this model"):
+        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12", head_scores={"retrieval": torch.rand(5, 2)})
+    with pytest.raises(ValueError, match="leave"):
+        h2o.make_cache(model, "retrieval_0.5_4+h2o_2_4_12", head_scores=head_scores_for(model))
+    assert model.config._attn_implementation == "sdpa"

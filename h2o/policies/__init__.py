@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .base import OBSERVATIONS, Observation, Policy, check_sizes, keep_indices
+from . import allocation
+from .allocation import Allocated, parse_allocation
+from .base import OBSERVATIONS, Observation, Policy, check_sizes, keep_indices, priorities
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
@@ -62,10 +64,20 @@ def families() -> list[str]:
     return out + ["recommended"]
 
 
+def is_family(name: str) -> bool:
+    """A rule family (`families()`), or one under an allocation: "<allocation>+<family>" (adakv+h2o_mean)."""
+    parts = allocation.split(name)
+    return (parts[1] if parts else name) in families()
+
+
 def at_budget(family: str, budget: int, score: str | None = None, recent: int | None = None) -> Policy:
     """The family's policy at `budget` tokens: 4 sinks, a recent window of `recent` tokens (default budget / 8;
     StreamingLLM: the rest is its window); `score` is the scoring rule of a family that does not name one.
-    "recommended" is `h2o.recommended(budget)`, whose recent window is its own."""
+    "recommended" is `h2o.recommended(budget)`, whose recent window is its own. "<allocation>+<family>" is the
+    family's policy under that allocation, `budget` the average per KV head."""
+    parts = allocation.split(family)
+    if parts:
+        return allocation.Allocated(allocation.parse_allocation(parts[0]), at_budget(parts[1], budget, score, recent))
     if family not in families():
         raise ValueError(f"unknown rule family {family!r}; choose from {', '.join(families())}")
     if family == "recommended":
@@ -83,6 +95,11 @@ def parse(spec: str | Policy, score: str | None = None) -> Policy:
 
     `score` is an error for a rule without one, and for a name or object that already names another.
     """
+    if isinstance(spec, allocation.Allocated):
+        parse(spec.rule, score)
+        return spec
+    if isinstance(spec, str) and (parts := allocation.split(spec)):
+        return allocation.Allocated(allocation.parse_allocation(parts[0]), parse(parts[1], score))
     if isinstance(spec, Policy):
         policy = spec
         if _REGISTRY.get(type(policy).NAME) is not type(policy):
@@ -104,7 +121,9 @@ def parse(spec: str | Policy, score: str | None = None) -> Policy:
                 break
         if policy is None:
             grammars = "; ".join([f"'{g}' (e.g. '{e}')" for g, e in policy_names().items()]
-                                 + ["'recommended_<budget>' (e.g. 'recommended_256': h2o.recommended(256))"])
+                                 + ["'recommended_<budget>' (e.g. 'recommended_256': h2o.recommended(256))",
+                                    "'<allocation>+<rule>' (e.g. 'adakv+h2o_4_32_256', 'retrieval_0.1_4+h2o_4_32_256', "
+                                    "'pyramid_20+tova_4_32_256': head and layer budgets)"])
             raise ValueError(f"unknown policy {spec!r}; expected one of: {grammars}")
     if score is not None and not type(policy).has_score:
         raise ValueError(f"score={score!r} only applies to H2O and the other rules with a scoring rule "
@@ -114,7 +133,11 @@ def parse(spec: str | Policy, score: str | None = None) -> Policy:
 
 def resolve(names: list[str], score: str | None = None) -> list[str]:
     """Canonical names (the scoring rule spelled out); `score` applies to the names of rules that have one."""
-    return [parse(n, score if score is not None and type(parse(n)).has_score else None).name for n in names]
+    return [parse(n, score if score is not None and _has_score(parse(n)) else None).name for n in names]
+
+
+def _has_score(policy) -> bool:
+    return type(policy.rule if isinstance(policy, allocation.Allocated) else policy).has_score
 
 
 # The built-in rules, registered in this order (parse tries them in turn).
@@ -133,5 +156,5 @@ from .recommendation import recommended  # noqa: E402
 
 __all__ = ["Policy", "Observation", "OBSERVATIONS", "register_policy", "registered", "policy_names", "parse",
            "families", "at_budget",
-           "resolve", "keep_indices", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "recommended",
+           "resolve", "keep_indices", "priorities", "Allocated", "parse_allocation", "is_family", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "recommended",
            "DEFAULT_SCORE", "SCORE_RULES"]

@@ -88,6 +88,12 @@ class Policy:
     def name(self) -> str:
         raise NotImplementedError
 
+    def with_budget(self, budget: int) -> "Policy":
+        """This rule holding `budget` tokens per KV head (a head budget of an allocation, `h2o.policies.allocation`):
+        the same sinks and parameters, the recent window clamped to what the sinks leave. Rules whose sizes are
+        not (sinks, recent, budget) fields override it (StreamingLLM: the window is the rest)."""
+        return dataclasses.replace(self, budget=budget, recent=min(self.recent, budget - self.sinks))
+
     def query_weights(self, q: int, device) -> torch.Tensor | None:
         """Weights of the q new queries in `mass` (None: every query counts 1)."""
         return None
@@ -156,6 +162,7 @@ def keep_indices(
     keys: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
     width: int | None = None,
+    targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots to keep after an eviction, per row and head: (idx [B, H, n], kept [B, n]).
 
@@ -173,6 +180,9 @@ def keep_indices(
     width: the result's n where the caller knows it: the budget, when no slot is padding and the layer
         holds more than budget + buffer (every row evicts). None reads it from the rows' counts, the
         one value this function reads back to the host.
+    targets: [B] tokens each row keeps in these heads (a head budget an allocation chose at this eviction,
+        e.g. Ada-KV's split of a layer's budget); None: `budget` for rows over budget + buffer. A row whose
+        target is at least its real tokens keeps them all.
 
     Within an evicting row, sinks (its first `sinks` real tokens) and its `recent` newest tokens are
     always kept and the rest is ranked by `policy.rank`. Rows keep different numbers of tokens,
@@ -182,22 +192,36 @@ def keep_indices(
     budget = policy.budget
     if budget is None:
         raise ValueError(f"policy {policy.name!r} never evicts")
-    if isinstance(state, torch.Tensor):  # the single state tensor of a one-state policy (ignored without state)
-        if len(policy.state) > 1:
-            raise ValueError(f"{policy.name} keeps {len(policy.state)} state tensors; pass them by name")
-        state = dict(zip(policy.state, [state]))
     real = valid.sum(-1)
-    target = torch.where(real > budget + buffer, torch.full_like(real, budget), real)
+    if targets is None:
+        target = torch.where(real > budget + buffer, torch.full_like(real, budget), real)
+    else:
+        target = torch.minimum(targets.to(real), real)
     n = int(target.max()) if width is None else width
-    since_first = times - first_real.view(-1, 1, 1)
-    protected = (since_first < policy.sinks) | (times >= seen - policy.recent)
-    protected |= (target == real).view(-1, 1, 1)  # rows that do not evict keep every token
-    rank = policy.rank(state or {}, times, seen, keys=keys, values=values, valid=valid).to(torch.float32)
-    rank = torch.where(protected, torch.inf, rank)
-    rank = torch.where(valid.unsqueeze(1), rank, -torch.inf)
+    rank = priorities(policy, state, times, valid, first_real, seen, keys, values, evicting=target < real)
     best = rank.topk(n, dim=-1, sorted=True).indices  # best first
     kept = torch.arange(n, device=times.device) < target.view(-1, 1, 1)  # [B, 1, n]
     # unused slots first, then kept tokens in temporal order
     order = torch.where(kept, best + times.shape[-1], best).sort(dim=-1).indices
     idx = best.gather(-1, order)
     return idx, kept.expand_as(best).gather(-1, order)[:, 0]
+
+
+def priorities(policy: Policy, state, times: torch.Tensor, valid: torch.Tensor, first_real: torch.Tensor, seen: int,
+               keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+               evicting: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [B, H, L]: the policy's rank of each slot, +inf where it is always kept (sinks, the recent window,
+    every slot of a row that does not evict: `evicting` [B] False) and -inf where it holds no real token. The
+    order `keep_indices` keeps slots in; an allocation that splits a layer's budget across heads (Ada-KV) ranks
+    the slots of all heads together by it."""
+    if isinstance(state, torch.Tensor):  # the single state tensor of a one-state policy (ignored without state)
+        if len(policy.state) > 1:
+            raise ValueError(f"{policy.name} keeps {len(policy.state)} state tensors; pass them by name")
+        state = dict(zip(policy.state, [state]))
+    since_first = times - first_real.view(-1, 1, 1)
+    protected = (since_first < policy.sinks) | (times >= seen - policy.recent)
+    if evicting is not None:
+        protected |= ~evicting.view(-1, 1, 1)  # rows that do not evict keep every token
+    rank = policy.rank(state or {}, times, seen, keys=keys, values=values, valid=valid).to(torch.float32)
+    rank = torch.where(protected, torch.inf, rank)
+    return torch.where(valid.unsqueeze(1), rank, -torch.inf)

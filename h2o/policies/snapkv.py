@@ -17,6 +17,7 @@ is a registered rule's name and what its grammar spells after the sizes: `+tova`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -68,6 +69,10 @@ class SnapKV(Sized):
     def sized(cls, sinks, recent, budget):
         return cls(sinks, recent, budget, min(DEFAULT_WINDOW, budget))
 
+    def with_budget(self, budget):
+        return dataclasses.replace(self, budget=budget, recent=min(self.recent, budget - self.sinks),
+                                   window=min(self.window, budget))
+
     @property
     def name(self) -> str:
         return f"snapkv_{self.sinks}_{self.recent}_{self.budget}_{self.window}"
@@ -98,6 +103,10 @@ class SnapKVThen(SnapKV):
         t = self.then
         if not getattr(t, "evicts", False) or (t.sinks, t.recent, t.budget) != (self.sinks, self.recent, self.budget):
             raise ValueError(f"snapkv+rule: the decode rule must evict at the same sizes, got {t!r}")
+
+    def with_budget(self, budget):
+        return dataclasses.replace(self, budget=budget, recent=min(self.recent, budget - self.sinks),
+                                   window=min(self.window, budget), then=self.then.with_budget(budget))
 
     @property
     def observes(self):

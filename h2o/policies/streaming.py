@@ -33,6 +33,9 @@ class Streaming(Policy):
     def sized(cls, sinks, recent, budget):
         return cls(sinks, budget - sinks)  # the window is all the budget the sinks leave
 
+    def with_budget(self, budget):
+        return type(self)(self.sinks, budget - self.sinks)
+
     @property
     def name(self) -> str:
         return f"streaming_{self.sinks}_{self.window}"

@@ -1,0 +1,262 @@
+"""Allocations: how a cache's KV budget is shared among layers and KV heads. A rule still only ranks.
+
+    <allocation>+<rule>     e.g. adakv+h2o_4_32_256, retrieval_0.1_4+h2o_4_32_256, pyramid_20+tova_4_32_256
+
+<rule>'s budget is the AVERAGE budget per KV head: an allocation never holds more KV slots than <rule>
+uniform (every head at <rule>'s budget), only shares them differently. Each head keeps its sinks and recent
+window (the rule's, clamped to its own budget) and ranks the rest by the rule, within its own budget.
+
+- ``retrieval_<share>_<factor>`` and ``induction_<share>_<factor>`` (retrieval heads, RazorAttention /
+  DuoAttention without training): the top <share> of the model's KV heads by a head score
+  (`h2o.head_scores`: "retrieval" from calibration needles, or "induction" on repeated random tokens) hold up
+  to <factor> x budget tokens (the whole context when that is longer than the prompt); every other head holds
+  floor((N x budget - n x cap) / (N - n)) (N heads in all, n of them retrieval heads).
+- ``adakv_<floor>`` (Ada-KV): at each eviction a layer's budget (its heads x budget) is split across its KV
+  heads by one top-k over the rule's priorities of all its heads' slots together (`h2o.policies.base.priorities`);
+  each head keeps at least max(sinks + recent, ceil(<floor> x budget)) tokens.
+- ``pyramid_<beta>`` (PyramidKV): layer budgets fall linearly with depth from 2 x budget - b_min at the first
+  layer to b_min = max(budget // <beta>, sinks + recent + 1) at the last (rounded down: the mean is at most the
+  budget); every head of a layer holds its layer's budget.
+
+A bare allocation name takes its defaults (`DEFAULTS`): adakv = adakv_0.2, pyramid = pyramid_20, retrieval =
+retrieval_0.1_4, induction = induction_0.1_4.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import Policy
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's head groups: (KV heads, budget per head) each; `joint`: the split is redone at every
+    eviction, with the layer's `total` budget and a per-head `floor` (Ada-KV)."""
+
+    groups: tuple[tuple[tuple[int, ...], int], ...]
+    joint: bool = False
+    total: int = 0
+    floor: int = 0
+
+    @property
+    def uniform(self) -> bool:
+        return len(self.groups) == 1 and not self.joint
+
+
+class Allocation:
+    """Base of the allocations: `NAME`, `plan(rule, layers, heads, scores)` -> one `LayerPlan` per layer."""
+
+    NAME: ClassVar[str]
+    score: ClassVar[str | None] = None  # the head score it needs (`h2o.head_scores`), if any
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def plan(self, rule: Policy, layers: int, heads: int, scores=None) -> list[LayerPlan]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class HeadShare(Allocation):
+    """The top `share` of KV heads by head score `score` hold up to `factor` x budget; the rest share what is left."""
+
+    NAME = "retrieval"
+    score_name: str = "retrieval"
+    share: float = 0.1
+    factor: float = 4.0
+
+    def __post_init__(self):
+        if not 0 < self.share < 1:
+            raise ValueError(f"{self.score_name}_<share>_<factor>: share must lie in (0, 1), got {self.share}")
+        if not self.factor > 1:
+            raise ValueError(f"{self.score_name}_<share>_<factor>: factor must be > 1, got {self.factor}")
+
+    @property
+    def score(self) -> str:
+        return self.score_name
+
+    @property
+    def name(self) -> str:
+        return f"{self.score_name}_{self.share:g}_{self.factor:g}"
+
+    def sizes(self, rule: Policy, n_heads: int) -> tuple[int, int, int]:
+        """(retrieval heads, their cap, every other head's budget) for a model of `n_heads` KV heads in all."""
+        budget = rule.budget
+        n = max(1, round(self.share * n_heads))
+        cap = int(self.factor * budget)
+        rest = (n_heads * budget - n * cap) // (n_heads - n)
+        if rest <= rule.sinks:
+            raise ValueError(f"{self.name}+{rule.name}: {n} of {n_heads} heads at {cap} tokens leave {rest} tokens to "
+                             f"each other head, not more than its {rule.sinks} sinks: lower the share or the factor, "
+                             "or raise the budget")
+        return n, cap, rest
+
+    def plan(self, rule, layers, heads, scores=None):
+        if scores is None:
+            raise ValueError(f"{self.name}: needs head scores ('{self.score_name}'): pass "
+                             "head_scores=h2o.head_scores(model, ...) to h2o.make_cache")
+        table = scores.scores[self.score_name] if hasattr(scores, "scores") else scores[self.score_name]
+        if tuple(table.shape) != (layers, heads):
+            raise ValueError(f"{self.name}: head scores of shape {tuple(table.shape)} do not fit this model "
+                             f"({layers} layers x {heads} KV heads)")
+        n, cap, rest = self.sizes(rule, layers * heads)
+        order = torch.argsort(table.flatten().to(torch.float64), descending=True, stable=True)
+        chosen = {divmod(int(i), heads) for i in order[:n]}
+        out = []
+        for layer in range(layers):
+            top = tuple(h for h in range(heads) if (layer, h) in chosen)
+            other = tuple(h for h in range(heads) if (layer, h) not in chosen)
+            out.append(LayerPlan(tuple(g for g in ((top, cap), (other, rest)) if g[0])))
+        return out
+
+
+@dataclass(frozen=True)
+class AdaKV(Allocation):
+    """Ada-KV: a layer's budget split across its heads at every eviction, with a floor per head."""
+
+    NAME = "adakv"
+    floor: float = 0.2
+
+    def __post_init__(self):
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"adakv_<floor>: floor must lie in [0, 1], got {self.floor}")
+
+    @property
+    def name(self) -> str:
+        return f"adakv_{self.floor:g}"
+
+    def plan(self, rule, layers, heads, scores=None):
+        floor = max(rule.sinks + rule.recent, math.ceil(self.floor * rule.budget))
+        groups = tuple(((h,), rule.budget) for h in range(heads))
+        return [LayerPlan(groups, joint=heads > 1, total=heads * rule.budget, floor=floor) for _ in range(layers)]
+
+
+@dataclass(frozen=True)
+class Pyramid(Allocation):
+    """PyramidKV: budgets fall linearly with depth, mean at most the budget."""
+
+    NAME = "pyramid"
+    beta: float = 20.0
+
+    def __post_init__(self):
+        if not self.beta >= 1:
+            raise ValueError(f"pyramid_<beta>: beta must be >= 1, got {self.beta}")
+
+    @property
+    def name(self) -> str:
+        return f"pyramid_{self.beta:g}"
+
+    def budgets(self, rule, layers) -> list[int]:
+        b = rule.budget
+        low = min(b, max(int(b // self.beta), rule.sinks + rule.recent + 1))
+        high = 2 * b - low
+        if layers == 1:
+            return [b]
+        return [int(high - (high - low) * i / (layers - 1)) for i in range(layers)]
+
+    def plan(self, rule, layers, heads, scores=None):
+        return [LayerPlan(((tuple(range(heads)), b),)) for b in self.budgets(rule, layers)]
+
+
+DEFAULTS = {"retrieval": HeadShare("retrieval"), "induction": HeadShare("induction"), "adakv": AdaKV(),
+            "pyramid": Pyramid()}
+_NAME = re.compile(r"(retrieval|induction|adakv|pyramid)((?:_[0-9.]+)*)")
+
+
+def parse_allocation(text: str) -> Allocation | None:
+    """The allocation `text` spells (a bare name takes its defaults), or None if it names none."""
+    m = _NAME.fullmatch(text)
+    if not m:
+        return None
+    kind, args = m[1], [a for a in m[2].split("_") if a]
+    try:
+        values = [float(a) for a in args]
+    except ValueError:
+        raise ValueError(f"bad allocation {text!r}: its parameters must be numbers") from None
+    if not values:
+        return DEFAULTS[kind]
+    if kind in ("retrieval", "induction"):
+        if len(values) != 2:
+            raise ValueError(f"{text!r}: write {kind}_<share>_<factor>, e.g. {kind}_0.1_4")
+        return HeadShare(kind, *values)
+    if len(values) != 1:
+        raise ValueError(f"{text!r}: write {kind}_<{'floor' if kind == 'adakv' else 'beta'}>")
+    return AdaKV(values[0]) if kind == "adakv" else Pyramid(values[0])
+
+
+def split(prefixed: str) -> tuple[str, str] | None:
+    """("<allocation>", "<rule>") of a name "<allocation>+<rule>", or None if it does not start with one."""
+    head, plus, rest = prefixed.partition("+")
+    return (head, rest) if plus and _NAME.fullmatch(head) else None
+
+
+@dataclass(frozen=True)
+class Allocated:
+    """A rule under an allocation: what `h2o.parse("adakv+h2o_4_32_256")` gives. Sized like the rule (its
+    `budget` is the average per KV head); the cache asks `plan` for each layer's head groups."""
+
+    allocation: Allocation
+    rule: Policy
+
+    evicts: ClassVar[bool] = True
+    has_score: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not getattr(self.rule, "evicts", False) or isinstance(self.rule, Allocated):
+            raise ValueError(f"an allocation needs an evicting rule to rank within each head, got {self.rule!r}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.allocation.name}+{self.rule.name}"
+
+    @property
+    def budget(self) -> int:
+        return self.rule.budget
+
+    @property
+    def sinks(self) -> int:
+        return self.rule.sinks
+
+    @property
+    def recent(self) -> int:
+        return self.rule.recent
+
+    @property
+    def observes(self):
+        return self.rule.observes
+
+    @property
+    def state(self):
+        return self.rule.state
+
+    def plan(self, layers: int, heads: int, scores=None) -> list[LayerPlan]:
+        return self.allocation.plan(self.rule, layers, heads, scores)
+
+
+def split_budget(ranks: list[torch.Tensor], total: int, floor: int) -> torch.Tensor:
+    """Ada-KV's split of one layer's `total` kept slots across its heads: counts [B, H] (int64).
+
+    ranks: per head h, [B, 1, L_h] float32 priorities (`priorities`: +inf always kept, -inf no real token).
+    Every head keeps its `floor` best slots (or all its real ones); the rest of `total` goes to the best slots of
+    all heads together. A row with fewer real slots than `total` keeps them all."""
+    b = ranks[0].shape[0]
+    width = max(r.shape[-1] for r in ranks)
+    padded = torch.full((b, len(ranks), width), -torch.inf, device=ranks[0].device)
+    for h, r in enumerate(ranks):
+        padded[:, h, :r.shape[-1]] = r[:, 0]
+    real = padded > -torch.inf
+    if floor > 0:
+        best = padded.topk(min(floor, width), dim=-1).indices
+        padded.scatter_(-1, best, torch.inf)
+        padded.masked_fill_(~real, -torch.inf)  # a head with fewer real slots than the floor
+    chosen = padded.view(b, -1).topk(min(total, padded[0].numel()), dim=-1).indices
+    hit = real.view(b, -1).gather(-1, chosen).to(torch.int64)
+    counts = torch.zeros(b, len(ranks), dtype=torch.int64, device=padded.device)
+    return counts.scatter_add_(1, chosen // width, hit)
