@@ -571,15 +571,16 @@ class CompressedCache(Cache):
         """Whether any head of any layer holds fewer tokens than it has seen."""
         return any(layer.length < layer.seen for layer in self.compressed_layers())
 
-    def kv_bytes(self) -> int:
-        """Exact bytes held by the cache: keys, values and the per-slot bookkeeping of every head (a compressed
-        layer's buffers at their allocated capacity, not only the filled slots: up to buffer + 1 free slots per
-        head after an eviction, plus the geometric growth of a head that has not evicted yet; a head group's
-        buffers hold only its own heads)."""
+    def kv_bytes(self, bookkeeping: bool = True) -> int:
+        """Exact bytes held by the cache: keys, values and (`bookkeeping`) the per-slot bookkeeping of every head
+        (a compressed layer's buffers at their allocated capacity, not only the filled slots: up to buffer + 1
+        free slots per head after an eviction, plus the geometric growth of a head that has not evicted yet; a
+        head group's buffers hold only its own heads, and each group has its own validity row and pad counts)."""
         total = 0
         for layer in self.layers:
             if isinstance(layer, (CompressedLayer, HeadGroupLayer)):
-                tensors = layer.slot_tensors().values()
+                tensors = [t for name, t in layer.slot_tensors().items()
+                           if bookkeeping or name.rpartition(".")[2] in ("keys", "values")]
             else:
                 tensors = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
                            if isinstance(t, torch.Tensor)]

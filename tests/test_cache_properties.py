@@ -162,3 +162,91 @@ def test_reindex_eviction_rerotates_keys_to_their_new_slots():
     torch.testing.assert_close(layer.keys, at(base[:, :, kept], torch.arange(6)), rtol=1e-5, atol=1e-5)
     # the non-rotary part of each head is untouched
     assert torch.equal(layer.keys[..., rotary:], base[:, :, kept, rotary:])
+
+
+# --- head groups: heads holding different numbers of tokens (allocations) ----------------------------
+
+from h2o.cache import HeadGroupLayer  # noqa: E402
+from h2o.policies.allocation import LayerPlan  # noqa: E402
+
+GROUP_HEADS = 3
+
+
+@st.composite
+def group_run(draw, cls):
+    policy, buffer, pads, chunks, seed = draw(layer_run(cls))
+    joint = draw(st.booleans())
+    if joint:  # Ada-KV: one head a group, the layer's budget split at every eviction, a floor per head
+        floor = policy.sinks + policy.recent + draw(st.integers(0, 2))
+        plan = LayerPlan(tuple(((h,), policy.budget) for h in range(GROUP_HEADS)), joint=True,
+                         total=GROUP_HEADS * max(policy.budget, floor), floor=floor)
+    else:  # head groups with their own budgets (retrieval heads; the others smaller)
+        big = policy.budget + draw(st.integers(1, 10))
+        plan = LayerPlan((((1,), big), ((0, 2), policy.budget)))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    return policy, buffer, pads, chunks, seed, plan, dtype
+
+
+def group_observation(policy, batch, heads, length, g, queries):
+    rand = lambda: torch.rand(batch, heads, length, generator=g)
+    return Observation(queries=queries, mass=rand() if "mass" in policy.observes else None,
+                       last=rand().softmax(-1) if "last" in policy.observes else None,
+                       count=torch.randint(0, 5, (batch, 1, length), generator=g).float()
+                       if "count" in policy.observes else None,
+                       vmass=rand() if "vmass" in policy.observes else None)
+
+
+@pytest.mark.parametrize("cls", EVICTING, ids=[getattr(c, "NAME", c.__name__) for c in EVICTING])
+def test_head_group_invariants(cls):
+    """Every head of a `HeadGroupLayer` holds its own bound after every forward (a joint layer: its heads' total
+    too), in order, keys/values/state aligned with their tokens (against never-evicting twins), sinks and recent
+    kept, padding rows judged alone; float32 and bfloat16 keys and values."""
+    @settings(max_examples=40, deadline=None)
+    @given(group_run(cls))
+    def check(run):
+        policy, buffer, pads, chunks, seed, plan, dtype = run
+        g = torch.Generator().manual_seed(seed)
+        batch = len(pads)
+        layer = HeadGroupLayer(plan, policy, buffer, reindex=False)
+        twins = [CompressedLayer(sub.policy, 10**9, reindex=False) for sub in layer.sublayers]
+        seen = 0
+        for step, q in enumerate(chunks):
+            arrival = torch.arange(seen, seen + q, dtype=torch.float32)
+            payload = arrival.view(1, 1, q, 1).expand(batch, GROUP_HEADS, q, DIM).to(dtype)
+            keys, _ = layer.update(payload.clone(), -payload.clone())
+            assert take_pending(keys) is layer
+            for (kv, _), sub, twin in zip(layer.index(torch.device("cpu")), layer.sublayers, twins):
+                twin.update(payload[:, kv].clone(), -payload[:, kv].clone())
+                if step == 0:
+                    new_valid = torch.arange(q).unsqueeze(0) >= torch.tensor(pads).unsqueeze(1)
+                    sub.mark_padding(new_valid)
+                obs = group_observation(policy, batch, len(kv), sub.keys.shape[-2], g, q)
+                twin.observe(at_tokens(obs, sub.times, seen + q))
+                sub.observe(obs)
+            seen += q
+            layer.observed()
+            lengths, bounds = layer.head_lengths(), layer.head_bounds()
+            assert all(n <= b for n, b in zip(lengths, bounds)), (lengths, bounds)  # each head's own bound
+            real = sum(sub.valid.sum(-1) for sub in layer.sublayers)  # [B] real tokens over the heads
+            if plan.joint:
+                assert (real <= plan.total + GROUP_HEADS * buffer).all()
+            for sub, twin in zip(layer.sublayers, twins):
+                times, valid = sub.times, sub.valid
+                assert torch.equal(sub.keys[..., 0].float(), times.float())  # K/V alignment
+                assert torch.equal(sub.values[..., 0].float(), -times.float())
+                for name, tensor in sub.state.items():  # state alignment with the never-evicting twin
+                    expect = twin.state[name].gather(2, times)
+                    mask = valid[:, None, :].expand_as(times)
+                    torch.testing.assert_close(tensor[mask], expect[mask], rtol=1e-5, atol=1e-5)
+                for b in range(batch):
+                    assert (valid[b].int().diff() >= 0).all()  # unused slots first, then tokens in order
+                    assert (times[b][:, valid[b]].diff(dim=-1) > 0).all()
+                    real_times = list(range(pads[b], seen))
+                    for h in range(times.shape[1]):
+                        kept = set(times[b, h][valid[b]].tolist())
+                        assert all(t >= pads[b] for t in kept)
+                        assert set(real_times[: policy.sinks]) <= kept
+                        assert set(real_times[max(0, len(real_times) - policy.recent):]) <= kept
+            assert layer.get_seq_length() == seen
+
+    check()

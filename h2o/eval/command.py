@@ -107,6 +107,15 @@ class Session:
         a = self.args
         self.model, self.tokenizer = models.load_model(a.model, a.device, a.dtype, attn or a.attn, a.device_map)
         self.info = models.describe(self.model)
+        from . import runners
+
+        model, tokenizer = self.model, self.tokenizer
+
+        def head_scores():  # for allocations that rank heads: computed on first need, cached beside the model
+            from . import heads
+            return heads.scores_for(model, tokenizer, a.model, a.data_dir)
+
+        runners.provide_head_scores(model, head_scores)
         return self.model, self.tokenizer
 
     @property

@@ -32,6 +32,7 @@ class PPLResult:
     losses: torch.Tensor  # [B, N-1] float32 NLL of tokens 1..N-1
     first_eviction: int | None  # index into `losses` of the first token scored after an eviction
     max_kept: int  # largest cache length seen after any forward
+    max_kv_bytes: int = 0  # most bytes the cache held after any forward (every head's buffers, bookkeeping included)
     past_trained_context: bool
     notes: list[str] = field(default_factory=list)
 
@@ -63,7 +64,7 @@ def token_losses(model, ids: torch.Tensor, policy: str, *, chunk: int = 1, prefi
     runner = open_runner(model, policy, positions=positions, buffer=buffer)
     device = next(model.parameters()).device
     ids = ids.to(device)
-    losses, first_eviction, max_kept = [], None, 0
+    losses, first_eviction, max_kept, max_kv = [], None, 0, 0
     starts = list(range(prefill, n, chunk))
     bar = tqdm(total=n, desc=desc or policy, disable=not progress, unit="tok", leave=False)
     with torch.no_grad():
@@ -71,8 +72,8 @@ def token_losses(model, ids: torch.Tensor, policy: str, *, chunk: int = 1, prefi
             logits = runner.forward(ids[:, start:stop])
             losses.append(next_token_losses(logits, ids, start, stop))
             kept = runner.check()
-            max_kept = max(max_kept, kept)
-            if first_eviction is None and kept < stop:
+            max_kept, max_kv = max(max_kept, kept), max(max_kv, runner.kv_bytes())
+            if first_eviction is None and runner.compressed():
                 first_eviction = stop  # logits at position `stop` (loss index `stop`) are the first computed after it
             bar.update(stop - start)
     bar.close()
@@ -81,7 +82,8 @@ def token_losses(model, ids: torch.Tensor, policy: str, *, chunk: int = 1, prefi
     context = trained_context(model)
     past = positions == "original" and context is not None and n > context
     result = PPLResult(policy=runner.name, mode="stream" if chunk == 1 else f"chunked-{chunk}",
-                       losses=losses, first_eviction=first_eviction, max_kept=max_kept, past_trained_context=past)
+                       losses=losses, first_eviction=first_eviction, max_kept=max_kept, past_trained_context=past,
+                       max_kv_bytes=max_kv)
     if past:
         result.notes.append(f"{n} tokens with original positions pass the model's trained context of {context}")
     if runner.evicts and first_eviction is None:

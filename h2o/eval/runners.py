@@ -37,6 +37,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import re
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -215,23 +216,51 @@ def ppl_comparable(name: str) -> str | None:
 
 # --- runners -------------------------------------------------------------------------------------------
 
+_HEAD_SCORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> () -> its head scores
+
+
+def provide_head_scores(model, compute) -> None:
+    """Where an allocation that ranks heads (retrieval_..., induction_...) gets `model`'s head scores: `compute()`,
+    called once, on first need (the session registers `h2o.eval.heads.scores_for`, which caches them on disk)."""
+    _HEAD_SCORES[model] = [compute, None]
+
+
+def head_scores(model, name: str):
+    entry = _HEAD_SCORES.get(model)
+    if entry is None:
+        raise ValueError(f"{name}: ranks KV heads by a head score, and none is known for this model "
+                         "(h2o.eval.runners.provide_head_scores; the h2o commands provide them)")
+    if entry[1] is None:
+        entry[1] = entry[0]()
+    return entry[1]
+
+
 class CacheRunner:
-    """One of our policies: a `CompressedCache` (bound: budget + buffer after every forward)."""
+    """One of our policies: a `CompressedCache` (bound: each KV head's budget + buffer after every forward)."""
 
     def __init__(self, model, name: str, positions: str = "original", buffer: int = 64):
-        self.model, self.cache = model, h2o.make_cache(model, name, positions=positions, buffer=buffer)
+        policy = h2o.parse(name)
+        scores = head_scores(model, name) if getattr(getattr(policy, "allocation", None), "score", None) else None
+        self.model = model
+        self.cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer, head_scores=scores)
         self.policy = self.cache.policy
         self.name, self.evicts = self.policy.name, self.policy.evicts
-        self.bound = None if self.policy.budget is None else self.policy.budget + buffer
 
     def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         return self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep).logits
 
     def check(self) -> int:
-        kept = max(self.cache.kept_lengths())
-        if self.bound is not None and kept > self.bound:
-            raise ValidityError(f"{self.name}: a layer holds {kept} tokens, above budget + buffer = {self.bound}")
-        return kept
+        if self.evicts:
+            for layer, (lengths, bounds) in enumerate(zip(self.cache.head_lengths(), self.cache.head_bounds())):
+                for head, (n, bound) in enumerate(zip(lengths, bounds)):
+                    if n > bound:
+                        raise ValidityError(f"{self.name}: layer {layer} KV head {head} holds {n} tokens, above its "
+                                            f"budget + buffer = {bound}")
+        return max(self.cache.kept_lengths())
+
+    def compressed(self) -> bool:
+        """Whether any head of any layer has evicted a token."""
+        return self.evicts and self.cache.evicted()
 
     def kept_lengths(self) -> list[int]:
         return self.cache.kept_lengths()
@@ -298,6 +327,9 @@ class PressRunner:
             raise ValidityError(f"{self.name}: layers hold {sorted(set(self.kept_lengths()))} tokens, kvpress's "
                                 f"compute_n_kept says {self.expected}: the press did not compress as it should")
         return kept
+
+    def compressed(self) -> bool:
+        return max(self.kept_lengths()) < self.seen
 
     def kept_lengths(self) -> list[int]:
         return [layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0

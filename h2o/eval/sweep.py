@@ -14,6 +14,7 @@ stops the policy with the largest cache ("OOM") and the batch size is retried wi
 
 from __future__ import annotations
 
+import argparse
 import gc
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import psutil
 import torch
 
 import h2o
-from h2o.policies import at_budget, families, resolve
+from h2o.policies import at_budget, families, is_family, resolve
 
 from . import data, report
 from .command import add_text_options, load_text, unique_policies
@@ -38,7 +39,7 @@ DEFAULT_CONTEXT = {"cpu": 512, "cuda": 1024}
 DEFAULT_NEW_TOKENS = {"cpu": 8, "cuda": 32}
 PPL_COLUMNS = {"text": "Text", "family": "Family", "budget": "Budget", "policy": "Policy", "ppl": "PPL",
                "ppl_after_eviction": "PPL after 1st eviction", "full_ppl_after_eviction": "Full, same tokens",
-               "gap_closed": "Gap closed", "passkey_kept": "Passkey kept"}
+               "gap_closed": "Gap closed", "kv_mib": "KV MiB", "passkey_kept": "Passkey kept"}
 SPEED_COLUMNS = {"batch": "Batch", "policy": "Policy", "status": "Status", "tpot_median_ms": "TPOT med (ms)",
                  "decode_tok_s": "Decode tok/s", "throughput_tok_s": "Gen tok/s (with prefill)",
                  "kv_mib": "KV MiB", "run_peak_growth_mib": "Run peak +MiB"}
@@ -48,10 +49,12 @@ def add_arguments(p) -> None:
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="cache budgets (tokens)")
     p.add_argument("--rules", "--families", dest="families", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"],
-                   choices=families(), metavar="RULE",
+                   type=rule_family, metavar="RULE",
                    help=f"rule families, each at every budget: 4 sinks, recent budget/8 (StreamingLLM: the rest is its "
                         f"window), e.g. streaming -> streaming_4_{{b-4}}, h2o_mean -> h2o_4_{{b//8}}_{{b}}_mean; a family "
-                        f"without a rule (h2o, vatp) takes --score; any of: {', '.join(families())}")
+                        f"without a rule (h2o, vatp) takes --score; any of: {', '.join(families())}; or one under an allocation of head "
+                        "and layer budgets, <allocation>+<family>: adakv+h2o_mean, retrieval+h2o_mean, pyramid+tova, ... "
+                        "(the budget is the average per KV head)")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per policy")
     p.add_argument("--chunk", type=int, default=32, help="tokens per forward in the PPL runs (1 = token by token)")
     add_text_options(p, "wikitext")
@@ -76,6 +79,14 @@ def add_arguments(p) -> None:
                         f"{DEFAULT_NEW_TOKENS['cuda']} on CUDA)")
     g.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch size")
     g.add_argument("--throughput-budget", type=int, default=256, help="the compressed policies' budget")
+
+
+def rule_family(name: str) -> str:
+    """argparse type of --rules: a family, or <allocation>+<family>."""
+    if not is_family(name):
+        raise argparse.ArgumentTypeError(f"unknown rule family {name!r}; choose from {', '.join(families())}, or "
+                                         "<allocation>+<family> (adakv, retrieval, induction, pyramid; e.g. adakv+h2o_mean)")
+    return name
 
 
 def policy_name(family: str, budget: int, score: str | None, recent_share: float = 0.125) -> str:
@@ -195,7 +206,7 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
         for i, label in enumerate(labels):
             rows.append({"text": label, "family": "full", "budget": None, "policy": "full", "ppl": full.ppl(i),
                          "ppl_after_eviction": None, "full_ppl_after_eviction": None, "gap_closed": None,
-                         "first_eviction": None, "max_kept": full.max_kept})
+                         "first_eviction": None, "max_kept": full.max_kept, "kv_mib": full.max_kv_bytes / report.MIB})
         for budget in plan["budgets"]:
             for family in plan["families"]:
                 name = policy_name(family, budget, args.score, args.recent_share)
@@ -207,7 +218,8 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
                     rows.append({"text": label, "family": family, "budget": budget, "policy": result.policy,
                                  "ppl": result.ppl(i), "ppl_after_eviction": result.ppl(i, after_eviction=True),
                                  "full_ppl_after_eviction": same, "gap_closed": None,
-                                 "first_eviction": result.first_eviction, "max_kept": result.max_kept})
+                                 "first_eviction": result.first_eviction, "max_kept": result.max_kept,
+                                 "kv_mib": result.max_kv_bytes / report.MIB})
                 notes += [f"{result.policy}: {n}" for n in result.notes]
     finally:
         h2o.restore(model)

@@ -34,7 +34,7 @@ from h2o.policies import resolve
 
 from . import data, models, report, retrieval
 from .runners import canonical, describe, is_press, open_runner
-from h2o.policies import families
+from h2o.policies import families, is_family
 
 from .sweep import policy_name
 
@@ -44,6 +44,7 @@ PROTOCOLS = ("question-aware", "streaming")
 DEFAULT_TASKS = ["passkey", "niah_multikey", "niah_multivalue"]
 DEFAULT_BOOKS = ["10146", "10321", "24553"]
 COLUMNS = {"task": "Task", "policy": "Policy", "budget": "Budget", "budget_share": "Budget / prompt",
+           "kv_mib": "KV MiB",
            "cases": "Cases", "full_solved": "Full solved", "policy_solved": "Policy solved",
            "kept_share": "Kept share", "policy_accuracy": "Policy acc.", "full_accuracy": "Full acc."}
 
@@ -83,7 +84,7 @@ def variants(policies: list[str], budgets: list[int] | None, ratios: list[float]
                 out += [(p, Variant(press.name, str(b), name=press.at(b).name)) for b in budgets]
             else:
                 out += [(p, Variant(press.name, f"{r:.0%}", ratio=r)) for r in ratios]
-        elif p in families():
+        elif is_family(p):
             if budgets:
                 out += [(p, Variant(p, str(b), name=resolve([policy_name(p, b, score)])[0])) for b in budgets]
             else:
@@ -118,6 +119,7 @@ class Answer:
     kept_tokens: int  # the longest layer's kept length once the prompt is in
     compressed: bool  # the policy evicted while the prompt was fed
     budget_tokens: int | None = None  # what the policy keeps of this prompt (None: everything)
+    kv_bytes: int = 0  # what the cache holds once the prompt is in (every head's buffers, bookkeeping included)
 
     @property
     def solved(self) -> bool:
@@ -144,7 +146,7 @@ def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, 
             for feed in filter(None, feeds):
                 runner.forward(torch.tensor([feed], device=device), logits_to_keep=1)
                 runner.check()
-            kept = max(runner.kept_lengths())
+            kept, compressed, kv = max(runner.kept_lengths()), runner.compressed(), runner.kv_bytes()
             token, out = ids[-1], []
             for _ in range(case.max_new_tokens):
                 logits = runner.forward(torch.tensor([[token]], device=device), logits_to_keep=1)
@@ -156,8 +158,7 @@ def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, 
     finally:
         runner.close()
     text = tokenizer.decode(out, skip_special_tokens=True)
-    return Answer(text, retrieval.score(case, text), len(ids), kept, kept < len(ids) - 1,
-                  runner.budget_for(len(ids) - 1))
+    return Answer(text, retrieval.score(case, text), len(ids), kept, compressed, runner.budget_for(len(ids) - 1), kv)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -196,6 +197,7 @@ def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer)
             "protocol": protocol, "policy": label, "budget": budget, "policy_name": p.name,
             "budget_tokens": answer.budget_tokens if answer.budget_tokens is not None else p.budget,
             "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
+            "kv_mib": answer.kv_bytes / report.MIB,
             "compressed": answer.compressed if p.evicts else None, "score": answer.score, "solved": answer.solved,
             "full_solved": full.solved, "references": " | ".join(case.references), "answer": answer.text,
             "source": case.source}
@@ -215,6 +217,7 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
         row = {"task": task, "protocol": group[0]["protocol"], "policy": policy, "budget": budget,
                "budget_share": None if policy == "full" else statistics.mean(
                    r["budget_tokens"] / r["prompt_tokens"] for r in group),
+               "kv_mib": statistics.mean(r["kv_mib"] for r in group),
                "cases": len(group), "not_compressed": len(group) - len(scored),
                "full_solved": sum(r["full_solved"] for r in group),
                "control": len(control) if policy != "full" else None,  # full-solved cases it was scored on
