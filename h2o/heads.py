@@ -33,6 +33,7 @@ The pure reductions (`induction_echo_from_attention`, `retrieval_hits`, `group_m
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -233,7 +234,7 @@ def needle_cases(tokenizer, texts: Sequence[str], cases: int, context_tokens: in
         cut = _sentence_end(tokenizer, window, round(depth * len(window)))
         code = str(rng.randrange(1, 10)) + "".join(str(rng.randrange(10)) for _ in range(rng.randrange(5, 10)))
         sentence = NEEDLE.format(code=code)
-        needle_ids, _ = _encode_span(tokenizer, " " + sentence, 0, 0)
+        needle_ids = _encode(tokenizer, " " + sentence)
         answer_text = OPENING + " " + code
         answer_ids, (a0, a1) = _encode_span(tokenizer, answer_text, len(OPENING) + 1, len(answer_text))
         head = prefix + window[:cut]
@@ -256,8 +257,6 @@ def _encode_span(tokenizer, text: str, start: int, end: int) -> tuple[list[int],
         inside = [t for t, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > start]
         if inside:
             return list(enc["input_ids"]), (inside[0], inside[-1] + 1)
-        if start == end:
-            return list(enc["input_ids"]), (0, 0)
     pieces = [_encode(tokenizer, p) if p else [] for p in (text[:start], text[start:end], text[end:])]
     return pieces[0] + pieces[1] + pieces[2], (len(pieces[0]), len(pieces[0]) + len(pieces[1]))
 
@@ -515,6 +514,7 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
     echo = torch.zeros(layers, q_heads, dtype=torch.float64)
     hits = torch.zeros(layers, q_heads, dtype=torch.int64)
     copied, answered, per_case = 0, 0, []
+    trims = "logits_to_keep" in inspect.signature(model.forward).parameters
     with probed(model):
         for x in random_sequences(vocab, random_tokens, repeats, seed, exclude):
             def reduce(layer, probs, r=random_tokens):
@@ -532,7 +532,7 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
                 if queries:
                     case_hits[layer] += retrieval_hits(probs[0], queries, targets).cpu()
             keep = len(case.ids) - case.answer.start + 1  # logits from the query before the first code token
-            out = _forward(model, case.ids, reduce, layers, logits_to_keep=keep)
+            out = _forward(model, case.ids, reduce, layers, **({"logits_to_keep": keep} if trims else {}))
             predicted = out.logits[0, -keep:-1].argmax(-1).tolist()[: len(case.answer)]
             correct = sum(int(p == case.ids[t]) for p, t in zip(predicted, case.answer))
             hits += case_hits

@@ -18,21 +18,25 @@ def test_perf_reports_the_four_ratios_and_flat_kv_bytes(tmp_path, capsys):
     assert main(["perf", *TINY, "--out", str(out)]) == 0
     ratios = list(csv.DictReader(open(out / "perf.csv")))
     assert [r["ratio"] for r in ratios] == ["decode_h2o_over_streaming", "decode_h2o_over_full",
-                                           "decode_streaming_over_full", "prefill_h2o_over_streaming"]
+                                           "decode_streaming_over_full", "prefill_h2o_over_streaming",
+                                           "decode_allocated_over_h2o"]
     payload = json.loads((out / "perf.json").read_text())
     decode, prefill = payload["decode_s"], payload["prefill_s"]
-    assert {k: len(v) for k, v in decode.items()} == {"h2o": 6, "streaming": 6, "full": 6}
+    assert {k: len(v) for k, v in decode.items()} == {"h2o": 6, "streaming": 6, "allocated": 6, "full": 6}
     assert {k: len(v) for k, v in prefill.items()} == {"h2o": 2, "streaming": 2}
     # each ratio is the one of the measured minimums (and medians), and the goal column is the issue's
     first = ratios[0]
     assert float(first["min"]) == pytest.approx(min(decode["h2o"]) / min(decode["streaming"]), rel=1e-6)
     assert float(ratios[3]["min"]) == pytest.approx(min(prefill["h2o"]) / min(prefill["streaming"]), rel=1e-6)
-    assert [float(r["goal"]) for r in ratios] == [1.03, 1.05, 1.02, 1.15]
+    assert float(ratios[4]["min"]) == pytest.approx(min(decode["allocated"]) / min(decode["h2o"]), rel=1e-6)
+    assert [float(r["goal"]) for r in ratios] == [1.03, 1.05, 1.02, 1.15, 1.05]
     assert all(r["met"] == ("yes" if float(r["min"]) <= float(r["goal"]) else "no") for r in ratios)
     kv = {(r["policy"], int(r["tokens"])): int(r["kv_bytes"]) for r in csv.DictReader(open(out / "perf_kv.csv"))}
     assert kv["full", 64] == 2 * kv["full", 32]  # the full cache grows with the text
     assert kv["h2o_2_4_16_mean", 64] == kv["h2o_2_4_16_mean", 32]  # a compressed one stays flat
     assert kv["streaming_2_14", 64] == kv["streaming_2_14", 32] < kv["full", 64]
+    # Ada-KV's heads share the layer's budget: flat too, and its keys and values never above the uniform rule's
+    assert kv["adakv_0.2+h2o_2_4_16_mean", 64] <= kv["h2o_2_4_16_mean", 64] + 2 * 2 * 3 * (16 + 4 + 1 + 8)
     assert (out / "perf.png").stat().st_size > 5_000
     assert "| decode_h2o_over_streaming" in capsys.readouterr().out
 

@@ -32,8 +32,8 @@ class PPLResult:
     losses: torch.Tensor  # [B, N-1] float32 NLL of tokens 1..N-1
     first_eviction: int | None  # index into `losses` of the first token scored after an eviction
     max_kept: int  # largest cache length seen after any forward
-    max_kv_bytes: int = 0  # most bytes the cache held after any forward (every head's buffers, bookkeeping included)
     past_trained_context: bool
+    max_kv_bytes: int = 0  # most bytes the cache held after any forward (every head's buffers, bookkeeping included)
     notes: list[str] = field(default_factory=list)
 
     def ppl(self, row: int | None = None, after_eviction: bool = False, start: int = 0) -> float:
