@@ -213,7 +213,8 @@ class NeedleCase:
     needle: range  # positions of the needle sentence
     answer: range  # positions of the teacher-forced answer's code tokens (the last tokens of ids)
     code: str
-    depth: float
+    depth: float  # the asked depth (0.1 .. 0.9)
+    at: float  # where the needle went: the share of the window's tokens before it
     context_tokens: int
 
 
@@ -242,6 +243,7 @@ def needle_cases(tokenizer, texts: Sequence[str], cases: int, context_tokens: in
         answer_start = len(full) - len(answer_ids)
         out.append(NeedleCase(ids=full, needle=range(len(head), len(head) + len(needle_ids)),
                               answer=range(answer_start + a0, answer_start + a1), code=code, depth=depth,
+                              at=cut / len(window),
                               context_tokens=len(window) + len(needle_ids)))
     return out
 
@@ -276,14 +278,18 @@ def _haystack_ids(tokenizer, text: str, context_tokens: int, windows: int) -> li
     return ids
 
 
-def _sentence_end(tokenizer, window: list[int], cut: int, reach: int = 24) -> int:
-    """The boundary nearest `cut` right after a token ending a sentence (. ! ? or a line end), else `cut`."""
-    best = None
-    for b in range(max(1, cut - reach), min(len(window) - 1, cut + reach) + 1):
-        if tokenizer.decode([window[b - 1]]).rstrip(" ").endswith((".", "!", "?", "\n")):
-            if best is None or abs(b - cut) < abs(best - cut):
-                best = b
-    return cut if best is None else best
+def _sentence_end(tokenizer, window: list[int], cut: int, reach: int = 64) -> int:
+    """The boundary nearest `cut` (within `reach` tokens) right after a token that ends a sentence (. ! ? and
+    closing quotes or brackets after them); else the nearest before a token that starts a word; else `cut`."""
+    def nearest(ok):
+        near = [b for b in range(max(1, cut - reach), min(len(window) - 1, cut + reach) + 1) if ok(b)]
+        return min(near, key=lambda b: (abs(b - cut), b)) if near else None
+
+    ends = nearest(lambda b: tokenizer.decode([window[b - 1]]).strip().rstrip("\"')]’”").endswith((".", "!", "?")))
+    if ends is not None:
+        return ends
+    words = nearest(lambda b: tokenizer.decode([window[b]])[:1].isspace())
+    return cut if words is None else words
 
 
 def _frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -538,7 +544,8 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
             hits += case_hits
             copied += len(queries)
             answered += correct
-            per_case.append({"code": case.code, "depth": round(case.depth, 4), "prompt_tokens": case.answer.start,
+            per_case.append({"code": case.code, "depth": round(case.depth, 4), "at": round(case.at, 4),
+                             "prompt_tokens": case.answer.start,
                              "context_tokens": case.context_tokens, "code_tokens": len(case.answer),
                              "copied_tokens": len(queries), "teacher_forced_correct": correct,
                              "best_head_hits": int(case_hits.max()) if queries else 0})

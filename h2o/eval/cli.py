@@ -25,6 +25,7 @@ HELPS = {
     "sweep": "PPL vs cache budget per policy family, and decode throughput vs batch size until memory runs out",
     "heatmap": "attention heatmaps (log scale) of chosen layers over a short text: sinks and heavy hitters",
     "perf": "bookkeeping cost: decode-step and prefill time ratios against their floors, KV bytes vs tokens",
+    "heads": "training-free KV-head scores: induction and echo on repeated random tokens, retrieval on calibration needles",
 }
 COMMANDS = tuple(HELPS)
 DESCRIPTION = "KV-cache compression benchmarks (StreamingLLM, H2O)"
@@ -85,6 +86,7 @@ EXAMPLES = {
               "h2o sweep --parts throughput --model random:pythia-410m"],
     "heatmap": ["h2o heatmap --layers 0 -1 --tokens 96"],
     "perf": ["h2o perf", "h2o perf --steps 32 --rounds 3 --kv-lengths 1024 4096"],
+    "heads": ["h2o heads", "h2o heads --model random:tiny-llama --random-tokens 64 --recompute"],
 }
 
 

@@ -1,0 +1,199 @@
+"""`h2o heads`: training-free scores of every KV head (`h2o.head_scores`), cached per model.
+
+induction and echo (RazorAttention) come from the model alone, on repeated random tokens; retrieval (Retrieval
+Head, Wu et al. 2024) from calibration needles in a PG-19 book that no evaluation of this project uses
+(`CALIBRATION_BOOK`, 3129; the evaluations read 10146, 10321, 24553 and 2544), so that heads chosen by it are
+not tuned on the texts they are then measured on. Random-weight models have no tokenizer: induction and echo
+only. Prints the top heads per score, writes heads.csv (one row per layer x KV head), heads.json (the scores and
+how they were made) and heads.png (a heatmap per score).
+
+The scores are computed once per model and cached (`scores_for`, which the head-wise allocations also use):
+
+    embedded model     <its converted copy, models.smollm2_copy()>/head_scores.json
+    any other model    $H2O_CACHE_DIR (default ~/.cache/h2o)/head_scores/<model name, made safe>-<hash>.json
+
+A cached file is used only when its inputs (`h2o.heads.method_inputs`: the model's config and a fingerprint of its
+weights, dtype, seed, token counts, cases, the calibration text's hash, the h2o version) equal this run's;
+otherwise the scores are recomputed and the file replaced atomically. --recompute forces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from . import data, models, report
+
+NAME = "heads"
+HELP = "training-free KV-head scores: induction and echo on repeated random tokens, retrieval on calibration needles"
+CALIBRATION_BOOK = "3129"  # PG-19 test book no evaluation uses (they use 10146, 10321, 24553, 2544)
+DEFAULTS = {"seed": 0, "random_tokens": 256, "repeats": 4, "cases": 8, "context_tokens": 768}
+COLUMNS = {"rank": "Rank", "layer": "Layer", "kv_head": "KV head", "induction": "Induction", "echo": "Echo",
+           "retrieval": "Retrieval"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--random-tokens", type=int, default=DEFAULTS["random_tokens"],
+                   help="random tokens per sequence (each sequence is fed twice in a row) for induction and echo")
+    p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="random sequences averaged over")
+    p.add_argument("--cases", type=int, default=DEFAULTS["cases"],
+                   help="calibration needle cases for the retrieval score (0: no retrieval score)")
+    p.add_argument("--context-tokens", type=int, default=DEFAULTS["context_tokens"],
+                   help="haystack tokens per needle case")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the random tokens and the needles")
+    p.add_argument("--calibration-book", default=CALIBRATION_BOOK,
+                   help="PG-19 test book of the needle haystacks (one that no evaluation uses)")
+    p.add_argument("--top", type=int, default=8, help="heads listed per score")
+    p.add_argument("--recompute", action="store_true", help="recompute even when cached scores with the same inputs exist")
+
+
+def check(args) -> dict:
+    for name in ("random_tokens", "repeats", "top"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.cases < 0:
+        raise ValueError(f"--cases must be >= 0, got {args.cases}")
+    if args.cases and args.context_tokens < 16:
+        raise ValueError(f"--context-tokens must be >= 16, got {args.context_tokens}")
+    retrieval = args.cases > 0 and not args.model.startswith("random:")
+    text = data.load_document("pg19", args.calibration_book, args.data_dir) if retrieval else None
+    return {"text": text}
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+def cache_path(model_name: str) -> Path:
+    """Where the scores of `model_name` are cached (see the module docstring)."""
+    if model_name == models.EMBEDDED:
+        return models.smollm2_copy() / "head_scores.json"
+    key = str(Path(model_name).expanduser().resolve()) if Path(model_name).expanduser().is_dir() else model_name
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[-80:] or "model"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    # beside the embedded copy's folder, not inside it: models._convert renames a fresh copy onto that folder
+    return models.cache_dir().parents[1] / "head_scores" / f"{safe}-{digest}.json"
+
+
+def lookup(model, tokenizer, model_name: str, data_dir=None, progress=None, *, book: str = CALIBRATION_BOOK,
+           text: tuple[str, str] | None = None, recompute: bool = False, **options):
+    """(scores, cache path, whether the cached file was reused): the cached scores of the model when their inputs
+    are this call's, else computed (`h2o.head_scores`) and cached. `options`: seed, random_tokens, repeats,
+    cases, context_tokens (default `DEFAULTS`); `text`: the calibration text if already read."""
+    from h2o.heads import HeadScores, head_scores, method_inputs
+
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown head-score options: {', '.join(sorted(unknown))}")
+    options = {**DEFAULTS, **options}
+    texts, names = None, None
+    if tokenizer is not None and options["cases"] > 0:
+        if text is None:
+            text = data.load_document("pg19", book, data_dir)
+        texts, names = [text[0]], [f"pg19:{book}"]
+    path = cache_path(model_name)
+    inputs = _normal(method_inputs(model, tokenizer, texts, **options))
+    if path.is_file() and not recompute:
+        try:
+            cached = HeadScores.load(path)
+        except (ValueError, KeyError, TypeError, OSError):  # unreadable or of another format: recomputed
+            cached = None
+        if cached is not None and _normal(cached.method.get("inputs")) == inputs:
+            return cached, path, True
+    scores = head_scores(model, tokenizer, texts, progress=progress, text_names=names, **options)
+    scores.method["calibration_text"] = {"name": names[0], "source": text[1]} if names else None
+    scores.save(path)
+    return scores, path, False
+
+
+def scores_for(model, tokenizer, model_name: str, data_dir=None, progress=None, **options):
+    """The model's head scores (`h2o.heads.HeadScores`), computed once and cached beside the model (see the module
+    docstring); `options` as `lookup`'s (book, recompute, seed, random_tokens, repeats, cases, context_tokens)."""
+    return lookup(model, tokenizer, model_name, data_dir, progress, **options)[0]
+
+
+def _normal(value):
+    return json.loads(json.dumps(value, sort_keys=True)) if value is not None else None
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+def run(session, plan) -> int:
+    args = session.args
+    model, tokenizer = session.load_model()
+    info = session.info
+    options = {"seed": args.seed, "random_tokens": args.random_tokens, "repeats": args.repeats,
+               "cases": args.cases, "context_tokens": args.context_tokens}
+    retrieval = tokenizer is not None and args.cases > 0
+    bar = session.progress(total=args.repeats + (args.cases if retrieval else 0), desc="head scores")
+    try:
+        scores, path, reused = lookup(model, tokenizer, args.model, args.data_dir, bar, book=args.calibration_book,
+                                      text=plan["text"], recompute=args.recompute, **options)
+    finally:
+        bar.close()
+    method = scores.method
+    names = list(scores.scores)
+    layers, heads = scores.shape
+    ranks = {name: {(l, h): i + 1 for i, (l, h, _) in enumerate(scores.ranked(name))} for name in names}
+    rows = [{"layer": l, "kv_head": h, **{name: float(scores[name][l, h]) for name in names},
+             **{f"{name}_rank": ranks[name][l, h] for name in names}} for l in range(layers) for h in range(heads)]
+    by_head = {(r["layer"], r["kv_head"]): r for r in rows}
+    tables, top = [], {}
+    for name in names:
+        best = [{"rank": i + 1, **by_head[l, h]} for i, (l, h) in enumerate(scores.top(name, args.top))]
+        top[name] = [[r["layer"], r["kv_head"], r[name]] for r in best]
+        tables.append(f"top {len(best)} of {layers * heads} KV heads by {name}:\n" + report.format_table(best, COLUMNS))
+
+    group = method.get("query_heads_per_kv_head")
+    notes = [f"model {info['name']} ({info['family']}, {info['dtype']}, {info['device']}), {layers} layers x "
+             f"{heads} KV heads ({group} query heads each; a KV head's score is the max over them)",
+             (f"cached scores reused from {path} (same inputs; --recompute to redo)" if reused else
+              f"computed in {method.get('seconds', float('nan')):.0f} s and cached at {path}"),
+             f"induction / echo: the attention of the second copy's queries on the token after / at their token's "
+             f"previous occurrence, {args.repeats} x {args.random_tokens} random tokens fed twice (seed {args.seed})"]
+    if "retrieval" in names:
+        counts = method.get("token_counts", {})
+        source = (method.get("calibration_text") or {}).get("source", "")
+        notes.append(f"retrieval: {args.cases} needle cases in PG-19 book {args.calibration_book} ({source}), "
+                     f"{args.context_tokens} haystack tokens each, depths 0.1-0.9; hits = attention argmax on the "
+                     f"needle token being copied, over {counts.get('copied_tokens')} copied answer tokens (the model "
+                     f"predicts {counts.get('teacher_forced_correct')} of them itself, teacher-forced)")
+    elif tokenizer is None:
+        notes.append(f"{info['name']} has random weights and no tokenizer: no retrieval score (it needs calibration "
+                     "text); induction and echo only, and on random weights they are not expected to single out heads")
+    else:
+        notes.append("no retrieval score: --cases 0")
+    session.write_csv("heads.csv", rows)
+    session.write_json("heads.json", head_scores=scores.to_json(), top=top,
+                       cache={"path": str(path), "reused": reused}, notes=notes)
+    session.plot("heads.png", plot(scores, info["name"]))
+    return session.finish(tables, notes)
+
+
+def plot(scores, model_name: str):
+    """One heatmap per score: layer on y, KV head on x, each cell annotated with its value."""
+    plt = report.pyplot()
+    names = list(scores.scores)
+    layers, heads = scores.shape
+    width = max(2.2, 0.55 * heads + 1.2)
+    fig, axes = plt.subplots(1, len(names), figsize=(width * len(names), max(4.0, 0.28 * layers + 1.5)),
+                             layout="constrained", squeeze=False)
+    annotate = layers * heads <= 2048
+    for ax, name in zip(axes[0], names):
+        table = scores[name].numpy()
+        image = ax.imshow(table, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(heads))
+        ax.set_yticks(range(layers))
+        ax.tick_params(labelsize=7)
+        if annotate:
+            for l in range(layers):
+                for h in range(heads):
+                    v = float(table[l, h])
+                    ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="black" if v > 0.6 else "white")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.6, label="score (max over the KV head's query heads)")
+    fig.suptitle(f"Head scores of {model_name}", fontsize=11)
+    return fig
