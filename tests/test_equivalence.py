@@ -343,3 +343,9 @@ def test_allocations_refuse_missing_or_misshapen_head_scores_before_touching_the
     with pytest.raises(ValueError, match="leave"):
         h2o.make_cache(model, "retrieval_0.5_4+h2o_2_4_12", head_scores=head_scores_for(model))
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_head_score_the_scores_lack_is_a_clear_error():
+    model = tiny_model("llama", "sdpa")
+    with pytest.raises(ValueError, match="only induction"):
+        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12", head_scores={"induction": torch.rand(2, 2)})

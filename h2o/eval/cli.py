@@ -71,6 +71,16 @@ policy families and budgets):
                                 CAOTE: keep the tokens whose eviction would move the newest
                                 query's attention output most, e.g. caote_4_32_256
   recommended_<budget>          h2o.recommended(budget): the measured choice, e.g. recommended_256
+  <allocation>+<rule>           head and layer budgets around any rule above; the rule's budget is
+                                the AVERAGE per KV head (never more KV bytes than the rule uniform):
+                                retrieval_<share>_<factor>  the top <share> of KV heads by retrieval
+                                  score (h2o heads) hold <factor> x budget, the rest share what is left
+                                induction_<share>_<factor>  the same, heads ranked by induction score
+                                adakv_<floor>  Ada-KV: a layer's budget split across its heads at
+                                  every eviction by the rule's own scores, >= <floor> x budget each
+                                pyramid_<beta>  PyramidKV: budgets fall linearly with depth
+                                e.g. adakv+h2o_4_32_256, retrieval_0.1_4+h2o_4_32_256,
+                                pyramid_20+tova_4_32_256; families too: --policies adakv+h2o_mean
   a policy registered with h2o.register_policy parses the same way (h2o.policy_names() lists all)
   names that spell the same policy (h2o_4_32_256, h2o_4_32_256_mean) are merged and run once"""
 

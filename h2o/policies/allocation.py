@@ -102,7 +102,12 @@ class HeadShare(Allocation):
         if scores is None:
             raise ValueError(f"{self.name}: needs head scores ('{self.score_name}'): pass "
                              "head_scores=h2o.head_scores(model, ...) to h2o.make_cache")
-        table = scores.scores[self.score_name] if hasattr(scores, "scores") else scores[self.score_name]
+        tables = scores.scores if hasattr(scores, "scores") else scores
+        if self.score_name not in tables:
+            raise ValueError(f"{self.name}: ranks heads by the '{self.score_name}' score, and the head scores given have "
+                             f"only {', '.join(sorted(tables)) or 'none'} (a model without a tokenizer has no retrieval "
+                             "score: use induction_<share>_<factor>)")
+        table = tables[self.score_name]
         if tuple(table.shape) != (layers, heads):
             raise ValueError(f"{self.name}: head scores of shape {tuple(table.shape)} do not fit this model "
                              f"({layers} layers x {heads} KV heads)")
@@ -246,6 +251,8 @@ def split_budget(ranks: list[torch.Tensor], total: int, floor: int) -> torch.Ten
     ranks: per head h, [B, 1, L_h] float32 priorities (`priorities`: +inf always kept, -inf no real token).
     Every head keeps its `floor` best slots (or all its real ones); the rest of `total` goes to the best slots of
     all heads together. A row with fewer real slots than `total` keeps them all."""
+    if total < len(ranks) * floor:
+        raise ValueError(f"split_budget: a total of {total} cannot give {len(ranks)} heads a floor of {floor} each")
     b = ranks[0].shape[0]
     width = max(r.shape[-1] for r in ranks)
     padded = torch.full((b, len(ranks), width), -torch.inf, device=ranks[0].device)

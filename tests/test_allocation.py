@@ -1,0 +1,85 @@
+"""Allocations (h2o.policies.allocation): names, the budgets each plans, and Ada-KV's split as a pure function."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import h2o
+from h2o.policies.allocation import AdaKV, Allocated, HeadShare, Pyramid, parse_allocation, split_budget
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("adakv+h2o_4_32_256", "adakv_0.2+h2o_4_32_256_mean"),
+    ("retrieval+tova_4_32_256", "retrieval_0.1_4+tova_4_32_256"),
+    ("induction_0.05_6+streaming_4_252", "induction_0.05_6+streaming_4_252"),
+    ("pyramid_8+snapkv_4_32_256_16+tova", "pyramid_8+snapkv_4_32_256_16+tova"),
+])
+def test_names_parse_to_their_canonical_form(name, expect):
+    policy = h2o.parse(name)
+    assert isinstance(policy, Allocated) and policy.name == expect and h2o.parse(expect).name == expect
+    assert policy.budget == policy.rule.budget  # the average budget per KV head is the rule's
+
+
+@pytest.mark.parametrize("name, message", [
+    ("adakv_2+h2o_4_32_256", "floor must lie in"), ("retrieval_0.1+h2o_4_32_256", "retrieval_<share>_<factor>"),
+    ("retrieval_1.5_4+h2o_4_32_256", "share must lie"), ("pyramid_0.5+h2o_4_32_256", "beta must be"),
+    ("adakv+full", "evicting rule"), ("adakv+nonsense_1_2_3", "unknown policy"),
+])
+def test_bad_names_are_clear_errors(name, message):
+    with pytest.raises(ValueError, match=message):
+        h2o.parse(name)
+
+
+def test_family_sizing_and_score_rules_go_to_the_rule():
+    assert h2o.policies.at_budget("adakv+h2o_sum", 200).name == "adakv_0.2+h2o_4_25_200_sum"
+    assert h2o.resolve(["pyramid+h2o_4_32_256"], "sum") == ["pyramid_20+h2o_4_32_256_sum"]
+    assert h2o.policies.is_family("retrieval+h2o_mean") and not h2o.policies.is_family("retrieval+nope")
+
+
+def test_each_allocation_holds_at_most_the_uniform_budget_in_total():
+    rule = h2o.parse("h2o_4_25_200")
+    layers, heads = 30, 3
+    scores = {"retrieval": torch.rand(layers, heads, generator=torch.Generator().manual_seed(0))}
+    for alloc in (HeadShare("retrieval", 0.1, 4), Pyramid(20), AdaKV(0.2)):
+        plans = alloc.plan(rule, layers, heads, scores)
+        total = sum(len(g) * b for p in plans for g, b in p.groups)
+        assert total <= layers * heads * rule.budget, alloc
+        if isinstance(alloc, HeadShare):  # 9 of 90 heads at 4 x 200; the others (18000 - 7200) // 81 = 133
+            budgets = sorted(b for p in plans for g, b in p.groups for _ in g)
+            assert budgets.count(800) == 9 and set(budgets) == {133, 800}
+            top = {divmod(int(i), heads) for i in scores["retrieval"].flatten().argsort(descending=True)[:9]}
+            assert {(layer, h) for layer, p in enumerate(plans) for g, b in p.groups if b == 800 for h in g} == top
+        if isinstance(alloc, Pyramid):  # falls with depth
+            per_layer = [p.groups[0][1] for p in plans]
+            assert per_layer == sorted(per_layer, reverse=True) and per_layer[0] > 200 > per_layer[-1] >= 4 + 25 + 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3), st.lists(st.integers(1, 12), min_size=2, max_size=4), st.integers(0, 4),
+       st.integers(1, 30), st.integers(0, 2**31 - 1))
+def test_split_budget_is_the_top_k_of_all_heads_with_a_floor(batch, lengths, floor, total, seed):
+    if total < floor * len(lengths):
+        with pytest.raises(ValueError, match="cannot give"):
+            split_budget([torch.zeros(batch, 1, n) for n in lengths], total, floor)
+        return
+    g = torch.Generator().manual_seed(seed)
+    ranks = []
+    for n in lengths:
+        r = torch.rand(batch, 1, n, generator=g)
+        r[torch.rand(batch, 1, n, generator=g) < 0.2] = -torch.inf  # slots without a real token
+        ranks.append(r)
+    counts = split_budget(ranks, total, floor)
+    for b in range(batch):
+        real = [int((r[b, 0] > -torch.inf).sum()) for r in ranks]
+        assert counts[b].sum() == min(total, sum(real))
+        for h, n in enumerate(real):
+            assert min(floor, n) <= counts[b, h] <= n
+        # brute force: floors first, then the best remaining slots of all heads together
+        chosen = [sorted(r[b, 0][r[b, 0] > -torch.inf].tolist(), reverse=True) for r in ranks]
+        rest = sorted(((v, h) for h, c in enumerate(chosen) for v in c[floor:]), reverse=True)
+        left = max(0, total - sum(min(floor, len(c)) for c in chosen))
+        expect = [min(floor, len(c)) for c in chosen]
+        for _, h in rest[:left]:
+            expect[h] += 1
+        assert counts[b].tolist() == expect
