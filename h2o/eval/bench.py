@@ -12,7 +12,11 @@ from .speed import measure_speed
 
 NAME = "bench"
 HELP = "the results table: PPL, speed and memory per policy"
-DEFAULT_POLICIES = ["full", "streaming_4_252", "h2o_4_32_256", "streaming_4_508", "h2o_4_64_512"]
+# with the allocation that kept the most needles at the same bytes (docs/head-budgets.md): retrieval heads. A
+# random-weight model has no tokenizer, so no retrieval score: its default ranks the heads by induction instead.
+DEFAULT_POLICIES = ["full", "streaming_4_252", "h2o_4_32_256", "retrieval_0.1_4+h2o_4_32_256", "streaming_4_508",
+                    "h2o_4_64_512"]
+RANDOM_MODEL_ALLOCATION = "induction_0.1_4+h2o_4_32_256"
 TABLE = {
     "configuration": "Configuration",
     "wikitext_ppl": "Wikitext PPL",
@@ -31,7 +35,9 @@ TABLE = {
 
 def add_arguments(p) -> None:
     p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
-                   help="policy names (grammar below); 'full' (the baseline) is always run, first")
+                   help=f"policy names (grammar below); 'full' (the baseline) is always run, first (default: "
+                        f"{' '.join(DEFAULT_POLICIES)}; on a random-weight model {RANDOM_MODEL_ALLOCATION} for the "
+                        "retrieval-heads allocation, which needs a tokenizer)")
     p.add_argument("--corpora", nargs="+", default=["wikitext", "pg19"], choices=list(data.CORPORA),
                    help="texts whose PPL is measured (a column each); the speed prompt is WikiText-2's start")
     p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK, help="PG-19 test book id for the pg19 column")
@@ -55,10 +61,18 @@ def add_arguments(p) -> None:
 
 
 def check(args) -> dict:
+    if args.policies is DEFAULT_POLICIES:  # not given: on a random-weight model, induction heads for retrieval heads
+        args.policies = [RANDOM_MODEL_ALLOCATION if p.startswith("retrieval_") and args.model.startswith("random:")
+                         else p for p in DEFAULT_POLICIES]
     names = ["full"] + [p for p in args.policies if p != "full"]
     policies = unique_policies(names, canonical(names, args.score))
     if any(is_press(p) for p in policies) and args.positions != "original":
         raise ValueError("kvpress presses keep the original positions: use --positions original with kvpress: names")
+    if args.model.startswith("random:"):
+        needs = [p for p in policies if getattr(getattr(describe(p), "allocation", None), "score", None) == "retrieval"]
+        if needs:
+            raise ValueError(f"{needs[0]}: ranks heads by the retrieval score, which needs a tokenizer; {args.model} "
+                             "has random weights and none: give --policies, e.g. with induction_0.1_4+h2o_4_32_256")
     budgets = [describe(p).budget for p in policies if describe(p).budget is not None]
     if budgets and not args.no_ppl and args.ppl_tokens <= max(budgets) + args.buffer:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} never outgrows the largest budget + buffer "

@@ -87,7 +87,8 @@ policy families and budgets):
 EXAMPLES = {
     "bench": ["h2o bench",
               "h2o bench --policies streaming_4_252 h2o_4_32_256 h2o_4_32_256_sum --ppl-mode stream",
-              "h2o bench --model random:pythia-160m --no-ppl --context 1024"],
+              "h2o bench --model random:pythia-160m --no-ppl --context 1024 --policies full streaming_4_252 "
+              "h2o_4_32_256 induction_0.1_4+h2o_4_32_256"],
     "tasks": ["h2o tasks --tasks passkey --lengths 1024 --budget-ratio 0.2",
               "h2o tasks --policies streaming_4_252 h2o_4_32_256 --lengths 1024"],
     "stress": ["h2o stress --positions reindex",

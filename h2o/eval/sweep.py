@@ -84,8 +84,8 @@ def add_arguments(p) -> None:
 def rule_family(name: str) -> str:
     """argparse type of --rules: a family, or <allocation>+<family>."""
     if not is_family(name):
-        raise argparse.ArgumentTypeError(f"unknown rule family {name!r}; choose from {', '.join(families())}, or "
-                                         "<allocation>+<family> (adakv, retrieval, induction, pyramid; e.g. adakv+h2o_mean)")
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(families())}, or "
+                                         "<allocation>+<family>: adakv, retrieval, induction, pyramid; e.g. adakv+h2o_mean)")
     return name
 
 
