@@ -254,7 +254,7 @@ class CacheRunner:
             for layer, (lengths, bounds) in enumerate(zip(self.cache.head_lengths(), self.cache.head_bounds())):
                 for head, (n, bound) in enumerate(zip(lengths, bounds)):
                     if n > bound:
-                        raise ValidityError(f"{self.name}: layer {layer} KV head {head} holds {n} tokens, above its "
+                        raise ValidityError(f"{self.name}: layer {layer} KV head {head} holds {n} tokens, above "
                                             f"budget + buffer = {bound}")
         return max(self.cache.kept_lengths())
 
