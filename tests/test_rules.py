@@ -141,7 +141,8 @@ def test_recommended_is_a_measured_rule_at_any_budget_and_a_name_everywhere():
     from h2o.policies import recommendation as recommended
     policy = h2o.recommended(256)
     assert policy == h2o.parse("recommended_256") == h2o.policies.at_budget("recommended", 256)
-    assert policy.name == f"{recommended.RULE}_4_32_256_{recommended.GAMMA:g}"
+    assert policy.name == f"{recommended.ALLOCATION.name}+{recommended.RULE}_4_32_256_{recommended.SCORE}"
+    assert policy.name == "retrieval_0.1_4+h2o_4_32_256_mean" and policy.budget == 256
     assert policy.recent == recommended.RECENT_SHARE * 256 and policy.sinks == 4
     assert "recommended" in h2o.policies.families()
     assert h2o.resolve(["recommended_128"]) == [h2o.recommended(128).name]
