@@ -50,8 +50,8 @@ def layer_run(draw, cls):
     return policy, buffer, pads, [prefill] + chunks, draw(st.integers(0, 2**31 - 1))
 
 
-def random_observation(policy, batch, length, g, queries=1) -> Observation:
-    rand = lambda: torch.rand(batch, HEADS, length, generator=g)
+def random_observation(policy, batch, length, g, queries=1, heads=HEADS) -> Observation:
+    rand = lambda: torch.rand(batch, heads, length, generator=g)
     return Observation(queries=queries, mass=rand() if "mass" in policy.observes else None,
                        last=rand().softmax(-1) if "last" in policy.observes else None,
                        count=torch.randint(0, 5, (batch, 1, length), generator=g).float()
@@ -187,15 +187,6 @@ def group_run(draw, cls):
     return policy, buffer, pads, chunks, seed, plan, dtype
 
 
-def group_observation(policy, batch, heads, length, g, queries):
-    rand = lambda: torch.rand(batch, heads, length, generator=g)
-    return Observation(queries=queries, mass=rand() if "mass" in policy.observes else None,
-                       last=rand().softmax(-1) if "last" in policy.observes else None,
-                       count=torch.randint(0, 5, (batch, 1, length), generator=g).float()
-                       if "count" in policy.observes else None,
-                       vmass=rand() if "vmass" in policy.observes else None)
-
-
 @pytest.mark.parametrize("cls", EVICTING, ids=[getattr(c, "NAME", c.__name__) for c in EVICTING])
 def test_head_group_invariants(cls):
     """Every head of a `HeadGroupLayer` holds its own bound after every forward (a joint layer: its heads' total
@@ -220,7 +211,7 @@ def test_head_group_invariants(cls):
                 if step == 0:
                     new_valid = torch.arange(q).unsqueeze(0) >= torch.tensor(pads).unsqueeze(1)
                     sub.mark_padding(new_valid)
-                obs = group_observation(policy, batch, len(kv), sub.keys.shape[-2], g, q)
+                obs = random_observation(policy, batch, sub.keys.shape[-2], g, q, heads=len(kv))
                 twin.observe(at_tokens(obs, sub.times, seen + q))
                 sub.observe(obs)
             seen += q

@@ -82,6 +82,17 @@ AttentionInterface.register("h2o_test_oracle", _oracle_attention)
 AttentionMaskInterface.register("h2o_test_oracle", sdpa_mask)
 
 
+def oracle_forward(model, ids):
+    """The logits of one full forward under the oracle attention (the masks set in _ORACLE_MASKS)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("h2o_test_oracle")
+    try:
+        with torch.no_grad():
+            return model(ids).logits
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def masked_oracle_logits(model, ids, prefill, kept):
     """One full forward in which query t (t >= prefill) of layer l sees only what the cache kept."""
     batch, total = ids.shape
@@ -97,13 +108,7 @@ def masked_oracle_logits(model, ids, prefill, kept):
             row[:, :, t] = True
             mask[:, :, t] = row
         _ORACLE_MASKS[layer] = mask
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("h2o_test_oracle")
-    try:
-        with torch.no_grad():
-            return model(ids).logits
-    finally:
-        model.set_attn_implementation(previous)
+    return oracle_forward(model, ids)
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -258,13 +263,7 @@ def masked_oracle_per_head(model, ids, prefill, kept):
             row[:, :, t] = True
             mask[:, :, t] = row
         _ORACLE_MASKS[layer] = mask
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("h2o_test_oracle")
-    try:
-        with torch.no_grad():
-            return model(ids).logits
-    finally:
-        model.set_attn_implementation(previous)
+    return oracle_forward(model, ids)
 
 
 def head_scores_for(model, seed=0):
