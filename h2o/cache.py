@@ -54,9 +54,9 @@ class CompressedLayer(DynamicLayer):
     def __init__(self, policy: Policy, buffer: int, reindex: bool, rope: tuple | None = None, joint: bool = False):
         super().__init__()
         self.policy, self.buffer, self.reindex, self.rope = policy, buffer, reindex, rope
-        # tokens per head it is cut back to: the policy's budget, or (joint) what the owning `HeadGroupLayer`'s last
-        # split gave it; a joint layer never evicts by itself, its `HeadGroupLayer` evicts all its heads together
-        self.budget, self.joint = policy.budget, joint
+        # a joint layer never evicts by itself: its `HeadGroupLayer` evicts all its heads together, and `budget` (the
+        # tokens per head it is cut back to, set in _clear) is what that layer's last split gave it
+        self.joint = joint
         self.is_initialized = False  # not set by the 4.56 base class
         self._zero_state = type(policy).initial_state is Policy.initial_state
         self._clear()
@@ -71,8 +71,7 @@ class CompressedLayer(DynamicLayer):
         self.unobserved = False  # updated, and its attention has not observed it yet
         self.model_ready = 0  # half-precision reindex: slots [0, model_ready) hold their `model_keys`
         self.model_slots = None  # (seen, kept) of a forward whose positions the model was given as slots
-        if self.joint:
-            self.budget = self.policy.budget
+        self.budget = self.policy.budget  # a joint layer's changes with every split; back to the rule's on reset
 
     # Views of the first `length` slots. `keys` and `values` are attributes (set by `update` and evictions:
     # transformers reads them, and the attention function checks it got them); the rest are made on access.
@@ -450,18 +449,17 @@ class HeadGroupLayer(DynamicLayer):
 
     def head_lengths(self) -> list[int]:
         """Kept tokens per KV head, in head order."""
-        out = [0] * self.heads
-        for (heads, _), sub in zip(self.plan.groups, self.sublayers):
-            for h in heads:
-                out[h] = sub.length
-        return out
+        return self._per_head(lambda sub: sub.length)
 
     def head_bounds(self) -> list[int]:
         """What each KV head may hold after a forward: its budget (a joint head's from the last split) + buffer."""
+        return self._per_head(lambda sub: sub.budget + self.buffer)
+
+    def _per_head(self, value) -> list[int]:
         out = [0] * self.heads
         for (heads, _), sub in zip(self.plan.groups, self.sublayers):
             for h in heads:
-                out[h] = sub.budget + self.buffer
+                out[h] = value(sub)
         return out
 
     def kept_mask(self) -> torch.Tensor:
