@@ -163,8 +163,66 @@ def test_decoding_press_runner_stays_bounded(setup):
     assert max(runner.kept_lengths()) < LENGTH - 1  # it compressed
 
 
+def _masked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Eager attention, causal, with the (KV head, token) pairs in _ALLOWED[layer] hidden from the last query."""
+    groups = query.shape[1] // key.shape[1]
+    total = key.shape[-2]
+    allowed = torch.ones(query.shape[1], total, total, dtype=torch.bool).tril()
+    allowed[:, -1] = _ALLOWED[module.layer_idx].repeat_interleave(groups, dim=0)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    probs = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(~allowed, -torch.inf).softmax(-1)
+    return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+_ALLOWED = {}
+
+
+def test_adakv_runner_masks_what_kvpress_chose_and_frees_nothing(setup):
+    """kvpress:adakv:knorm@20: kvpress's AdaKVPress keeps all 40 prompt tokens (nothing freed: KV bytes of the
+    whole prompt), masks 2 heads x 20 (head, token) pairs per layer, split unevenly across heads, and the next
+    token's logits equal a full forward whose last query cannot see exactly those pairs (the runner's forwards
+    run on kvpress's patched sdpa even while h2o's attention is set on the model)."""
+    from transformers import AttentionInterface
+
+    model, ids, _ = setup
+    h2o.make_cache(model, "h2o_4_8_16")  # h2o's attention on the model, as between runners of a mixed run
+    runner = runners.open_runner(model, f"kvpress:adakv:knorm@{N}")
+    nxt = token_ids(1, seed=5)
+    with torch.no_grad():
+        runner.forward(ids)
+        assert runner.check() == LENGTH and runner.compressed() and runner.budget_for(LENGTH) == N
+        heads = model.config.num_key_value_heads
+        assert runner.masked() == [heads * (LENGTH - N)] * model.config.num_hidden_layers
+        uneven = False
+        for m in runner.attention_modules:
+            batch, head, token = m.masked_key_indices
+            allowed = torch.ones(heads, LENGTH + 1, dtype=torch.bool)
+            allowed[head, token] = False
+            _ALLOWED[m.layer_idx] = allowed
+            counts = (~allowed).sum(-1)
+            uneven |= bool((counts != counts[0]).any())
+        assert uneven, "AdaKV split some layer's budget unevenly across heads (else this is the uniform case)"
+        assert runner.kv_bytes() == sum(t.numel() * t.element_size() for layer in runner.cache.layers
+                                        for t in (layer.keys, layer.values))
+        logits = runner.forward(nxt)[:, -1]
+        assert runner.check() == LENGTH + 1
+    assert model.config._attn_implementation == "h2o_sdpa", "the runner gave the model back h2o's attention"
+    h2o.restore(model)
+    AttentionInterface.register("h2o_test_adakv_oracle", _masked_attention)
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionMaskInterface.register("h2o_test_adakv_oracle", sdpa_mask)
+    model.set_attn_implementation("h2o_test_adakv_oracle")
+    try:
+        with torch.no_grad():
+            reference = model(torch.cat([ids, nxt], 1)).logits[:, -1]
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_press_names_are_refused():
     for name, message in [("kvpress:nosuch@0.5", "kvpress has no press 'nosuch'"),
-                          ("kvpress:snapkv@1.5", "must lie in"), ("kvpress:decoding:knorm", "target size")]:
+                          ("kvpress:snapkv@1.5", "must lie in"), ("kvpress:decoding:knorm", "target size"),
+                          ("kvpress:adakv:nosuch@20", "kvpress has no press 'nosuch'")]:
         with pytest.raises(ValueError, match=message):
             runners.parse_press(name)

@@ -12,6 +12,12 @@ kvpress names (the `kvpress:` prefix says where a row comes from):
                                        <tokens> (an int), e.g. kvpress:snapkv@256: the kept tokens of h2o_4_32_256
     kvpress:decoding:<press>@<tokens>  kvpress's DecodingPress around <press>: back to <tokens> every
                                        --buffer + 1 tokens (our lazy eviction's cadence; `PressPolicy.make`)
+    kvpress:adakv:<press>@<tokens>     kvpress's AdaKVPress around <press> (also @<ratio>): the prompt's budget
+                                       split across each layer's KV heads by one top-k over the press's scores
+                                       (floor: alpha_safeguard 0.2 of a head's share). kvpress SIMULATES head
+                                       budgets: every prompt token stays in the cache and the evicted ones are
+                                       masked in attention (a fake key no query attends), so no memory is freed
+                                       and its KV MiB is the full prompt's
     kvpress:<press>                    (h2o tasks) sized like our families, to each --budget-ratio / --budgets
 
 <press> is a kvpress press class in snake case without "Press": snapkv, tova, knorm, streaming_llm,
@@ -44,10 +50,11 @@ from functools import lru_cache
 import torch
 
 import h2o
+from h2o import models as h2o_models
 
 PREFIX = "kvpress:"
 KVPRESS_VERSION = "0.5.5"
-_NAME = re.compile(r"kvpress:(?:(decoding):)?([a-z0-9_]+)(?:@([0-9.]+))?")
+_NAME = re.compile(r"kvpress:(?:(decoding|adakv):)?([a-z0-9_]+)(?:@([0-9.]+))?")
 
 
 class ValidityError(RuntimeError):
@@ -117,6 +124,7 @@ class PressPolicy:
     decoding: bool = False
     ratio: float | None = None  # kvpress's compression_ratio (prefill presses spelled @<ratio>)
     tokens: int | None = None  # kept tokens (@<tokens>; a decoding press's target size)
+    adakv: bool = False  # kvpress's AdaKVPress around the press (head budgets by masking; nothing freed)
 
     evicts = True
 
@@ -124,7 +132,8 @@ class PressPolicy:
     def name(self) -> str:
         size = "" if self.ratio is None and self.tokens is None else \
             f"@{self.ratio:g}" if self.ratio is not None else f"@{self.tokens}"
-        return f"{PREFIX}{'decoding:' if self.decoding else ''}{self.press}{size}"
+        wrapper = "decoding:" if self.decoding else "adakv:" if self.adakv else ""
+        return f"{PREFIX}{wrapper}{self.press}{size}"
 
     @property
     def budget(self) -> int | None:
@@ -137,7 +146,7 @@ class PressPolicy:
 
     def at(self, tokens: int) -> "PressPolicy":
         """This press keeping `tokens` (a family-like name sized to a budget)."""
-        return PressPolicy(self.press, self.decoding, None, tokens)
+        return PressPolicy(self.press, self.decoding, None, tokens, self.adakv)
 
     def kept_after_prefill(self, prompt: int) -> int:
         """Tokens kvpress keeps of a `prompt`-token prefill (its compute_n_kept)."""
@@ -163,6 +172,10 @@ class PressPolicy:
 
             interval = max(1, -(-(buffer + 1) // prompt))
             return kvpress.DecodingPress(base_press=cls(), compression_interval=interval, target_size=self.tokens)
+        if self.adakv:
+            import kvpress
+
+            return kvpress.AdaKVPress(press=cls(compression_ratio=self.ratio_for(prompt)))
         return cls(compression_ratio=self.ratio_for(prompt))
 
 
@@ -171,9 +184,10 @@ def parse_press(name: str) -> PressPolicy:
     m = _NAME.fullmatch(name)
     if not m:
         raise ValueError(f"bad kvpress name {name!r}: use kvpress:<press>@<ratio in (0, 1)>, kvpress:<press>@<tokens>, "
-                         "kvpress:decoding:<press>@<tokens> or (h2o tasks) kvpress:<press>")
+                         "kvpress:decoding:<press>@<tokens>, kvpress:adakv:<press>@<tokens or ratio> or (h2o tasks) "
+                         "kvpress:<press>")
     check_kvpress()
-    decoding, press, size = m[1] == "decoding", _press_key(m[2]), m[3]
+    decoding, adakv, press, size = m[1] == "decoding", m[1] == "adakv", _press_key(m[2]), m[3]
     if press is None:
         press = m[2]
         raise ValueError(f"kvpress has no press {press!r}; its score-based presses: {', '.join(press_names())}")
@@ -191,7 +205,7 @@ def parse_press(name: str) -> PressPolicy:
                 raise ValueError(f"{name}: must keep at least 1 token, got {size}")
     elif decoding:
         raise ValueError(f"{name}: a decoding press needs its target size, kvpress:decoding:{press}@<tokens>")
-    return PressPolicy(press, decoding, ratio, tokens)
+    return PressPolicy(press, decoding, ratio, tokens, adakv)
 
 
 # --- what every command asks of a policy name ----------------------------------------------------------
@@ -291,11 +305,39 @@ class PressRunner:
         self.press = None  # made at the first forward (a prefill press's ratio depends on the prompt length)
         self.expected = None  # a prefill press: tokens it must hold now
         self.decoding_state = None  # a decoding press's step counts and buffers between this runner's forwards
+        if self.policy.adakv:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            stock = h2o_models._STOCK.get(h2o_models._attn_implementation(model), h2o_models._attn_implementation(model))
+            if stock != "sdpa" or "attention_patch" not in getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "__qualname__", ""):
+                raise ValueError(f"{name}: kvpress's AdaKV masks through its patch of the sdpa attention function; "
+                                 f"this model runs {stock!r} attention (use --attn sdpa) or kvpress's patch is absent")
+            self.attention_modules = [m for m in model.modules()
+                                      if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+            self.heads = h2o_models.kv_heads(model.config)
+        self.prefill = None  # tokens of the first forward
 
     def forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        if not self.policy.adakv:
+            return self._forward(ids, logits_to_keep)
+        # AdaKV's masks act in kvpress's wrapper of the registered attention functions; h2o's own function
+        # (set on the model by a cache of ours) calls the stock one directly, so this runner's forwards run on
+        # the model's stock attention, and the model gets back what it had after each.
+        current = h2o_models._attn_implementation(self.model)
+        stock = h2o_models._STOCK.get(current, current)
+        if stock != current:
+            h2o_models._set_attn_implementation(self.model, stock)
+        try:
+            return self._forward(ids, logits_to_keep)
+        finally:
+            if stock != current:
+                h2o_models._set_attn_implementation(self.model, current)
+
+    def _forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         q = ids.shape[-1]
         positions = torch.arange(self.seen, self.seen + q, device=ids.device).unsqueeze(0)
         if self.seen == 0:
+            self.prefill = q
             self.press = self.policy.make(q, self.buffer)
             self.expected = self.policy.kept_after_prefill(q)
         else:
@@ -316,8 +358,21 @@ class PressRunner:
         self.longest = max(self.longest, q)
         return logits
 
+    def masked(self) -> list[int]:
+        """AdaKV: the (row, KV head, token) triples each attention layer masks, counted per layer."""
+        return [len(m.masked_key_indices[0]) if getattr(m, "masked_key_indices", None) is not None else 0
+                for m in self.attention_modules]
+
     def check(self) -> int:
         kept = max(self.kept_lengths())
+        if self.policy.adakv:
+            # kvpress keeps every token and masks, per layer, heads x (prefill - compute_n_kept) of them
+            want = self.heads * (self.prefill - self.policy.kept_after_prefill(self.prefill))
+            if set(self.kept_lengths()) != {self.seen} or set(self.masked()) != {want}:
+                raise ValidityError(f"{self.name}: layers hold {sorted(set(self.kept_lengths()))} tokens and mask "
+                                    f"{sorted(set(self.masked()))} (row, head, token) entries; kvpress's AdaKV must "
+                                    f"hold all {self.seen} and mask {want} in every layer")
+            return kept
         if self.policy.decoding:
             bound = self.policy.tokens + self.buffer + 1 + self.longest  # one interval: buffer + 1 tokens, or a chunk
             if kept > bound:
@@ -329,6 +384,8 @@ class PressRunner:
         return kept
 
     def compressed(self) -> bool:
+        if self.policy.adakv:  # nothing leaves kvpress's cache: compressed = some key is masked
+            return max(self.masked(), default=0) > 0
         return max(self.kept_lengths()) < self.seen
 
     def kept_lengths(self) -> list[int]:

@@ -350,6 +350,11 @@ def check(args) -> dict:
     variant_list = variants(args.policies, args.budgets, None if args.budgets else args.budget_ratio, args.score)
     if not variant_list:
         raise ValueError("no policy to compare with the full cache: give --policies")
+    prefill_presses = [v.label for v in variant_list if is_press(v.label) and not describe(v.label).decoding]
+    if args.protocol == "streaming" and prefill_presses:
+        raise ValueError(f"{prefill_presses[0]}: a kvpress prefill press compresses only the first forward, so under "
+                         "--protocol streaming (the context fed --chunk tokens a forward) it would not bound the "
+                         "cache; use kvpress:decoding:<press> or --protocol question-aware")
     lengths = sorted(set(args.lengths))
     check_budgets([v.policy(lengths[0], args.score) for v in variant_list], lengths[0], args.buffer, "prompt",
                   "use longer --lengths, a smaller budget or --buffer")
@@ -388,6 +393,10 @@ def run(session, plan) -> int:
              f"cases the full cache solved; no score where the full cache solved fewer than {args.min_solved}; "
              "Policy acc. = mean score over all cases (RULER string_match_all; passkey: exact first number)",
              *notes]
+    if any(is_press(v.label) and describe(v.label).adakv for v in variant_list):
+        notes.append("kvpress:adakv:<press> is kvpress's AdaKVPress: it keeps every prompt token and masks each KV "
+                     "head's evicted ones in attention (head budgets simulated), so its KV MiB is the full cache's; "
+                     "its Budget is the average kept per head")
     session.write_csv("tasks.csv", summary)
     session.write_csv("tasks_cases.csv", rows)
     session.write_json("tasks.json", protocol=args.protocol, summary=summary, cases=rows, notes=notes)
