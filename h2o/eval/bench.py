@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
+import socket
 
-from . import data, report, tasks
+from . import data, report, tasks, units
 from .command import unique_policies
-from .ppl import check_eviction_in_force, token_losses
+from .ppl import check_eviction_in_force, text_losses
 from .runners import canonical, describe, is_press, ppl_comparable
 from .speed import measure_speed
 
@@ -58,6 +58,7 @@ def add_arguments(p) -> None:
     p.add_argument("--passkey-cases", type=int, default=10,
                    help="cases per retrieval task (depths spread over 0.1-0.9) for the kept columns; 0 = none")
     p.add_argument("--passkey-length", type=int, default=1280, help="prompt tokens of the retrieval cases")
+    units.add_arguments(p)
 
 
 def check(args) -> dict:
@@ -93,7 +94,7 @@ def check(args) -> dict:
 
 def run(session, plan) -> int:
     args, policies, texts = session.args, plan["policies"], plan["texts"]
-    model, tokenizer = session.load_model()
+    model, tokenizer = session.load_model(local=True)  # speed is measured here, in one process, even with --ray
     progress = not args.no_progress
 
     ppl, ppl_sources, not_comparable = {}, {}, []
@@ -101,17 +102,22 @@ def run(session, plan) -> int:
     if tokenizer is None:
         print(f"note: {args.model} has random weights: perplexity is not measured, only speed and memory")
     elif not args.no_ppl:
-        ids = torch.cat([data.tokenize(tokenizer, text, args.ppl_tokens, args.bos) for text, _ in texts.values()])
         chunk = 1 if args.ppl_mode == "stream" else args.chunk
+        measured = []
         for policy in policies:
             why = ppl_comparable(policy)
             if why:
                 not_comparable.append(why)
-                continue
-            ppl[policy] = token_losses(model, ids, policy, chunk=chunk, prefill=chunk, positions=args.positions,
-                                       buffer=args.buffer, progress=progress, desc=f"PPL {policy}")
+            else:
+                measured.append(policy)
+        ids = {name: data.tokenize(tokenizer, text, args.ppl_tokens, args.bos) for name, (text, _) in texts.items()}
+        results = text_losses(session.run_units, ids, measured, desc="PPL", chunk=chunk, prefill=chunk,
+                              positions=args.positions, buffer=args.buffer)
+        for policy in measured:
+            ppl[policy] = {name: results[name, policy] for name in texts}
             if policy != "full":
-                check_eviction_in_force(ppl["full"], ppl[policy])
+                for name in texts:
+                    check_eviction_in_force(ppl["full"][name], ppl[policy][name])
         ppl_sources = {name: source for name, (_, source) in texts.items()}
 
     passkey, passkey_note = {}, None
@@ -138,9 +144,9 @@ def run(session, plan) -> int:
     for policy in policies:
         s = speed[policy]
         row = {"configuration": policy}
-        for i, name in enumerate(texts if policy in ppl else ()):
-            row[f"{name}_ppl"] = ppl[policy].ppl(i)
-            row[f"{name}_ppl_after_eviction"] = ppl[policy].ppl(i, after_eviction=True)
+        for name in texts if policy in ppl else ():
+            row[f"{name}_ppl"] = ppl[policy][name].ppl()
+            row[f"{name}_ppl_after_eviction"] = ppl[policy][name].ppl(after_eviction=True)
         if ppl and policy not in ppl:  # measured for the others, not comparable for this one
             row.update({f"{name}_ppl": "n/c" for name in texts})
         for task, kept in passkey.items():
@@ -176,8 +182,12 @@ def run(session, plan) -> int:
     if any(v == "n/c" for r in rows for k, v in r.items() if k.endswith("_kept")):
         notes.append("n/c in a kept column: the policy never evicted while the prompts were fed (a decoding press "
                      "compresses only after the prefill), so its answers say nothing about compression")
-    for policy, result in ppl.items():
-        notes += [f"{policy}: {note}" for note in result.notes]
+    for policy, per_text in ppl.items():
+        notes += [f"{policy} on {name}: {note}" for name, result in per_text.items() for note in result.notes]
+    if args.ray is not None:
+        notes.append(f"speed and memory measured in one process on the driver ({socket.gethostname()}, "
+                     f"{session.info['device']}), every configuration interleaved there; PPL and kept columns "
+                     "computed as units on the Ray workers")
     session.write_csv("bench.csv", rows)
     session.write_json("bench.json", ppl_mode=mode, rows=rows, notes=notes)
     setup_line = (f"PPL {mode}, {args.ppl_tokens} tokens per text" if ppl else "PPL not measured") + \

@@ -175,6 +175,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--buffer must be >= 0, got {args.buffer}")
         models.check_name(args.model)  # a bad name, or a hub id while offline: refused before any work
         plan = module.check(args)
+        if hasattr(args, "resume"):  # commands whose work is units (h2o.eval.units): --ray, --workers, --resume
+            from . import units
+            units.check_args(args, args.command)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         existed = _exists(args.out)

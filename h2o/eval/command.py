@@ -14,8 +14,10 @@ versions, arguments, machine) and writing the table, CSV, JSON and plots (each a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -99,12 +101,22 @@ class Session:
         self.model = self.tokenizer = None
         self.info: dict = {}
         self.files: list[Path] = []
+        self.executor = self.ledger = None  # where units run, and their ledger (run_units)
+        self.resumed = self.ran = 0
 
     # --- inputs ---------------------------------------------------------------------------------
 
-    def load_model(self, attn: str | None = None):
-        """(model, tokenizer or None) from the shared options; `attn` overrides --attn."""
+    def load_model(self, attn: str | None = None, local: bool | None = None):
+        """(model, tokenizer or None) from the shared options; `attn` overrides --attn. With --ray the model is
+        loaded by the workers, not here (model None; the tokenizer only, and the model's description from a
+        worker), unless `local` (a command that also measures speed in this process)."""
         a = self.args
+        if local is None:
+            local = getattr(a, "ray", None) is None
+        if not local:
+            self.tokenizer = models.load_tokenizer(a.model)
+            self.info = next(iter(self._units_executor().infos.values()))["model"]
+            return None, self.tokenizer
         self.model, self.tokenizer = models.load_model(a.model, a.device, a.dtype, attn or a.attn, a.device_map)
         self.info = models.describe(self.model)
         from . import runners
@@ -124,7 +136,8 @@ class Session:
 
     def token_ids(self, text: tuple[str, str] | None, n: int) -> tuple[torch.Tensor, str]:
         """[1, n] ids of the text, or random ids for a random-weight model (no tokenizer)."""
-        return data.token_ids(self.tokenizer, self.model.config.vocab_size, text, n, self.args.bos)
+        vocab = (self.model.config if self.model is not None else models.load_config(self.args.model)).vocab_size
+        return data.token_ids(self.tokenizer, vocab, text, n, self.args.bos)
 
     def progress(self, **kwargs) -> tqdm:
         return tqdm(disable=self.args.no_progress, leave=False, **kwargs)
@@ -136,13 +149,69 @@ class Session:
         return (f"model {i['name']} ({i['family']}, {i['dtype']}, {i['device']}, attention {i['attn_implementation']}); "
                 f"positions {self.args.positions}, lazy buffer {self.args.buffer}")
 
+    # --- units of work (h2o.eval.units): in this process or on Ray, each kept on disk as it finishes ------
+
+    def _units_executor(self):
+        if self.executor is None:
+            from . import units
+
+            a = self.args
+            if getattr(a, "ray", None) is None:
+                self.executor = units.Local(self.model, self.tokenizer)
+            else:
+                self.executor = units.RayPool(a.ray, a.workers or 2, units.setup_of(a))
+        return self.executor
+
+    def run_units(self, work: list, desc: str) -> dict[str, dict]:
+        """{unit key: result} of every unit (each once), those a resumed ledger holds not run again; each
+        result is appended to <out>/<command>_units.jsonl as it finishes."""
+        from . import units
+
+        if self.ledger is None:
+            header = {"command": self.command, "configuration": units.configuration(self.args),
+                      "versions": units.versions()}
+            self.ledger = units.Ledger(units.ledger_path(self.out, self.command), json.loads(json.dumps(header)),
+                                       resume=getattr(self.args, "resume", None) is not None)
+            self.resumed = len(self.ledger.done)
+        unique = list({u.key: u for u in work}.values())
+        todo = [u for u in unique if u.key not in self.ledger.done]
+        executor = self._units_executor()
+        bar = self.progress(total=len(unique), initial=len(unique) - len(todo), desc=desc, unit="unit")
+        counts: dict[str, int] = {}
+        try:
+            for unit, result, worker, seconds in executor.run(todo):
+                self.ledger.append(unit.key, result, worker, seconds)
+                counts[worker] = counts.get(worker, 0) + 1
+                bar.set_postfix(counts, refresh=False)
+                bar.update()
+                self.ran += 1
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\ninterrupted: {len(self.ledger.done)} finished units are in {self.ledger.path}; finish the run "
+                  f"with the same command and --resume {self.out}", file=sys.stderr)
+            raise
+        bar.close()
+        return {u.key: self.ledger.done[u.key] for u in work}
+
+    def units_note(self) -> str | None:
+        if self.executor is None:
+            return None
+        from . import units
+
+        note = units.describe_executor(self.executor.record())
+        return note + (f"; {self.resumed} unit(s) from the resumed {self.ledger.path.name}" if self.resumed else "")
+
     # --- outputs --------------------------------------------------------------------------------
 
     def record(self, **fields) -> dict:
         """The run record every JSON output carries: command, arguments, model, versions and machine."""
         args = {k: v for k, v in vars(self.args).items() if k not in ("module",)}
-        return {"command": self.command, "args": args, "model": self.info, "environment": report.environment(),
-                **fields, "wall_time_s": time.time() - self.started}
+        record = {"command": self.command, "args": args, "model": self.info, "environment": report.environment(),
+                  **fields, "wall_time_s": time.time() - self.started}
+        if self.executor is not None:
+            record["units"] = {**self.executor.record(), "ledger": str(self.ledger.path) if self.ledger else None,
+                               "resumed": self.resumed, "ran": self.ran}
+        return record
 
     # Outputs are staged in a hidden folder of the output directory and moved into place together by
     # `finish`, so a run killed or failed midway never leaves one run's CSV beside another run's JSON or PNG.
@@ -159,18 +228,25 @@ class Session:
 
     def finish(self, tables: list[str], notes: list[str]) -> int:
         """Move every staged output into the output directory, then print the tables and notes."""
+        where = self.units_note()
         for path in self.files:
             os.replace(self.stage / path.name, path)
         self.discard()
         for table in tables:
             print(table)
-        print("\n".join(f"- {note}" for note in notes))
-        print(f"wrote {', '.join(map(str, self.files))} ({time.time() - self.started:.0f} s)")
+        print("\n".join(f"- {note}" for note in notes + ([where] if where else [])))
+        written = self.files + ([self.ledger.path] if self.ledger is not None else [])
+        print(f"wrote {', '.join(map(str, written))} ({time.time() - self.started:.0f} s)")
         return 0
 
     def discard(self) -> None:
-        """Drop what a run staged and did not finish."""
+        """Drop what a run staged and did not finish; close the units' ledger (kept) and any Ray workers."""
         shutil.rmtree(self.stage, ignore_errors=True)
+        if self.ledger is not None:
+            self.ledger.close()
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
 
     def _staged(self, name: str) -> Path:
         self.stage.mkdir(exist_ok=True)

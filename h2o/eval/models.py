@@ -118,6 +118,15 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def load_tokenizer(name: str = EMBEDDED):
+    """The tokenizer of `name` alone (None for a random-weight model): what a driver needs whose workers hold the
+    model (h2o.eval.units)."""
+    if name.startswith("random:"):
+        return None
+    path = smollm2_copy() if name == EMBEDDED else _checkpoint(name)
+    return _pretrained(AutoTokenizer, path, name)
+
+
 def describe(model) -> dict:
     """Benchmark metadata: what model, what shape, where."""
     c = model.config

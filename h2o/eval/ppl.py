@@ -91,6 +91,44 @@ def token_losses(model, ids: torch.Tensor, policy: str, *, chunk: int = 1, prefi
     return result
 
 
+def losses_unit(model, tokenizer, spec: dict) -> dict:
+    """A unit of work (h2o.eval.units): one text (one row of ids) under one policy; the PPLResult as a dict."""
+    import h2o
+
+    ids = torch.tensor([spec["ids"]], dtype=torch.long)
+    try:
+        result = token_losses(model, ids, spec["policy"], chunk=spec["chunk"], prefill=spec["prefill"],
+                              positions=spec["positions"], buffer=spec["buffer"], progress=False)
+    finally:
+        h2o.restore(model)
+    out = {k: getattr(result, k) for k in ("policy", "mode", "first_eviction", "max_kept", "past_trained_context",
+                                           "max_kv_bytes", "notes")}
+    return {**out, "losses": result.losses[0].tolist()}
+
+
+def text_unit(label: str, ids: torch.Tensor, policy: str, *, chunk: int, prefill: int, positions: str,
+              buffer: int):
+    """The unit of `policy`'s token losses on one text (`ids` [1, N] or [N])."""
+    from .units import Unit
+
+    return Unit("losses", f"{label}:{policy}", {"ids": ids.reshape(-1).tolist(), "policy": policy, "chunk": chunk,
+                                               "prefill": prefill, "positions": positions, "buffer": buffer})
+
+
+def from_unit(result: dict) -> PPLResult:
+    """The PPLResult a losses unit computed (losses [1, N-1], float32 as computed)."""
+    fields = {k: v for k, v in result.items() if k != "losses"}
+    return PPLResult(losses=torch.tensor([result["losses"]], dtype=torch.float32), **fields)
+
+
+def text_losses(run_units, texts: dict[str, torch.Tensor], policies: list[str], desc: str, **kw) -> dict:
+    """{(text label, policy): PPLResult} of every policy on every text, each pair a unit (`run_units`: a
+    Session's, in this process or on Ray)."""
+    work = {(label, p): text_unit(label, ids, p, **kw) for p in policies for label, ids in texts.items()}
+    results = run_units(list(work.values()), desc=desc)
+    return {pair: from_unit(results[unit.key]) for pair, unit in work.items()}
+
+
 def next_token_losses(logits: torch.Tensor, ids: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """NLL [B, n] (on CPU) of each next token that exists, from the logits of ids[:, start:stop]."""
     targets = ids[:, start + 1 : stop + 1]

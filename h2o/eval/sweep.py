@@ -24,10 +24,10 @@ import torch
 import h2o
 from h2o.policies import at_budget, families, is_family, resolve
 
-from . import data, report
+from . import data, report, units
 from .command import add_text_options, load_text, unique_policies
 from .memory import PeakMemory
-from .ppl import check_eviction_in_force, token_losses
+from .ppl import check_eviction_in_force, text_losses
 from .speed import measure_speed
 from .stress import MEMORY_SHARE, OK, OOM, SKIPPED, _is_oom
 
@@ -65,8 +65,9 @@ def add_arguments(p) -> None:
     p.add_argument("--recent-share", type=float, default=0.125,
                    help="recent window of every family but streaming, as a share of the budget")
     p.add_argument("--texts", nargs="+", default=None, metavar="TEXT",
-                   help="PPL on several texts at once, one batch row each: wikitext, pg19:<book id> or a text file "
+                   help="PPL on several texts, each (policy, text) a unit of its own at batch 1: wikitext, pg19:<book id> or a text file "
                         "(default: the one text of --corpus / --pg19-book / --text-file)")
+    units.add_arguments(p)
     g = p.add_argument_group("throughput")
     g.add_argument("--batches", nargs="+", type=int, default=None,
                    help=f"batch sizes (default: 1, 2, 4, ... until memory runs out, at most {MAX_BATCH['cpu']} "
@@ -112,6 +113,10 @@ def check(args) -> dict:
     context = args.context or DEFAULT_CONTEXT[kind]
     new_tokens = args.new_tokens or DEFAULT_NEW_TOKENS[kind]
     if "throughput" in args.parts:
+        if args.ray is not None:
+            raise ValueError("--parts throughput measures speed and memory, which are never measured across workers "
+                             "(they need every configuration interleaved in one process on one device): run it "
+                             "without --ray, or --ray with --parts ppl")
         if min(batches) < 1 or batches != sorted(set(batches)):
             raise ValueError(f"--batches must be positive and strictly increasing, got {' '.join(map(str, batches))}")
         if args.repeats < 1 or new_tokens < 2:
@@ -186,9 +191,10 @@ def run(session, plan) -> int:
 # --- PPL vs budget -----------------------------------------------------------------------------
 
 def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
-    """Every family at every budget on the same ids (one batch row per text), the full cache first; with a
-    streaming family, each rule's share of the StreamingLLM -> full gap closed at the same budget and text."""
-    args, model = session.args, session.model
+    """Every family at every budget on the same ids, the full cache first, each (policy, text) a unit of its own
+    (batch 1: in this process or on Ray, resumable); with a streaming family, each rule's share of the
+    StreamingLLM -> full gap closed at the same budget and text."""
+    args = session.args
     if plan["texts"]:
         if session.tokenizer is None:
             raise ValueError("--texts needs a pretrained model with a tokenizer")
@@ -198,31 +204,29 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
     else:
         ids, source = session.token_ids(plan["text"], args.ppl_tokens)
         labels = ["text"]
-    kw = dict(chunk=args.chunk, prefill=args.chunk, positions=args.positions, buffer=args.buffer,
-              progress=not args.no_progress)
+    names = [(family, budget, policy_name(family, budget, args.score, args.recent_share))
+             for budget in plan["budgets"] for family in plan["families"]]
+    texts = {label: ids[i : i + 1] for i, label in enumerate(labels)}
+    results = text_losses(session.run_units, texts, ["full"] + [name for _, _, name in names], desc="PPL",
+                          chunk=args.chunk, prefill=args.chunk, positions=args.positions, buffer=args.buffer)
     rows = []
-    try:
-        full = token_losses(model, ids, "full", desc="PPL full", **kw)
-        for i, label in enumerate(labels):
-            rows.append({"text": label, "family": "full", "budget": None, "policy": "full", "ppl": full.ppl(i),
-                         "ppl_after_eviction": None, "full_ppl_after_eviction": None, "gap_closed": None,
-                         "first_eviction": None, "max_kept": full.max_kept, "kv_mib": full.max_kv_bytes / report.MIB})
-        for budget in plan["budgets"]:
-            for family in plan["families"]:
-                name = policy_name(family, budget, args.score, args.recent_share)
-                result = token_losses(model, ids, name, desc=f"PPL {name}", **kw)
-                check_eviction_in_force(full, result)
-                for i, label in enumerate(labels):
-                    same = None if result.first_eviction is None else \
-                        torch.exp(full.losses[i, result.first_eviction:].double().mean()).item()
-                    rows.append({"text": label, "family": family, "budget": budget, "policy": result.policy,
-                                 "ppl": result.ppl(i), "ppl_after_eviction": result.ppl(i, after_eviction=True),
-                                 "full_ppl_after_eviction": same, "gap_closed": None,
-                                 "first_eviction": result.first_eviction, "max_kept": result.max_kept,
-                                 "kv_mib": result.max_kv_bytes / report.MIB})
-                notes += [f"{result.policy}: {n}" for n in result.notes]
-    finally:
-        h2o.restore(model)
+    for label in labels:
+        full = results[label, "full"]
+        rows.append({"text": label, "family": "full", "budget": None, "policy": "full", "ppl": full.ppl(),
+                     "ppl_after_eviction": None, "full_ppl_after_eviction": None, "gap_closed": None,
+                     "first_eviction": None, "max_kept": full.max_kept, "kv_mib": full.max_kv_bytes / report.MIB})
+    for family, budget, name in names:
+        for label in labels:
+            result, full = results[label, name], results[label, "full"]
+            check_eviction_in_force(full, result)
+            same = None if result.first_eviction is None else \
+                torch.exp(full.losses[0, result.first_eviction:].double().mean()).item()
+            rows.append({"text": label, "family": family, "budget": budget, "policy": result.policy,
+                         "ppl": result.ppl(), "ppl_after_eviction": result.ppl(after_eviction=True),
+                         "full_ppl_after_eviction": same, "gap_closed": None,
+                         "first_eviction": result.first_eviction, "max_kept": result.max_kept,
+                         "kv_mib": result.max_kv_bytes / report.MIB})
+            notes += [f"{result.policy} on {label}: {n}" for n in result.notes]
     _gap_closed(rows)
     mode = "token by token" if args.chunk == 1 else f"chunked, {args.chunk} tokens per forward"
     for r in rows:  # every row says how it was measured

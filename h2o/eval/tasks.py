@@ -24,6 +24,7 @@ Case generation and scoring (RULER's string_match_all, exact first number for pa
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 
@@ -32,11 +33,12 @@ import torch
 import h2o
 from h2o.policies import resolve
 
-from . import data, models, report, retrieval
+from . import data, models, report, retrieval, units
 from .runners import canonical, describe, is_press, open_runner
 from h2o.policies import families, is_family
 
 from .sweep import policy_name
+from .units import Unit
 
 NAME = "tasks"
 HELP = "retrieval tasks (passkey, RULER NIAH, key-value, variable tracking) with a full-cache control"
@@ -169,25 +171,49 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def run_cases(model, tokenizer, cases: list[retrieval.Case], variant_list: list[Variant], protocol: str, *,
-              chunk: int, positions: str, buffer: int, score: str | None = None, bar=None) -> list[dict]:
-    """One row per case and policy, the full cache first: its answer is every row's control."""
-    rows = []
+def answer_unit(model, tokenizer, spec: dict) -> dict:
+    """A unit of work (h2o.eval.units): one case under one policy, answered; the Answer as a dict."""
+    case = retrieval.Case(**{**spec["case"], "references": tuple(spec["case"]["references"]),
+                             "needles": tuple(spec["case"]["needles"])})
     try:
-        for case in cases:
-            full = respond(model, tokenizer, case, "full", protocol, chunk=chunk, positions=positions, buffer=buffer)
-            rows.append(_case_row(case, "full", "–", "full", protocol, full, full))
+        answer = respond(model, tokenizer, case, spec["policy"], spec["protocol"], chunk=spec["chunk"],
+                         positions=spec["positions"], buffer=spec["buffer"])
+    finally:
+        if model is not None:
+            h2o.restore(model)
+    return dataclasses.asdict(answer)
+
+
+def case_unit(case: retrieval.Case, policy: str, protocol: str, chunk: int, positions: str, buffer: int) -> Unit:
+    return Unit("answer", f"{protocol}:{case.task}:{case.length}:{case.depth}:{case.index}:{policy}",
+                {"case": dataclasses.asdict(case), "policy": policy, "protocol": protocol,
+                 "chunk": chunk, "positions": positions, "buffer": buffer})
+
+
+def run_cases(model, tokenizer, cases: list[retrieval.Case], variant_list: list[Variant], protocol: str, *,
+              chunk: int, positions: str, buffer: int, score: str | None = None, bar=None,
+              run_units=None) -> list[dict]:
+    """One row per case and policy, the full cache first: its answer is every row's control. Each (case, policy)
+    answer is a unit, the full cache's once per case; `run_units` (a Session's: in this process or on Ray,
+    resumable) runs them, by default here, one after another."""
+    kw = dict(protocol=protocol, chunk=chunk, positions=positions, buffer=buffer)
+    plan = [(case, [("full", "–", "full")] + [(v.label, v.budget, v.policy(case.length, score)) for v in variant_list])
+            for case in cases]
+    work = [case_unit(case, name, **kw) for case, runs in plan for _, _, name in runs]
+    if run_units is None:
+        results = {}
+        for unit in work:
+            results[unit.key] = answer_unit(model, tokenizer, unit.spec)
             if bar is not None:
                 bar.update()
-            for v in variant_list:
-                name = v.policy(case.length, score)
-                answer = respond(model, tokenizer, case, name, protocol, chunk=chunk, positions=positions,
-                                 buffer=buffer)
-                rows.append(_case_row(case, v.label, v.budget, name, protocol, answer, full))
-                if bar is not None:
-                    bar.update()
-    finally:
-        h2o.restore(model)
+    else:
+        results = run_units(work, desc=f"tasks ({protocol})")
+    rows = []
+    for case, runs in plan:
+        full = Answer(**results[case_unit(case, "full", **kw).key])
+        for label, budget, name in runs:
+            answer = Answer(**results[case_unit(case, name, **kw).key])
+            rows.append(_case_row(case, label, budget, name, protocol, answer, full))
     return rows
 
 
@@ -287,10 +313,8 @@ def tasks_kept(session, policies: list[str], haystacks: dict[str, str], task_nam
     cases = [c for task in task_names
              for c in retrieval.generate_cases(task, session.tokenizer, haystacks, [length], depths, 1, 0)]
     variant_list = [Variant(p, budget_label(p), name=p) for p in policies if p != "full"]
-    bar = session.progress(total=len(cases) * (1 + len(variant_list)), desc="retrieval", unit="run")
     rows = run_cases(session.model, session.tokenizer, cases, variant_list, "question-aware", chunk=args.chunk,
-                     positions=args.positions, buffer=args.buffer, bar=bar)
-    bar.close()
+                     positions=args.positions, buffer=args.buffer, run_units=session.run_units)
     summary, notes = summarize(rows, min_solved=1)
     what = "passkey" if list(task_names) == ["passkey"] else "retrieval"
     note = (f"{what.capitalize()} kept: {n} {' / '.join(task_names)} cases of {length} tokens"
@@ -328,6 +352,7 @@ def add_arguments(p) -> None:
                    help="haystack text")
     p.add_argument("--pg19-books", nargs="+", default=DEFAULT_BOOKS, help="PG-19 test books for the haystacks")
     p.add_argument("--text-file", default=None, help="haystack from this text file instead of --corpora")
+    units.add_arguments(p)
 
 
 def check(args) -> dict:
@@ -378,10 +403,8 @@ def run(session, plan) -> int:
              retrieval.generate_cases(task, tokenizer, plan["haystacks"], plan["lengths"], args.depths, args.cases,
                                       args.seed)]
     variant_list = plan["variants"]
-    bar = session.progress(total=len(cases) * (1 + len(variant_list)), desc=f"tasks ({args.protocol})", unit="run")
     rows = run_cases(model, tokenizer, cases, variant_list, args.protocol, chunk=args.chunk,
-                     positions=args.positions, buffer=args.buffer, score=args.score, bar=bar)
-    bar.close()
+                     positions=args.positions, buffer=args.buffer, score=args.score, run_units=session.run_units)
     summary, notes = summarize(rows, args.min_solved)
     protocol = (f"protocol {args.protocol}" + (f" (context fed {args.chunk} tokens per forward)"
                                                  if args.protocol == "streaming" else " (one prefill)"))
