@@ -263,6 +263,13 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
     layer = take_pending(key)
     if layer is None:
         return inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if getattr(layer, "static", False):  # a decode step of the compile-friendly layout (h2o.static)
+        if (module.training and kwargs.get("dropout")) or kwargs.get("softcap") is not None \
+                or kwargs.get("position_bias") is not None or {"s_aux", "sinks"} & kwargs.keys():
+            raise ValueError("the static (compile-friendly) cache computes plain softmax attention; this model's "
+                             "attention has options it does not reproduce (dropout, softcapping, position bias or "
+                             "attention sinks): use static=False")
+        return layer.attend_static(query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
     if isinstance(layer, HeadGroupLayer):  # heads holding different numbers of tokens: one call per head group
         out = None
         for (_, heads), sub in zip(layer.index(query.device, query.shape[1] // layer.heads), layer.sublayers):

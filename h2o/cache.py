@@ -25,11 +25,27 @@ from .policies.allocation import Allocated, LayerPlan, split_budget
 # The layer whose `update` ran last on this thread. The attention function of the same layer
 # runs right after it and picks it up (checking it received that layer's keys).
 _pending = threading.local()
+# The same hand-over while torch.compile traces a forward (h2o.static): a plain dict, whose stores dynamo follows
+# into later loads of the same trace, also across a torch.cond (it does not for a threading.local, nor for an
+# object's attribute once a torch.cond was traced in between).
+_traced: dict = {"layer": None}
+
+
+def leave_pending(layer) -> None:
+    """`update`'s hand-over of its layer to the attention function that runs next."""
+    if torch.compiler.is_compiling():
+        _traced["layer"] = layer
+    else:
+        _pending.layer = layer
 
 
 def take_pending(key: torch.Tensor) -> "CompressedLayer | None":
-    layer = getattr(_pending, "layer", None)
-    _pending.layer = None
+    if torch.compiler.is_compiling():
+        layer = _traced["layer"]
+        _traced["layer"] = None
+    else:
+        layer = getattr(_pending, "layer", None)
+        _pending.layer = None
     return layer if layer is not None and layer.keys is key else None
 
 
@@ -172,7 +188,7 @@ class CompressedLayer(DynamicLayer):
         self._view()
         self.seen += q
         self.unobserved = True
-        _pending.layer = self
+        leave_pending(self)
         return self.keys, self.values
 
     # --- called by the attention function, in this order: prepare, then observe -------------
@@ -418,7 +434,7 @@ class HeadGroupLayer(DynamicLayer):
             sub.update(key_states.index_select(1, kv), value_states.index_select(1, kv))
         self.is_initialized = True
         self.keys, self.values = self.sublayers[0].keys, self.sublayers[0].values  # how attention finds the layer
-        _pending.layer = self
+        leave_pending(self)
         return self.keys, self.values
 
     def observed(self) -> bool:
@@ -510,9 +526,14 @@ class CompressedCache(Cache):
     """A `Cache` of one layer per model layer; a `full` policy uses plain `DynamicLayer`s."""
 
     def __init__(self, policy: Policy | Allocated, num_layers: int, positions: str = "original", buffer: int = 64,
-                 rope: tuple | None = None, kv_heads: int | None = None, head_scores=None):
+                 rope: tuple | None = None, kv_heads: int | None = None, head_scores=None, static: bool = False):
         reindex = positions == "reindex"
-        if isinstance(policy, Allocated):  # head and layer budgets: one plan per layer
+        if static:  # the compile-friendly layout (h2o.static)
+            check_static(policy, positions)
+            from .static import StaticLayer
+
+            layers = [StaticLayer(policy, buffer) for _ in range(num_layers)]
+        elif isinstance(policy, Allocated):  # head and layer budgets: one plan per layer
             if kv_heads is None:
                 raise ValueError(f"{policy.name}: an allocation needs the model's number of KV heads (kv_heads=)")
             layers = [CompressedLayer(policy.rule.with_budget(plan.groups[0][1]), buffer, reindex, rope)
@@ -523,10 +544,11 @@ class CompressedCache(Cache):
         else:
             layers = [DynamicLayer() for _ in range(num_layers)]
         super().__init__(layers=layers)
-        self.policy, self.positions, self.buffer = policy, positions, buffer
+        self.policy, self.positions, self.buffer, self.static = policy, positions, buffer, static
 
     def __repr__(self) -> str:
-        return f"CompressedCache({self.policy.name}, positions={self.positions}, buffer={self.buffer})"
+        static = ", static" if self.static else ""
+        return f"CompressedCache({self.policy.name}, positions={self.positions}, buffer={self.buffer}{static})"
 
     def slot_positions(self, q: int, device) -> torch.Tensor | None:
         """reindex mode: the position ids [1, q] that make the model rotate the next forward's q tokens at their
@@ -584,6 +606,19 @@ class CompressedCache(Cache):
                            if isinstance(t, torch.Tensor)]
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
+
+
+def check_static(policy, positions: str) -> None:
+    """What the static (compile-friendly) layout holds: a uniform evicting rule with original positions."""
+    if isinstance(policy, Allocated):
+        raise ValueError(f"{policy.name}: head and layer budgets hold different numbers of tokens per head; the "
+                         "static (compile-friendly) cache holds a uniform rule. Use static=False for allocations")
+    if not policy.evicts:
+        raise ValueError("a static full cache is transformers' StaticCache (cache_implementation='static'); "
+                         "static=True is for evicting rules")
+    if positions != "original":
+        raise ValueError("the static (compile-friendly) cache keeps original positions: its slots are not in "
+                         "arrival order, so positions='reindex' (keys rotated by slot) needs static=False")
 
 
 def _heads(layer) -> int:

@@ -64,7 +64,7 @@ def check_model(model) -> None:
 
 
 def make_cache(model, policy: str | Policy, positions: str = "original", buffer: int = 64,
-               score: str | None = None, head_scores=None) -> CompressedCache:
+               score: str | None = None, head_scores=None, static: bool = False) -> CompressedCache:
     """A `transformers` Cache applying `policy` to `model`, for `generate` or manual forward loops.
 
     policy: "full", "streaming_<sinks>_<window>", "h2o_<sinks>_<recent>_<budget>[_mean|_sum]".
@@ -74,6 +74,9 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
     score: H2O scoring rule, "mean" (default) or "sum" (the paper's).
     head_scores: `h2o.head_scores(model, ...)` (or its `.scores` dict), for the allocations that choose heads by a
         head score ("retrieval_<share>_<factor>+<rule>", "induction_..."; `h2o.policies.allocation`).
+    static: the compile-friendly layout (`h2o.static`): decode steps of fixed shapes that `torch.compile` runs
+        without recompiling (`model.generate(..., past_key_values=cache, compile_config=...)`), keeping the same
+        tokens as the eager cache. A uniform rule, original positions, rows without left padding.
 
     For evicting policies the model's attention implementation is switched to the matching
     ``h2o_*`` function, and with positions="reindex" a forward pre-hook on the base model passes slot
@@ -88,8 +91,10 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
     rope = rotary_embedding(model) if positions == "reindex" else None
     check_model(model)
     # built first: a bad allocation (head scores missing or of another model) is refused before the model is touched
+    if not isinstance(static, bool):
+        raise TypeError(f"static must be a bool, got {static!r}")
     cache = CompressedCache(policy, model.config.num_hidden_layers, positions, buffer, rope,
-                            kv_heads=kv_heads(model.config), head_scores=head_scores)
+                            kv_heads=kv_heads(model.config), head_scores=head_scores, static=static)
     if policy.evicts:
         current = _STOCK.get(_attn_implementation(model), _attn_implementation(model))
         if current not in attention.NAMES:

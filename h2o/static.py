@@ -1,0 +1,301 @@
+"""A compressed cache whose decode step torch.compile runs as one graph, without recompiling.
+
+`h2o.make_cache(model, policy, static=True)` gives a `CompressedCache` of `StaticLayer`s. A forward of several
+tokens (a prefill, a chunk) runs exactly as in the eager cache (`CompressedLayer`: same eviction, same kept
+tokens); at its end the layer switches to its static layout, in which every one-token forward (a decode step)
+has the same shapes and no Python branch that depends on data or on a counter:
+
+- every per-slot tensor has a fixed `capacity` = budget + buffer + 1 slots (what the eager cache holds at most
+  before it evicts during decoding); attention runs over all of them with a validity mask per row and KV head;
+- the write position, the tokens held, the tokens seen and the next free slot are 0-d tensors updated in place;
+- an eviction frees slots instead of moving tokens: when the layer holds budget + buffer + 1 tokens (exactly
+  when the eager cache evicts), `torch.cond` runs the eviction graph, which ranks the slots in arrival order
+  (so every rule sees exactly what it sees in the eager cache: SnapKV's pooling runs over temporal neighbours),
+  keeps the rule's `budget` best as the eager cache does and marks the other buffer + 1 slots free; the next
+  decode steps write into those slots. No key or value is copied at an eviction; the slots are not in arrival
+  order (their `times` say it), which attention with original positions does not see.
+
+So the decode step costs one scatter per per-slot tensor, the attention over `capacity` slots and, at an
+eviction, one rank + top-k over `capacity` slots. A forward of several tokens after decoding (a chunk) first
+gathers the kept slots back into arrival order (one host read: the tokens held).
+
+Limits, each an error where it applies: original positions only (reindex rotates keys by slot); rows without
+left padding (the rows of a padded batch would evict at different steps); a uniform rule (head and layer
+budgets hold different numbers of tokens per head: `HeadGroupLayer`); `full` is transformers' `StaticCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import CompressedLayer, leave_pending
+from .policies import Observation, priorities
+
+
+class StaticLayer(CompressedLayer):
+    """A `CompressedLayer` whose decode steps run in a fixed layout (see the module docstring).
+
+    In the static layout the eager views (`keys`, `values`, `times`, `state`) span the whole capacity, and
+    `slot_valid` [B, H, capacity] says which slots hold a kept token; `length` and `seen` read the held and seen
+    counters back to the host (not inside a compiled step: the step uses the tensors)."""
+
+    is_compileable = True
+
+    def __init__(self, policy, buffer: int):
+        super().__init__(policy, buffer, reindex=False)
+
+    def _clear(self) -> None:
+        super()._clear()
+        self.static = False
+        self.counters: dict[str, torch.Tensor] = {}  # held, seen, cursor: 0-d int64 on the layer's device
+        self.slot_valid = self.order = None  # [B, H, capacity] bool; the order free slots are written in
+
+    @property
+    def static_capacity(self) -> int:
+        return self.budget + self.buffer + 1
+
+    # --- counters: Python ints in the eager layout, tensors in the static one ---------------------------
+
+    @property
+    def length(self) -> int:
+        return int(self.counters["held"]) if self.static else self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self._length = value
+
+    @property
+    def seen(self) -> int:
+        return int(self.counters["seen"]) if self.static else self._seen
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        self._seen = value
+
+    @property
+    def _span(self) -> int:
+        """Slots the views cover: the filled ones (eager) or the whole capacity (static)."""
+        return self.capacity if self.static else self._length
+
+    @property
+    def times(self):
+        return self.storage["times"][..., :self._span] if self.storage else None
+
+    @property
+    def valid(self):
+        if self.static:  # per row; in the static layout every row holds the same count (no padding)
+            return self.slot_valid.any(1)
+        return self.storage["valid"][:, :self._length] if self.storage else None
+
+    @property
+    def state(self):
+        return {name: self.storage[f"state.{name}"][..., :self._span] for name in self.policy.state} \
+            if self.storage else {}
+
+    def _view(self) -> None:
+        self.keys = self.storage["keys"][:, :, :self._span]
+        self.values = self.storage["values"][:, :, :self._span]
+
+    # --- switching layouts (eager code: never inside a compiled decode step) ---------------------------
+
+    def to_static(self) -> None:
+        """From the eager layout (kept tokens in slots [0, length), arrival order) to the static one."""
+        if self.has_padding:
+            raise ValueError(
+                "a static (compile-friendly) cache holds rows without left padding: the rows of a padded batch "
+                "evict at different steps. Run padded batches with the eager cache (static=False), or one row "
+                "at a time")
+        n, capacity = self._length, self.static_capacity
+        if n > capacity:  # cannot happen after observe (held <= budget + buffer); a guard against misuse
+            raise RuntimeError(f"layer holds {n} tokens, more than its static capacity {capacity}")
+        if self.capacity != capacity:
+            self._allocate(capacity)
+        b, h = self.storage["times"].shape[:2]
+        slots = torch.arange(capacity, device=self.device)
+        self.storage["valid"].fill_(True)
+        for name, buf in self.storage.items():  # free slots: finite (masked attention multiplies their values by 0)
+            if name != "valid":
+                (buf[:, :, n:] if buf.dim() == 4 else buf[..., n:]).zero_()
+        self.slot_valid = (slots < n).expand(b, h, capacity).clone()
+        # free slots first (n .. capacity-1), in the order the next decode steps write them
+        self.order = ((slots + n) % capacity).expand(b, h, capacity).clone()
+        self.counters = {name: torch.tensor(value, dtype=torch.long, device=self.device)
+                         for name, value in (("held", n), ("seen", self._seen), ("cursor", 0))}
+        self.static = True
+        self._view()
+        if not torch.compiler.is_compiling():  # fixed addresses, so CUDA graphs can replay the step
+            for t in [*self.storage.values(), self.slot_valid, self.order, *self.counters.values()]:
+                torch._dynamo.mark_static_address(t)
+
+    def to_eager(self) -> None:
+        """Back to the eager layout: the kept slots gathered to the front in arrival order (one host read)."""
+        held, seen = int(self.counters["held"]), int(self.counters["seen"])
+        big = torch.iinfo(torch.long).max
+        idx = torch.where(self.slot_valid, self.times, big).argsort(dim=-1)[..., :held]  # [B, H, held]
+        kept = torch.ones(idx.shape[0], held, dtype=torch.bool, device=self.device)
+        self.static = False
+        self._length, self._seen = self.capacity, seen  # views over every slot for the gather
+        self.slot_valid = self.order = None
+        self.counters = {}
+        self._keep(idx, kept)
+
+    # --- transformers' layer interface --------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[-2] > 1:  # a prefill or a chunk: the eager cache's path
+            if self.static:
+                self.to_eager()
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.static:  # a first forward of one token: from the (empty) eager layout
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.to_static()
+        return self._write(key_states, value_states)
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """One token into the next free slot of each row and head: fixed-shape scatters, tensor counters."""
+        if self.unobserved:
+            super().update(key_states, value_states)  # raises UnobservedError with its explanation
+        c = self.counters
+        b, h = self.slot_valid.shape[:2]
+        slot = self.order.gather(-1, c["cursor"].view(1, 1, 1).expand(b, h, 1))  # [B, H, 1]
+        s = self.storage
+        s["keys"].scatter_(2, slot.unsqueeze(-1).expand(-1, -1, -1, key_states.shape[-1]), key_states)
+        s["values"].scatter_(2, slot.unsqueeze(-1).expand(-1, -1, -1, value_states.shape[-1]), value_states)
+        s["times"].scatter_(2, slot, c["seen"].view(1, 1, 1).expand(b, h, 1))
+        if self.policy.state:
+            for name, value in self.policy.initial_state(key_states, value_states).items():
+                s[f"state.{name}"].scatter_(2, slot, value)
+        self.slot_valid.scatter_(2, slot, True)
+        c["cursor"].add_(1)
+        c["held"].add_(1)
+        c["seen"].add_(1)
+        self.last_forward = 1
+        self.unobserved = True
+        leave_pending(self)
+        return self.keys, self.values
+
+    def observe(self, observation: Observation) -> bool:
+        if self.static:
+            raise RuntimeError("a static layer's decode step is observed by attend_static")
+        evicted = super().observe(observation)
+        self.to_static()  # after a forward of several tokens: the decode steps run in the static layout
+        return evicted
+
+    def get_seq_length(self):
+        if self.static:
+            seen = self.counters["seen"]
+            return seen if torch.compiler.is_compiling() else int(seen)
+        return self._seen
+
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        # the static step attends its own fixed slots with its own mask; the model's mask is not used, but is
+        # built: fixed sizes keep its shape static
+        if self.static:
+            return self.capacity, 0
+        return super().get_mask_sizes(query)
+
+    def kept_mask(self) -> torch.Tensor:
+        if not self.static:
+            return super().kept_mask()
+        b, h = self.slot_valid.shape[:2]
+        counts = torch.zeros(b, h, self.seen, dtype=torch.long, device=self.device)
+        times = torch.where(self.slot_valid, self.times, 0)  # a free slot's time may be stale or unset
+        return counts.scatter_add_(2, times, self.slot_valid.long()) > 0
+
+    def head_tokens(self) -> torch.Tensor:
+        """[B, H] tokens held per row and KV head (any layout)."""
+        if self.static:
+            return self.slot_valid.sum(-1)
+        return self.valid.sum(-1, keepdim=True).expand(-1, self.storage["times"].shape[1])
+
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        out = super().slot_tensors()
+        if self.static:
+            out.update(slot_valid=self.slot_valid, order=self.order)
+        return out
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        super()._select_rows(index)
+        if self.static:
+            index = index.to(self.device)
+            self.slot_valid = self.slot_valid.index_select(0, index)
+            self.order = self.order.index_select(0, index)
+
+    # --- the decode step's attention and eviction -------------------------------------------------------
+
+    def attend_static(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """One new query per row: attention over every slot with the validity mask, the policy's observations
+        from the same probabilities, its state update, and the eviction graph when the layer is full.
+        Returns the output [B, 1, Hq, Dv] (as sdpa_attention_forward lays it out)."""
+        key, value = self.keys, self.values
+        b, hq, _, d = query.shape
+        hkv, capacity, dv = key.shape[1], key.shape[2], value.shape[-1]
+        groups = hq // hkv
+        half = key.dtype != torch.float32
+        grouped = query.reshape(b * hkv, groups, d)
+        keys = key.reshape(b * hkv, capacity, d)
+        if half:
+            grouped, keys = grouped.to(torch.float32), keys.to(torch.float32)
+        logits = torch.bmm(grouped * scaling, keys.transpose(1, 2)).view(b, hkv, groups, capacity)
+        logits = logits.masked_fill(~self.slot_valid.unsqueeze(2), -torch.inf)
+        probs = logits.softmax(dim=-1)
+        out = torch.bmm(probs.view(b * hkv, groups, capacity).to(value.dtype), value.reshape(b * hkv, capacity, dv))
+        policy, wants = self.policy, self.policy.observes
+        mass = last = count = vmass = None
+        if "mass" in wants:
+            mass = probs.sum(dim=2)
+            weights = policy.query_weights(1, key.device)
+            if weights is not None:
+                mass = mass * weights[-1].to(torch.float32)
+        if "last" in wants:
+            last = probs.mean(dim=2)
+        if "count" in wants:  # the one real query saw every kept slot (a free slot's state is reset when written)
+            count = self.slot_valid[:, :1].to(torch.float32)
+        if "vmass" in wants:
+            weighted = probs.mean(dim=2) * value.to(torch.float32).norm(dim=-1)
+            vmass = weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        if policy.state:
+            policy.update(self.state, Observation(queries=1, mass=mass, last=last, count=count, vmass=vmass),
+                          self.counters["seen"])
+        else:
+            policy.update({}, Observation(queries=1), self.counters["seen"])
+        self.unobserved = False
+        self._evict_when_full()
+        return out.view(b, 1, hq, dv)
+
+    def _evict_when_full(self) -> None:
+        c = self.counters
+        full = c["held"] > self.budget + self.buffer
+        operands = (self.storage["times"], self.storage["keys"], self.storage["values"], c["seen"], self.slot_valid,
+                    self.order, c["held"], c["cursor"], *self.state.values())
+        if torch.compiler.is_compiling():
+            valid, order, held, cursor = torch.cond(full, self._evicted, self._unchanged, operands)
+        elif bool(full):  # eager use of the static layout: the same graph, run on the host's decision
+            valid, order, held, cursor = self._evicted(*operands)
+        else:
+            return
+        self.slot_valid.copy_(valid)
+        self.order.copy_(order)
+        c["held"].copy_(held)
+        c["cursor"].copy_(cursor)
+
+    def _unchanged(self, times, keys, values, seen, valid, order, held, cursor, *state):
+        return valid.clone(), order.clone(), held.clone(), cursor.clone()
+
+    def _evicted(self, times, keys, values, seen, valid, order, held, cursor, *state):
+        """The eviction graph: rank every slot in arrival order, as the eager cache would (all slots hold a token:
+        the layer is full), keep the `budget` best, free the others (written first by the next decode steps)."""
+        arrival = times.argsort(dim=-1)  # [B, H, C]: slot of the i-th oldest token
+        ordered = lambda t: t.gather(2, arrival if t.dim() == 3 else  # noqa: E731
+                                     arrival.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
+        b, h, capacity = times.shape
+        rows_valid = torch.ones(b, capacity, dtype=torch.bool, device=times.device)
+        first_real = torch.zeros(b, dtype=torch.long, device=times.device)
+        rank = priorities(self.policy, dict(zip(self.policy.state, [ordered(s) for s in state])), ordered(times),
+                          rows_valid, first_real, seen, ordered(keys), ordered(values))
+        best = rank.topk(self.budget, dim=-1, sorted=True).indices  # positions in arrival order
+        keep = torch.zeros(b, h, capacity, dtype=torch.bool, device=times.device).scatter_(2, arrival.gather(2, best),
+                                                                                             True)
+        free_first = keep.to(torch.int8).argsort(dim=-1, stable=True)
+        return keep, free_first, torch.full_like(held, self.budget), torch.zeros_like(cursor)

@@ -1,0 +1,151 @@
+"""The static (compile-friendly) cache: torch.compile runs its decode step as one graph, never recompiling, and it
+keeps exactly the eager cache's tokens (h2o.static).
+
+Every registered rule goes through `torch.compile(model.forward, fullgraph=True)` (a graph break anywhere, in h2o's
+code or in transformers', is an error) over >= 3 eviction cycles, with dynamo's own counters: one graph for every
+decode step. The dynamo checks use the `aot_eager` backend (the functionalised graph, as inductor receives it,
+without inductor's code generation, which takes ~20 s per graph here); `model.generate` with a compile config runs
+inductor itself over 200 steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
+
+import h2o
+from h2o.policies import registered
+from tiny import tiny_model, token_ids
+
+BUFFER = 5  # an eviction every 6 decode steps
+STEPS = 24  # 4 eviction cycles
+
+
+def rules() -> list[str]:
+    names = [cls.sized(2, 4, 24).name for cls in registered().values() if cls.evicts]
+    return names + ["snapkv_2_4_24_16+h2o_mean"]  # SnapKV for the prompt, then a decode rule
+
+
+def greedy(model, cache, ids, steps, forward):
+    """Prefill (eager), then `steps` one-token forwards through `forward`: (logits [steps + 1, V], tokens, held)."""
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache)
+        logits, held = [out.logits[0, -1]], []
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = forward(input_ids=token, past_key_values=cache)
+            logits.append(out.logits[0, -1])
+            token = out.logits[:, -1:].argmax(-1)
+            held.append(cache.layers[0].length)
+    return torch.stack(logits), held
+
+
+def kept(cache) -> torch.Tensor:
+    return torch.stack([layer.kept_mask() for layer in cache.layers])
+
+
+@pytest.mark.parametrize("rule", rules())
+def test_compiled_decode_is_one_graph_and_keeps_the_eager_tokens(rule):
+    model = tiny_model("llama")
+    ids = token_ids(40)
+    eager = h2o.make_cache(model, rule, buffer=BUFFER)
+    ref, ref_held = greedy(model, eager, ids, STEPS, model.forward)
+    h2o.restore(model)
+
+    torch._dynamo.reset()
+    counters.clear()
+    cache = h2o.make_cache(model, rule, buffer=BUFFER, static=True)
+    compiled = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
+    got, held = greedy(model, cache, ids, STEPS, compiled)
+    h2o.restore(model)
+
+    evictions = sum(b < a for a, b in zip(held, held[1:]))
+    assert evictions >= 3, held
+    assert held == ref_held  # evicts at the eager cache's steps
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # compiled once, never again
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(kept(cache), kept(eager))  # the same tokens, per layer and KV head
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "qwen2", "qwen3", "mistral"])
+def test_every_family_compiles_to_one_graph(family):
+    model = tiny_model(family)
+    ids = token_ids(40)
+    eager = h2o.make_cache(model, "h2o_2_4_24", buffer=BUFFER)
+    ref, _ = greedy(model, eager, ids, STEPS, model.forward)
+    h2o.restore(model)
+    torch._dynamo.reset()
+    counters.clear()
+    cache = h2o.make_cache(model, "h2o_2_4_24", buffer=BUFFER, static=True)
+    got, _ = greedy(model, cache, ids, STEPS, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
+    h2o.restore(model)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(kept(cache), kept(eager))
+
+
+def test_generate_with_a_compile_config_runs_inductor_once_over_200_steps():
+    model = tiny_model("llama")
+    ids = token_ids(40)
+    kw = dict(max_new_tokens=200, min_new_tokens=200, do_sample=False, return_dict_in_generate=True,
+              output_scores=True)
+    ref = model.generate(ids, past_key_values=h2o.make_cache(model, "h2o_2_4_24", buffer=BUFFER), **kw)
+    h2o.restore(model)
+    torch._dynamo.reset()
+    counters.clear()
+    config = CompileConfig(fullgraph=True)  # inductor
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless asked
+    cache = h2o.make_cache(model, "h2o_2_4_24", buffer=BUFFER, static=True)
+    got = model.generate(ids, past_key_values=cache, compile_config=config, **kw)
+    h2o.restore(model)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # the prefill runs eager
+    assert counters["stats"]["calls_captured"] > 0
+    assert torch.equal(got.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(ref.scores), rtol=1e-4, atol=1e-4)
+
+
+def test_static_layout_without_compiling_equals_the_eager_cache_after_a_chunk():
+    """Decode, then a chunk of several tokens (back to the eager layout), then decode again."""
+    model = tiny_model("llama")
+    ids, chunk = token_ids(40), token_ids(7, seed=3)
+    outs = []
+    for static in (False, True):
+        cache = h2o.make_cache(model, "tova_2_4_24", buffer=BUFFER, static=static)
+        logits, _ = greedy(model, cache, ids, 9, model.forward)
+        with torch.no_grad():
+            mid = model(chunk, past_key_values=cache).logits[0]
+        more, _ = greedy(model, cache, chunk[:, -1:], 9, model.forward)
+        outs.append((torch.cat([logits, mid, more]), kept(cache)))
+        h2o.restore(model)
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(outs[1][1], outs[0][1])
+
+
+@pytest.mark.parametrize("policy, options, error", [
+    ("adakv+h2o_2_4_24", {}, "uniform rule"),
+    ("full", {}, "StaticCache"),
+    ("h2o_2_4_24", {"positions": "reindex"}, "original positions"),
+])
+def test_what_the_static_cache_cannot_hold_is_refused(policy, options, error):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=error):
+        h2o.make_cache(model, policy, static=True, **options)
+
+
+def test_left_padded_rows_are_refused():
+    model = tiny_model("llama")
+    ids = token_ids(12, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    cache = h2o.make_cache(model, "h2o_2_4_8", buffer=2, static=True)
+    with pytest.raises(ValueError, match="left padding"), torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    h2o.restore(model)
+
+
+def test_static_must_be_a_bool():
+    with pytest.raises(TypeError, match="static must be a bool"):
+        h2o.make_cache(tiny_model("llama"), "h2o_2_4_24", static="yes")
