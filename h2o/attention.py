@@ -198,7 +198,8 @@ def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=fr
 
 def _decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half):
     """fused_attention for one new query, as few kernels as it takes: (B x Hkv) batched matmuls over the
-    group's query heads, no block loop, no layout copy of the output."""
+    group's query heads, no block loop, no layout copy of the output. Returns (output [B, 1, Hq, Dv], mass,
+    last, probabilities [B, Hkv, G, L])."""
     b, hq, _, d = query.shape
     hkv, length, dv = key.shape[1], key.shape[2], value.shape[-1]
     groups = hq // hkv
@@ -208,8 +209,8 @@ def _decode_step(query, key, value, mask, scaling, wants, query_valid, query_wei
         grouped, keys = grouped.to(torch.float32), keys.to(torch.float32)
     grouped = grouped * scaling
     logits = torch.bmm(grouped, keys.transpose(1, 2))  # [B*Hkv, G, L]
-    if mask is not None:
-        logits.view(b, hkv, groups, length).masked_fill_(~mask.view(b, 1, 1, length), -torch.inf)
+    if mask is not None:  # [B, 1, 1, L] (one mask for the row) or [B, Hkv, L] (one per KV head: h2o.static)
+        logits.view(b, hkv, groups, length).masked_fill_(~mask.view(b, -1, 1, length), -torch.inf)
     probs = logits.softmax(dim=-1)
     out = torch.bmm(probs.to(value.dtype), value.reshape(b * hkv, length, dv))  # [B*Hkv, G, Dv] = [B, 1, Hq, Dv]
     probs = probs.view(b, hkv, groups, length)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import _decode_step, _vlen_share
 from .cache import CompressedLayer, leave_pending
 from .policies import Observation, priorities
 
@@ -163,7 +164,10 @@ class StaticLayer(CompressedLayer):
         s["keys"].scatter_(2, slot.unsqueeze(-1).expand(-1, -1, -1, key_states.shape[-1]), key_states)
         s["values"].scatter_(2, slot.unsqueeze(-1).expand(-1, -1, -1, value_states.shape[-1]), value_states)
         s["times"].scatter_(2, slot, c["seen"].view(1, 1, 1).expand(b, h, 1))
-        if self.policy.state:
+        if self._zero_state:  # a zero written in place: no state tensor made per step
+            for name in self.policy.state:
+                s[f"state.{name}"].scatter_(2, slot, 0.0)
+        elif self.policy.state:
             for name, value in self.policy.initial_state(key_states, value_states).items():
                 s[f"state.{name}"].scatter_(2, slot, value)
         self.slot_valid.scatter_(2, slot, True)
@@ -229,32 +233,15 @@ class StaticLayer(CompressedLayer):
         from the same probabilities, its state update, and the eviction graph when the layer is full.
         Returns the output [B, 1, Hq, Dv] (as sdpa_attention_forward lays it out)."""
         key, value = self.keys, self.values
-        b, hq, _, d = query.shape
-        hkv, capacity, dv = key.shape[1], key.shape[2], value.shape[-1]
-        groups = hq // hkv
-        half = key.dtype != torch.float32
-        grouped = query.reshape(b * hkv, groups, d)
-        keys = key.reshape(b * hkv, capacity, d)
-        if half:
-            grouped, keys = grouped.to(torch.float32), keys.to(torch.float32)
-        logits = torch.bmm(grouped * scaling, keys.transpose(1, 2)).view(b, hkv, groups, capacity)
-        logits = logits.masked_fill(~self.slot_valid.unsqueeze(2), -torch.inf)
-        probs = logits.softmax(dim=-1)
-        out = torch.bmm(probs.view(b * hkv, groups, capacity).to(value.dtype), value.reshape(b * hkv, capacity, dv))
         policy, wants = self.policy, self.policy.observes
-        mass = last = count = vmass = None
-        if "mass" in wants:
-            mass = probs.sum(dim=2)
-            weights = policy.query_weights(1, key.device)
-            if weights is not None:
-                mass = mass * weights[-1].to(torch.float32)
-        if "last" in wants:
-            last = probs.mean(dim=2)
+        weights = policy.query_weights(1, key.device) if "mass" in wants else None
+        out, mass, last, probs = _decode_step(query, key, value, self.slot_valid, scaling, wants, None, weights,
+                                              key.dtype != torch.float32)
+        count = vmass = None
         if "count" in wants:  # the one real query saw every kept slot (a free slot's state is reset when written)
             count = self.slot_valid[:, :1].to(torch.float32)
         if "vmass" in wants:
-            weighted = probs.mean(dim=2) * value.to(torch.float32).norm(dim=-1)
-            vmass = weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            vmass = _vlen_share(probs.unsqueeze(3), value.to(torch.float32).norm(dim=-1), None, 0, 1)
         if policy.state:
             policy.update(self.state, Observation(queries=1, mass=mass, last=last, count=count, vmass=vmass),
                           self.counters["seen"])
@@ -262,7 +249,7 @@ class StaticLayer(CompressedLayer):
             policy.update({}, Observation(queries=1), self.counters["seen"])
         self.unobserved = False
         self._evict_when_full()
-        return out.view(b, 1, hq, dv)
+        return out
 
     def _evict_when_full(self) -> None:
         c = self.counters
