@@ -51,3 +51,39 @@ def test_perf_refuses_bad_input_before_loading_anything(tmp_path, capsys, args, 
     assert main(["perf", *TINY, *args, "--out", str(tmp_path / "x")]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+def test_perf_compile_times_the_compiled_caches_interleaved_without_recompiling(tmp_path):
+    """--compile: compiled h2o, compiled StreamingLLM and transformers' compiled StaticCache of the same capacity in
+    the same rotation as the eager ones, no graph compiled during the timed steps, the same tokens as the eager
+    caches, the floor from measured bytes and bandwidth (aot_eager: dynamo's graph without inductor's codegen)."""
+    out = tmp_path / "perf"
+    assert main(["perf", *TINY, "--allocation", "none", "--compile", "--compile-backend", "aot_eager",
+                 "--out", str(out)]) == 0
+    payload = json.loads((out / "perf.json").read_text())
+    decode, info = payload["decode_s"], payload["compile"]
+    assert {k: len(v) for k, v in decode.items()} == {
+        "h2o": 6, "streaming": 6, "full": 6, "h2o_compiled": 6, "streaming_compiled": 6, "full_compiled": 6}
+    assert info["graphs_compiled_during_timed_steps"] == 0
+    assert info["capacity"] == 16 + 4 + 1
+    assert info["same_tokens_as_eager"] == {"h2o": 6, "streaming": 6}  # the static layout keeps the same tokens
+    assert all(s > 0 for s in info["compile_s"].values())
+    assert info["floor_s"] == pytest.approx(info["weight_bytes"] / info["copy_bandwidth_bytes_s"])
+    ratios = {r["ratio"]: r for r in csv.DictReader(open(out / "perf.csv"))}
+    row = ratios["decode_compiled_h2o_over_compiled_full"]
+    assert float(row["min"]) == pytest.approx(min(decode["h2o_compiled"]) / min(decode["full_compiled"]), rel=1e-6)
+    assert float(row["goal"]) == 1.05 and row["met"] == ("yes" if float(row["min"]) <= 1.05 else "no")
+    floor = ratios["decode_compiled_h2o_over_floor"]
+    assert float(floor["min"]) == pytest.approx(min(decode["h2o_compiled"]) / info["floor_s"], rel=1e-6)
+    assert floor["goal"] == "–"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compile", "--positions", "reindex"], "keeps original positions"),
+    (["--compile", "--warmup", "0"], "--warmup must be >= 1"),
+    (["--compile-backend", "aot_eager"], "apply with --compile"),
+])
+def test_perf_compile_refuses_what_the_static_layout_cannot_time(tmp_path, capsys, args, message):
+    assert main(["perf", *TINY, *args, "--out", str(tmp_path / "x")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()

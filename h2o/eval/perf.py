@@ -26,6 +26,7 @@ import torch
 
 from h2o.policies import parse
 
+from . import compiled as compiled_steps
 from . import report
 from .command import add_text_options, load_text
 from .runners import open_runner
@@ -39,6 +40,10 @@ GOALS = {  # ratio -> the goal of issue 11 (the floor is 1.0)
     "decode_streaming_over_full": 1.02,
     "prefill_h2o_over_streaming": 1.15,
     "decode_allocated_over_h2o": 1.05,  # issue 18: head budgets cost at most 5% over the same rule uniform
+    "decode_compiled_h2o_over_compiled_full": 1.05,  # issue 19: compiled h2o vs transformers' compiled StaticCache
+    "decode_compiled_streaming_over_compiled_full": None,  # reported, no goal
+    "decode_compiled_h2o_over_eager_h2o": None,
+    "decode_compiled_h2o_over_floor": None,  # the floor: weight bytes / measured copy bandwidth
 }
 TABLE = {"ratio": "Ratio", "min": "Min", "median": "Median", "goal": "Goal", "met": "Met"}
 
@@ -57,6 +62,16 @@ def add_arguments(p) -> None:
     p.add_argument("--kv-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
                    help="tokens fed before each KV-bytes reading")
     p.add_argument("--kv-chunk", type=int, default=1024, help="tokens per forward while feeding the KV-bytes run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps of every configuration before the "
+                   "timed ones (the compiled ones compile in the first)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time --h2o and --streaming in the static layout through torch.compile(model.forward) "
+                        "and transformers' StaticCache of the same capacity compiled the same way, interleaved "
+                        "with the eager configurations; with the step's floor (weight bytes / copy bandwidth)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode (default: reduce-overhead on CUDA, i.e. CUDA graphs; default elsewhere)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (inductor; aot_eager traces without generating code, for tests)")
 
 
 def check(args) -> dict:
@@ -74,6 +89,14 @@ def check(args) -> dict:
         raise ValueError(f"--prefill {args.prefill} must exceed budget + buffer ({budget} + {args.buffer})")
     if args.steps < 2 or args.rounds < 1 or args.kv_chunk < 1 or min(args.kv_lengths) < 1:
         raise ValueError("--steps must be >= 2; --rounds, --kv-chunk and --kv-lengths must be >= 1")
+    if args.warmup < (1 if args.compile else 0):
+        raise ValueError(f"--warmup must be >= {1 if args.compile else 0}" +
+                         (" with --compile (the first compiled step compiles)" if args.compile else ""))
+    if args.compile and args.positions != "original":
+        raise ValueError("--compile times the static (compile-friendly) layout, which keeps original positions: "
+                         "leave --positions at original")
+    if (args.compile_mode or args.compile_backend != "inductor") and not args.compile:
+        raise ValueError("--compile-mode and --compile-backend apply with --compile")
     needed = max(args.prompt, args.prefill, max(args.kv_lengths))
     policies = {"h2o": h2o_policy.name, "streaming": streaming.name}
     if args.allocation != "none":
@@ -90,23 +113,36 @@ def _timed(device, fn):
     return time.perf_counter() - start, out
 
 
-def decode_steps(session, ids, policies: dict[str, str], budget: int, steps: int) -> dict[str, list[float]]:
-    """Per configuration, the time of each of `steps` decode steps, the configurations interleaved."""
+def decode_steps(session, ids, policies: dict[str, str], budget: int, steps: int,
+                 compiled: dict | None = None) -> tuple[dict[str, list[float]], dict[str, list[int]], int]:
+    """Per configuration, the time of each of `steps` decode steps, the configurations interleaved; the tokens
+    each produced; the graphs dynamo compiled during the timed steps. `compiled`: {key: CompiledRunner}, warmed
+    up before the timed steps and timed in the same rotation."""
     a, model, device = session.args, session.model, session.device
     prompt = ids[:, :a.prompt].to(device)
     caches = {key: open_runner(model, name, a.positions, a.buffer) for key, name in policies.items()}
     caches["full"] = open_runner(model, "full", a.positions, a.buffer)
     nxt = {key: _run_step(cache, prompt if key != "full" else prompt[:, -budget:]) for key, cache in caches.items()}
-    times = {key: [] for key in caches}
-    order = list(caches)
+    steppers = {key: (lambda key: lambda: _run_step(caches[key], nxt[key]))(key) for key in caches}
+    for key, step in steppers.items():  # the eager configurations take the compiled ones' warm-up steps too
+        for _ in range(a.warmup):
+            nxt[key] = step()
+    for key, runner in (compiled or {}).items():
+        nxt[key] = runner.warm_up(runner.prefill(prompt), prompt, a.warmup, device)
+        steppers[key] = (lambda key, runner: lambda: runner.step(runner.ready(nxt[key], prompt)))(key, runner)
+    times = {key: [] for key in steppers}
+    tokens = {key: [] for key in steppers}
+    graphs_warm = compiled_steps.graphs_compiled()
+    order = list(steppers)
     bar = session.progress(total=steps * len(order), desc="decode steps")
     for s in range(steps):
         for key in order[s % len(order):] + order[:s % len(order)]:
-            seconds, nxt[key] = _timed(device, lambda: _run_step(caches[key], nxt[key]))
+            seconds, nxt[key] = _timed(device, steppers[key])
             times[key].append(seconds)
+            tokens[key].append(int(nxt[key][0, 0]))
             bar.update()
     bar.close()
-    return times
+    return times, tokens, compiled_steps.graphs_compiled() - graphs_warm
 
 
 def prefills(session, ids, policies: dict[str, str], rounds: int) -> dict[str, list[float]]:
@@ -145,10 +181,13 @@ def kv_bytes(session, ids, policies: list[str], lengths: list[int], chunk: int) 
     return rows
 
 
-def ratio_rows(decode: dict[str, list[float]], prefill: dict[str, list[float]]) -> list[dict]:
+def ratio_rows(decode: dict[str, list[float]], prefill: dict[str, list[float]], floor_s: float | None = None) \
+        -> list[dict]:
     def row(key, num, den):
         lo, mid = min(num) / min(den), statistics.median(num) / statistics.median(den)
-        return {"ratio": key, "min": lo, "median": mid, "goal": GOALS[key], "met": "yes" if lo <= GOALS[key] else "no"}
+        goal = GOALS[key]
+        return {"ratio": key, "min": lo, "median": mid, "goal": "–" if goal is None else goal,
+                "met": "–" if goal is None else "yes" if lo <= goal else "no"}
 
     rows = [row("decode_h2o_over_streaming", decode["h2o"], decode["streaming"]),
             row("decode_h2o_over_full", decode["h2o"], decode["full"]),
@@ -156,6 +195,12 @@ def ratio_rows(decode: dict[str, list[float]], prefill: dict[str, list[float]]) 
             row("prefill_h2o_over_streaming", prefill["h2o"], prefill["streaming"])]
     if "allocated" in decode:
         rows.append(row("decode_allocated_over_h2o", decode["allocated"], decode["h2o"]))
+    if "h2o_compiled" in decode:
+        rows += [row("decode_compiled_h2o_over_compiled_full", decode["h2o_compiled"], decode["full_compiled"]),
+                 row("decode_compiled_streaming_over_compiled_full", decode["streaming_compiled"],
+                     decode["full_compiled"]),
+                 row("decode_compiled_h2o_over_eager_h2o", decode["h2o_compiled"], decode["h2o"]),
+                 row("decode_compiled_h2o_over_floor", decode["h2o_compiled"], [floor_s])]
     return rows
 
 
@@ -166,28 +211,67 @@ def run(session, plan) -> int:
     if ids.shape[1] < plan["tokens"]:
         raise ValueError(f"{source} has only {ids.shape[1]} tokens; perf needs {plan['tokens']} "
                          "(--prompt, --prefill, --kv-lengths)")
-    policies = plan["policies"]
+    policies, budget = plan["policies"], plan["budget"]
+    names = {**policies, "full": f"full holding {budget}"}
+    compiled, floor_s, extra = None, None, {}
+    if a.compile:
+        mode = a.compile_mode or compiled_steps.default_mode(session.device)
+        compiled = {f"{key}_compiled": compiled_steps.CompiledRunner(model, name, budget, a.buffer, mode,
+                                                                     a.compile_backend)
+                    for key, name in (("h2o", policies["h2o"]), ("streaming", policies["streaming"]), ("full", "full"))}
+        capacity = compiled["full_compiled"].capacity
+        names.update(h2o_compiled=f"{policies['h2o']} static, compiled",
+                     streaming_compiled=f"{policies['streaming']} static, compiled",
+                     full_compiled=f"StaticCache of {capacity} slots, compiled")
     with torch.no_grad():
-        decode = decode_steps(session, ids, policies, plan["budget"], a.steps)
+        if a.compile:
+            bandwidth = compiled_steps.copy_bandwidth(session.device)
+            weights = compiled_steps.weight_bytes(model)
+            floor_s = weights / bandwidth
+        decode, tokens, recompiled = decode_steps(session, ids, policies, budget, a.steps, compiled)
         prefill = prefills(session, ids, {k: v for k, v in policies.items() if k != "allocated"}, a.rounds)
         kv = kv_bytes(session, ids, ["full", *policies.values()], plan["kv_lengths"], a.kv_chunk)
-    ratios = ratio_rows(decode, prefill)
-    names = {**policies, "full": f"full holding {plan['budget']}"}
+    ratios = ratio_rows(decode, prefill, floor_s)
     timing = [{"configuration": names[k], "kind": "decode", "min_ms": 1000 * min(v),
                "median_ms": 1000 * statistics.median(v), "samples": len(v)} for k, v in decode.items()]
     timing += [{"configuration": names[k], "kind": f"prefill {a.prefill}", "min_ms": 1000 * min(v),
                 "median_ms": 1000 * statistics.median(v), "samples": len(v)} for k, v in prefill.items()]
+    compile_notes = []
+    if a.compile:
+        timing.append({"configuration": f"floor: {weights / report.MIB:.0f} MiB of weights at "
+                                        f"{bandwidth / 1e9:.1f} GB/s copy bandwidth", "kind": "decode",
+                       "min_ms": 1000 * floor_s, "median_ms": 1000 * floor_s, "samples": 1})
+        same = {key: sum(x == y for x, y in zip(tokens[f"{key}_compiled"], tokens[key])) for key in ("h2o", "streaming")}
+        extra = {"compile": {"mode": mode, "backend": a.compile_backend, "capacity": capacity,
+                             "compile_s": {k: r.compile_s for k, r in compiled.items()},
+                             "graphs_compiled_during_timed_steps": recompiled, "weight_bytes": weights,
+                             "copy_bandwidth_bytes_s": bandwidth, "floor_s": floor_s,
+                             "same_tokens_as_eager": same}}
+        compile_notes = [
+            f"compiled: torch.compile(model.forward, backend={a.compile_backend}"
+            f"{f', mode={mode}' if a.compile_backend == 'inductor' else ''}, fullgraph=True, dynamic=False), "
+            f"{a.warmup} warm-up steps; compile time (first step) " +
+            ", ".join(f"{names[k]} {r.compile_s:.1f} s" for k, r in compiled.items()),
+            f"graphs compiled during the timed steps: {recompiled}" +
+            ("" if recompiled == 0 else " (RECOMPILED: the compiled figures include compile time)"),
+            f"the compiled static caches attend {capacity} slots each step (budget + buffer + 1), the StaticCache "
+            f"holds {budget}..{capacity} tokens (reset and prefilled again, untimed, when full); same tokens as the "
+            f"eager cache over the {a.steps} timed steps: " + ", ".join(f"{policies[k]} {n}/{a.steps}"
+                                                                      for k, n in same.items()),
+            f"floor: weight bytes ({weights / report.MIB:.0f} MiB) / the bandwidth of one 256 MiB copy (read + "
+            f"write, fastest of 7: {bandwidth / 1e9:.1f} GB/s) = {1000 * floor_s:.1f} ms; KV and activations left out"]
     notes = [session.model_line,
              f"text: {source}",
              f"decode: after a {a.prompt}-token prompt ({names['full']}: the prompt's last {plan['budget']} tokens), "
              f"{a.steps} steps interleaved step by step, order rotating; prefill: {a.prefill} tokens, {a.rounds} "
              "interleaved rounds; ratios of the minimum (median beside it); only ratios compare across runs",
-             f"KV bytes: exact bytes every tensor of the cache holds, fed in chunks of {a.kv_chunk} tokens"]
+             f"KV bytes: exact bytes every tensor of the cache holds, fed in chunks of {a.kv_chunk} tokens",
+             *compile_notes]
     session.write_csv("perf.csv", ratios)
     session.write_csv("perf_timing.csv", timing)
     session.write_csv("perf_kv.csv", kv)
     session.write_json("perf.json", ratios=ratios, timing=timing, kv=kv, notes=notes,
-                       decode_s=decode, prefill_s=prefill)
+                       decode_s=decode, prefill_s=prefill, **extra)
     session.plot("perf.png", plot(kv, session.info["name"]))
     kv_table = report.format_table(
         [{"policy": r["policy"], "tokens": r["tokens"], "kv_mib": r["kv_mib"], "kept": r["kept_per_layer"]} for r in kv],
