@@ -44,7 +44,7 @@ class CompiledRunner:
             self.cache = h2o.make_cache(model, name, buffer=buffer, static=True)
         options = {"mode": mode} if backend == "inductor" else {}
         self.forward = torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=False, **options)
-        self.position = 0  # tokens the full cache holds (StaticCache is told each step's position)
+        self.position = 0  # the next token's position, passed as cache_position (as generate does)
         self.compile_s = float("nan")
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ class CompiledRunner:
         if self.name == "full":
             self.cache.reset()
             prompt = prompt[:, -self.budget:]
-            self.position = prompt.shape[1]
+        self.position = prompt.shape[1]
         logits = self.model(prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
         return logits[:, -1:].argmax(-1)
 
@@ -63,12 +63,10 @@ class CompiledRunner:
         return token
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        kwargs = {}
-        if self.name == "full":
-            kwargs["cache_position"] = torch.tensor([self.position], device=token.device)
-            self.position += 1
+        position = torch.tensor([self.position], device=token.device)
+        self.position += 1
         logits = self.forward(input_ids=token, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
-                              **kwargs).logits
+                              cache_position=position).logits
         return logits[:, -1:].argmax(-1)
 
     def warm_up(self, token: torch.Tensor, refill: torch.Tensor, steps: int, device) -> torch.Tensor:
