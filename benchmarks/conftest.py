@@ -40,6 +40,7 @@ class Sizes:
     batches: tuple[int, ...] = (1,)  # rows of the speed and memory suites
     batch_max_context: int = 0  # rows > 1 only at contexts up to this (a long prompt x a batch is a long prefill)
     positions: str = "original"  # "reindex" where contexts pass the model's trained context
+    compiled_context: int = 4096  # prompt before the compiled decode steps (test_compiled.py; original positions)
 
 
 SIZES = {
@@ -57,7 +58,7 @@ SIZES = {
         model=EMBEDDED, dtype="float32",
         policies=("full", "streaming_4_252", "h2o_4_32_256"),
         contexts=(2048,), references=(("full", 256),),
-        ttft_rounds=2, ttft_warmup=0, tpot_rounds=65, memory_steps=8,
+        ttft_rounds=2, ttft_warmup=0, tpot_rounds=65, memory_steps=8, compiled_context=2048,
     ),
 }
 
@@ -162,7 +163,7 @@ def speed_model(bench):
 def prompt_ids(bench, speed_model) -> torch.Tensor:
     """[1, longest context] prompt: WikiText-2 for a model with a tokenizer, else random ids."""
     model, tokenizer = speed_model
-    n = max(bench.sizes.contexts)
+    n = max(*bench.sizes.contexts, bench.sizes.compiled_context)
     if tokenizer is None:
         return random_ids(model.config.vocab_size, n)
     return tokenize(tokenizer, load_document("wikitext")[0], n)

@@ -27,6 +27,7 @@ import torch
 from h2o.policies import parse
 
 from . import compiled as compiled_steps
+from . import parts
 from . import report
 from .command import add_text_options, load_text
 from .runners import open_runner
@@ -64,6 +65,9 @@ def add_arguments(p) -> None:
     p.add_argument("--kv-chunk", type=int, default=1024, help="tokens per forward while feeding the KV-bytes run")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps of every configuration before the "
                    "timed ones (the compiled ones compile in the first)")
+    p.add_argument("--prefill-parts", action="store_true",
+                   help="also profile one --prefill of --h2o and --streaming (torch.profiler) and print where the "
+                        "attention's time goes: QKᵀ, softmax, PV, column sums, masks, eviction, SDPA")
     p.add_argument("--compile", action="store_true",
                    help="also time --h2o and --streaming in the static layout through torch.compile(model.forward) "
                         "and transformers' StaticCache of the same capacity compiled the same way, interleaved "
@@ -161,6 +165,23 @@ def prefills(session, ids, policies: dict[str, str], rounds: int) -> dict[str, l
     return times
 
 
+def prefill_parts(session, ids, policies: dict[str, str]) -> list[dict]:
+    """Rows {part, h2o: ms, streaming: ms}: profiled --prefills of each (fresh caches), by part, the lower of two."""
+    a, model, device = session.args, session.model, session.device
+    prompt = ids[:, :a.prefill].to(device)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    times = {key: dict.fromkeys(parts.PARTS, float("inf")) for key in ("h2o", "streaming")}
+    for _ in range(2):  # interleaved; each part's minimum (a first profiled call pays the profiler's start-up)
+        for key in times:
+            cache = open_runner(model, policies[key], a.positions, a.buffer)
+            got = parts.profile_prefill(model, lambda: _run_step(cache, prompt), head_dim, device)
+            times[key] = {part: min(times[key][part], got[part]) for part in parts.PARTS}
+    rows = [{"part": part, **{key: times[key][part] for key in times}} for part in parts.PARTS]
+    rows.append({"part": "attention, all parts", **{key: sum(times[key].values()) for key in times}})
+    return rows
+
+
 def kv_bytes(session, ids, policies: list[str], lengths: list[int], chunk: int) -> list[dict]:
     """Rows {policy, tokens, kv_bytes}: each policy's cache bytes after feeding each of `lengths` tokens."""
     a, model, device = session.args, session.model, session.device
@@ -231,6 +252,7 @@ def run(session, plan) -> int:
         decode, tokens, recompiled = decode_steps(session, ids, policies, budget, a.steps, compiled)
         prefill = prefills(session, ids, {k: v for k, v in policies.items() if k != "allocated"}, a.rounds)
         kv = kv_bytes(session, ids, ["full", *policies.values()], plan["kv_lengths"], a.kv_chunk)
+        part_rows = prefill_parts(session, ids, policies) if a.prefill_parts else []
     ratios = ratio_rows(decode, prefill, floor_s)
     timing = [{"configuration": names[k], "kind": "decode", "min_ms": 1000 * min(v),
                "median_ms": 1000 * statistics.median(v), "samples": len(v)} for k, v in decode.items()]
@@ -270,6 +292,15 @@ def run(session, plan) -> int:
     session.write_csv("perf.csv", ratios)
     session.write_csv("perf_timing.csv", timing)
     session.write_csv("perf_kv.csv", kv)
+    tables_parts = []
+    if part_rows:
+        session.write_csv("perf_parts.csv", part_rows)
+        extra["prefill_parts"] = part_rows
+        tables_parts = [report.format_table(part_rows, {"part": "Part", **{k: names[k] for k in ("h2o", "streaming")}})]
+        notes.append(f"prefill parts: {a.prefill}-token prefills under torch.profiler, ms summed over all layers, "
+                     "each part the lower of 2 interleaved rounds "
+                     "(profiler time, inflated by its own overhead per operator: compare the parts with each "
+                     "other and with SDPA, not with the unprofiled prefill); h2o.eval.parts says what each part is")
     session.write_json("perf.json", ratios=ratios, timing=timing, kv=kv, notes=notes,
                        decode_s=decode, prefill_s=prefill, **extra)
     session.plot("perf.png", plot(kv, session.info["name"]))
@@ -279,7 +310,7 @@ def run(session, plan) -> int:
     timing_table = report.format_table(timing, {"configuration": "Configuration", "kind": "Step",
                                                 "min_ms": "Min (ms)", "median_ms": "Median (ms)",
                                                 "samples": "Samples"})
-    return session.finish([report.format_table(ratios, TABLE), timing_table, kv_table], notes)
+    return session.finish([report.format_table(ratios, TABLE), timing_table, kv_table, *tables_parts], notes)
 
 
 def plot(kv_rows, model_name):
