@@ -34,8 +34,12 @@ def greedy(model, cache, ids, steps, forward):
         out = model(ids, past_key_values=cache)
         logits, held = [out.logits[0, -1]], []
         token = out.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            out = forward(input_ids=token, past_key_values=cache)
+        start = int(cache.get_seq_length())  # tokens seen (eager, outside the compiled steps)
+        for step in range(steps):
+            # the position as generate passes it: transformers 4.5x builds it from the cache's counter otherwise,
+            # an arange from a tensor, which dynamo cannot trace (its StaticCache needs the same)
+            position = torch.tensor([start + step])
+            out = forward(input_ids=token, past_key_values=cache, cache_position=position)
             logits.append(out.logits[0, -1])
             token = out.logits[:, -1:].argmax(-1)
             held.append(cache.layers[0].length)
