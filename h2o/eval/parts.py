@@ -6,7 +6,10 @@ Parts (top-level operators only: a matmul's own bmm is not counted twice):
   their operands (QKᵀ's second operand is the keys transposed, [.., D, L]; PV's the values, [.., L, Dv]);
 - softmax, column sums (`aten::sum`: the mass each key received), masks (the causal triangle's fill);
 - eviction: the rank, top-k and gather that cut the prompt back to the budget;
-- SDPA: `scaled_dot_product_attention`, what a rule that observes no attention (StreamingLLM) runs instead.
+- SDPA: `scaled_dot_product_attention`, what a rule that observes no attention (StreamingLLM) runs instead;
+- projections: the attention modules' q, k, v and o `aten::linear`s (the same in every configuration);
+- other attention operators: the attention modules' time less all of the above (rotation, copies, views,
+  allocations, the cache's bookkeeping; many small operators, whose per-operator cost grows with threads).
 Times are the profiler's (CPU time, or device time on CUDA) in ms for the whole forward (all layers); the
 profiler adds its own overhead per operator, so compare the parts with each other and with SDPA in the same run,
 not with the unprofiled prefill times.
@@ -18,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 PARTS = ("QKᵀ", "softmax", "PV", "column sums", "masks", "eviction", "SDPA")
+REST = ("projections", "other attention operators")  # the rest of the attention modules' time, by difference
 _BY_NAME = {
     "aten::softmax": "softmax", "aten::_softmax": "softmax", "aten::sum": "column sums",
     "aten::masked_fill_": "masks", "aten::masked_fill": "masks", "aten::triu_": "masks",
@@ -41,8 +45,16 @@ SCOPE = "h2o.parts.attention"  # the profiler scope each attention module's forw
 def part_times(events, head_dim: int, cuda: bool) -> dict[str, float]:
     """ms per part over `events` (a profiler's events): operators inside an attention module's scope, each once
     (not under another classified operator, nor under a projection's aten::linear)."""
-    totals = dict.fromkeys(PARTS, 0.0)
+    totals = dict.fromkeys(PARTS + REST, 0.0)
+    ms = (lambda e: e.device_time_total / 1000) if cuda else (lambda e: e.cpu_time_total / 1000)  # noqa: E731
+    scope_ms = 0.0
     for event in events:
+        if event.name == SCOPE:
+            scope_ms += ms(event)
+            continue
+        if event.name == "aten::linear" and _in_scope(event):
+            totals["projections"] += ms(event)
+            continue
         part = classify(event, head_dim)
         if part is None:
             continue
@@ -55,8 +67,18 @@ def part_times(events, head_dim: int, cuda: bool) -> dict[str, float]:
                 counted = False
             parent = parent.cpu_parent
         if counted and scoped:
-            totals[part] += (event.device_time_total if cuda else event.cpu_time_total) / 1000
+            totals[part] += ms(event)
+    totals["other attention operators"] = max(0.0, scope_ms - sum(totals[p] for p in PARTS) - totals["projections"])
     return totals
+
+
+def _in_scope(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == SCOPE:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def profile_prefill(model, forward, head_dim: int, device: torch.device) -> dict[str, float]:
