@@ -50,9 +50,8 @@ def test_tpot_compiled(benchmark, bench, speed_model, prompt_ids, compiled_name)
 
     benchmark.pedantic(decode, setup=ready, rounds=sizes.tpot_rounds, iterations=1)
     assert graphs_compiled() == graphs, "a graph was compiled during the timed steps"
-    policy = "full" if compiled_name == "full" else compiled_name
     benchmark.extra_info.update(bench.info(
-        model, policy, measure="tpot_compiled", context_tokens=sizes.compiled_context, decode_steps=sizes.tpot_rounds,
+        model, compiled_name, measure="tpot_compiled", context_tokens=sizes.compiled_context, decode_steps=sizes.tpot_rounds,
         warmup_steps=WARMUP, batch=1, buffer=sizes.buffer, compile_mode=mode, compile_s=runner.compile_s,
         attended_slots=runner.capacity, cache="StaticCache" if compiled_name == "full" else "h2o static",
         positions="original"))

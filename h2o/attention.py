@@ -226,13 +226,18 @@ def _decode_step(query, key, value, mask, scaling, wants, query_valid, query_wei
     return out.view(b, 1, hq, dv), mass, last, probs
 
 
+def plain_softmax(module, kwargs) -> bool:
+    """Whether this call's attention is plain softmax attention: no dropout, softcapping, position bias or
+    attention sinks (what h2o's own attention computes, in the one-pass path and in the static layout)."""
+    return (not (module.training and kwargs.get("dropout")) and kwargs.get("softcap") is None
+            and kwargs.get("position_bias") is None and not {"s_aux", "sinks"} & kwargs.keys())
+
+
 def fusable(inner, module, kwargs) -> bool:
-    """Whether the one-pass path computes what the stock attention would for this call: sdpa, no dropout,
-    and none of the options it does not reproduce (softcapping, position bias, attention sinks, weights)."""
-    return (inner is sdpa_attention_forward and not (module.training and kwargs.get("dropout"))
-            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
-            and kwargs.get("cache") is None and not kwargs.get("output_attentions")
-            and not {"s_aux", "sinks"} & kwargs.keys())
+    """Whether the one-pass path computes what the stock attention would for this call: sdpa, plain softmax
+    attention, and no cache or weights asked of it."""
+    return (inner is sdpa_attention_forward and plain_softmax(module, kwargs)
+            and kwargs.get("cache") is None and not kwargs.get("output_attentions"))
 
 
 def observe(policy, query, key, value, mask, scaling, query_valid) -> Observation:
@@ -265,8 +270,7 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
     if layer is None:
         return inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if getattr(layer, "static", False):  # a decode step of the compile-friendly layout (h2o.static)
-        if (module.training and kwargs.get("dropout")) or kwargs.get("softcap") is not None \
-                or kwargs.get("position_bias") is not None or {"s_aux", "sinks"} & kwargs.keys():
+        if not plain_softmax(module, kwargs):
             raise ValueError("the static (compile-friendly) cache computes plain softmax attention; this model's "
                              "attention has options it does not reproduce (dropout, softcapping, position bias or "
                              "attention sinks): use static=False")

@@ -13,15 +13,13 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch._dynamo.utils import counters
 from transformers import StaticCache
 
 import h2o
 
-from .speed import sync
+from .speed import timed
 
 
 def default_mode(device: torch.device) -> str:
@@ -73,12 +71,9 @@ class CompiledRunner:
         """`steps` untimed steps; the first one's wall time (tracing and code generation) is `compile_s`."""
         for i in range(steps):
             token = self.ready(token, refill)
-            sync(device)
-            start = time.perf_counter()
-            token = self.step(token)
-            sync(device)
+            seconds, token = timed(device, lambda: self.step(token))
             if i == 0:
-                self.compile_s = time.perf_counter() - start
+                self.compile_s = seconds
         return token
 
 
@@ -87,14 +82,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2 ** 20, rounds: in
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch of the pages
-    best = float("inf")
-    for _ in range(rounds):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best
+    return 2 * nbytes / min(timed(device, lambda: dst.copy_(src))[0] for _ in range(rounds))
 
 
 def weight_bytes(model) -> int:

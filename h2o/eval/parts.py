@@ -58,27 +58,26 @@ def part_times(events, head_dim: int, cuda: bool) -> dict[str, float]:
         part = classify(event, head_dim)
         if part is None:
             continue
-        parent, counted, scoped = event.cpu_parent, True, False
-        while parent is not None:
+        below = []  # the operators between the event and its attention module's scope
+        for parent in _ancestors(event):
             if parent.name == SCOPE:
-                scoped = True
+                if not any(p.name == "aten::linear" or classify(p, head_dim) is not None for p in below):
+                    totals[part] += ms(event)
                 break
-            if parent.name == "aten::linear" or classify(parent, head_dim) is not None:
-                counted = False
-            parent = parent.cpu_parent
-        if counted and scoped:
-            totals[part] += ms(event)
+            below.append(parent)
     totals["other attention operators"] = max(0.0, scope_ms - sum(totals[p] for p in PARTS) - totals["projections"])
     return totals
 
 
-def _in_scope(event) -> bool:
+def _ancestors(event):
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name == SCOPE:
-            return True
+        yield parent
         parent = parent.cpu_parent
-    return False
+
+
+def _in_scope(event) -> bool:
+    return any(parent.name == SCOPE for parent in _ancestors(event))
 
 
 def profile_prefill(model, forward, head_dim: int, device: torch.device) -> dict[str, float]:

@@ -20,7 +20,6 @@ reported, never absolute times across runs.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -31,7 +30,7 @@ from . import parts
 from . import report
 from .command import add_text_options, load_text
 from .runners import open_runner
-from .speed import _run_step, sync
+from .speed import _run_step, timed
 
 NAME = "perf"
 HELP = "bookkeeping cost: decode-step and prefill time ratios against their floors, KV bytes vs tokens"
@@ -109,14 +108,6 @@ def check(args) -> dict:
             "text": load_text(args), "tokens": needed, "kv_lengths": sorted(set(args.kv_lengths))}
 
 
-def _timed(device, fn):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
-
-
 def decode_steps(session, ids, policies: dict[str, str], budget: int, steps: int,
                  compiled: dict | None = None) -> tuple[dict[str, list[float]], dict[str, list[int]], int]:
     """Per configuration, the time of each of `steps` decode steps, the configurations interleaved; the tokens
@@ -141,7 +132,7 @@ def decode_steps(session, ids, policies: dict[str, str], budget: int, steps: int
     bar = session.progress(total=steps * len(order), desc="decode steps")
     for s in range(steps):
         for key in order[s % len(order):] + order[:s % len(order)]:
-            seconds, nxt[key] = _timed(device, steppers[key])
+            seconds, nxt[key] = timed(device, steppers[key])
             times[key].append(seconds)
             tokens[key].append(int(nxt[key][0, 0]))
             bar.update()
@@ -158,7 +149,7 @@ def prefills(session, ids, policies: dict[str, str], rounds: int) -> dict[str, l
     for r in range(rounds):
         for key in order[r % len(order):] + order[:r % len(order)]:
             cache = open_runner(model, policies[key], a.positions, a.buffer)  # fresh each round
-            seconds, _ = _timed(device, lambda: _run_step(cache, prompt))
+            seconds, _ = timed(device, lambda: _run_step(cache, prompt))
             times[key].append(seconds)
             bar.update()
     bar.close()

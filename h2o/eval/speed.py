@@ -66,6 +66,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(device: torch.device, fn):
+    """(seconds, result) of `fn()`, the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
 def _run_step(runner, ids):
     """One forward of a runner (ours or a kvpress press), then the next token."""
     return runner.forward(ids, logits_to_keep=1)[:, -1:].argmax(-1)
