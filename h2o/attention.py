@@ -274,7 +274,8 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
             raise ValueError("the static (compile-friendly) cache computes plain softmax attention; this model's "
                              "attention has options it does not reproduce (dropout, softcapping, position bias or "
                              "attention sinks): use static=False")
-        return layer.attend_static(query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+        return layer.attend_static(query, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                   attention_mask), None
     if isinstance(layer, HeadGroupLayer):  # heads holding different numbers of tokens: one call per head group
         out = None
         for (_, heads), sub in zip(layer.index(query.device, query.shape[1] // layer.heads), layer.sublayers):
