@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
@@ -139,15 +141,90 @@ def test_what_the_static_cache_cannot_hold_is_refused(policy, options, error):
         h2o.make_cache(model, policy, static=True, **options)
 
 
-def test_left_padded_rows_are_refused():
+def run_calls(model, cache, ids, mask, chunks, steps, tail):
+    """The prompt in `chunks`, `steps` greedy one-token steps, then a `tail`-token chunk: every call's logits."""
+    outs, start = [], 0
+    with torch.no_grad():
+        for size in chunks:
+            end = start + size
+            outs.append(model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache).logits)
+            start = end
+        token = outs[-1][:, -1:].argmax(-1)
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            outs.append(model(token, attention_mask=mask, past_key_values=cache).logits)
+            token = outs[-1].argmax(-1)
+        if tail:
+            more = token_ids(tail, batch=ids.shape[0], seed=7)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], tail)], 1)
+            outs.append(model(more, attention_mask=mask, past_key_values=cache).logits)
+    return torch.cat(outs, 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rule=st.sampled_from(["h2o_2_4_8", "streaming_2_8", "tova_2_4_8", "keydiff_2_4_8", "snapkv_2_4_8_4+h2o_mean"]),
+       batch=st.integers(1, 3), pads=st.lists(st.integers(0, 5), min_size=3, max_size=3),
+       chunks=st.lists(st.integers(1, 9), min_size=1, max_size=4), steps=st.integers(0, 8),
+       tail=st.integers(0, 7), one_token_prompt=st.booleans())
+def test_static_layout_equals_the_eager_cache_under_chunks_padding_and_batches(
+        rule, batch, pads, chunks, steps, tail, one_token_prompt):
+    """Issue 26: a prompt in chunks (the second chunk, a chunk after decoding), left-padded rows (through a prefill
+    or fed one token a step with a growing mask): the static layout keeps the eager cache's tokens and logits."""
     model = tiny_model("llama")
-    ids = token_ids(12, batch=2)
+    if one_token_prompt:
+        chunks = [1] * 10
+    ids = token_ids(sum(chunks), batch=batch)
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    cache = h2o.make_cache(model, "h2o_2_4_8", buffer=2, static=True)
-    with pytest.raises(ValueError, match="left padding"), torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=cache)
-    h2o.restore(model)
+    for row in range(batch):
+        mask[row, :min(pads[row], ids.shape[1] - 1)] = 0  # every row has a real token
+    results = []
+    for static in (False, True):
+        cache = h2o.make_cache(model, rule, buffer=2, static=static)
+        logits = run_calls(model, cache, ids, mask, chunks, steps, tail)
+        results.append((logits, kept(cache)))
+        h2o.restore(model)
+    (ref, ref_kept), (got, got_kept) = results
+    real = torch.cat([mask, mask.new_ones(batch, steps + tail)], 1).bool()  # padding's logits are never read
+    assert torch.allclose(got[real], ref[real], atol=1e-4), (got - ref)[real].abs().max()
+    assert ref_kept.shape == got_kept.shape == (2, batch, 2, real.shape[1])  # [layers, rows, KV heads, seen]
+    positions = real[None, :, None, :].expand_as(ref_kept)  # which padding slots a layout holds is its own
+    assert torch.equal(got_kept[positions], ref_kept[positions])
+
+
+def test_issue_26_chunked_prompt_then_a_50_token_chunk_after_decoding():
+    """The issue's case scaled to the tiny model: 64-token chunks on an h2o_4_32_128 static cache, some decoding, then
+    a 50-token chunk (a false "left padding" error, then a size mismatch, before the fix)."""
+    model = tiny_model("llama")
+    ids = token_ids(192)
+    mask = torch.ones_like(ids)
+    results = []
+    for static in (False, True):
+        cache = h2o.make_cache(model, "h2o_4_32_128", static=static)
+        results.append((run_calls(model, cache, ids, mask, [64, 64, 64], 5, 50), kept(cache)))
+        h2o.restore(model)
+    (ref, ref_kept), (got, got_kept) = results
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert torch.equal(got_kept, ref_kept)
+
+
+def test_compiled_generate_on_left_padded_rows_at_two_batch_sizes_equals_eager():
+    """Issue 26: a second compiled generate at another batch size (a new static cache each) recompiles instead of
+    failing in torch.cond's guards, and a left-padded row decodes as under the eager cache."""
+    model = tiny_model("llama")
+    config = CompileConfig(fullgraph=True, backend="aot_eager")
+    config._compile_all_devices = True  # transformers compiles on CUDA only, unless told
+    for batch in (2, 3):
+        ids = token_ids(20, batch=batch)
+        mask = torch.ones_like(ids)
+        mask[-1, :4] = 0
+        outs = []
+        for static in (False, True):
+            cache = h2o.make_cache(model, "h2o_2_4_8", buffer=2, static=static)
+            extra = {"compile_config": config} if static else {}
+            outs.append(model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
+                                       do_sample=False, **extra))
+            h2o.restore(model)
+        assert torch.equal(outs[0], outs[1])
 
 
 def test_static_must_be_a_bool():
