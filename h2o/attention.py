@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .cache import HeadGroupLayer, take_pending
+from .cache import HeadGroupLayer, RowsLayer, take_pending
 from .policies import Observation
 
 # Attention-probability block materialised per step of a long forward's blocked attention (float32
@@ -276,17 +276,35 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
                              "attention sinks): use static=False")
         return layer.attend_static(query, scaling if scaling is not None else query.shape[-1] ** -0.5,
                                    attention_mask), None
+    if isinstance(layer, RowsLayer):  # a joint (Ada-KV) layer of a batch: each row splits its own budget
+        rows = layer.rows
+        parts = [_attend_groups(inner, module, row, *_row(b, len(rows), query, attention_mask, kwargs), scaling)
+                 for b, row in enumerate(rows)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), None
     if isinstance(layer, HeadGroupLayer):  # heads holding different numbers of tokens: one call per head group
-        out = None
-        for (_, heads), sub in zip(layer.index(query.device, query.shape[1] // layer.heads), layer.sublayers):
-            part = _attend(inner, module, sub, query.index_select(1, heads), sub.keys, sub.values, attention_mask,
-                           scaling, kwargs)[0]  # [B, q, heads of the group, Dv]
-            if out is None:
-                out = part.new_empty(*part.shape[:2], query.shape[1], part.shape[-1])
-            out.index_copy_(2, heads, part)
-        layer.observed()
-        return out, None
+        return _attend_groups(inner, module, layer, query, attention_mask, kwargs, scaling), None
     return _attend(inner, module, layer, query, key, value, attention_mask, scaling, kwargs)
+
+
+def _attend_groups(inner, module, layer, query, attention_mask, kwargs, scaling):
+    """A `HeadGroupLayer`'s attention: one call per head group on its keys and its query heads, written back in head
+    order; then the layer's joint split, if any."""
+    out = None
+    for (_, heads), sub in zip(layer.index(query.device, query.shape[1] // layer.heads), layer.sublayers):
+        part = _attend(inner, module, sub, query.index_select(1, heads), sub.keys, sub.values, attention_mask,
+                       scaling, kwargs)[0]  # [B, q, heads of the group, Dv]
+        if out is None:
+            out = part.new_empty(*part.shape[:2], query.shape[1], part.shape[-1])
+        out.index_copy_(2, heads, part)
+    layer.observed()
+    return out
+
+
+def _row(b: int, rows: int, query, attention_mask, kwargs):
+    """Row b of a forward's query, mask and per-row arguments (position ids), for a layer holding rows apart."""
+    def pick(t):
+        return t[b:b + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows > 1 else t
+    return pick(query), pick(attention_mask), {k: pick(v) if k == "position_ids" else v for k, v in kwargs.items()}
 
 
 def _attend(inner, module, layer, query, key, value, attention_mask, scaling, kwargs):

@@ -13,6 +13,7 @@ without being observed raises, so a compressed cache can never run without its b
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import torch
@@ -20,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from . import rope as rope_ops
 from .policies import Observation, Policy, keep_indices, priorities
-from .policies.allocation import Allocated, LayerPlan, split_budget
+from .policies.allocation import Allocated, LayerPlan, head_tables, split_budget
 
 # The layer whose `update` ran last on this thread. The attention function of the same layer
 # runs right after it and picks it up (checking it received that layer's keys).
@@ -67,9 +68,13 @@ class CompressedLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: Policy, buffer: int, reindex: bool, rope: tuple | None = None, joint: bool = False):
+    def __init__(self, policy: Policy, buffer: int, reindex: bool, rope: tuple | None = None, joint: bool = False,
+                 rule_budget: int | None = None):
         super().__init__()
         self.policy, self.buffer, self.reindex, self.rope = policy, buffer, reindex, rope
+        # an allocation's head or layer: the budget of the uniform rule it shares (its buffers grow geometrically only
+        # up to that rule's size, and exactly as needed beyond it, so the allocation never holds more than the rule)
+        self.rule_budget = policy.budget if rule_budget is None else rule_budget
         # a joint layer never evicts by itself: its `HeadGroupLayer` evicts all its heads together, and `budget` (the
         # tokens per head it is cut back to, set in _clear) is what that layer's last split gave it
         self.joint = joint
@@ -88,6 +93,9 @@ class CompressedLayer(DynamicLayer):
         self.model_ready = 0  # half-precision reindex: slots [0, model_ready) hold their `model_keys`
         self.model_slots = None  # (seen, kept) of a forward whose positions the model was given as slots
         self.budget = self.policy.budget  # a joint layer's changes with every split; back to the rule's on reset
+        # tokens the layer may gain before it next evicts: its buffer, or a joint head's share of what its layer's
+        # total + buffers leave after a split (`HeadGroupLayer.observed`)
+        self.room = self.buffer
 
     # Views of the first `length` slots. `keys` and `values` are attributes (set by `update` and evictions:
     # transformers reads them, and the attention function checks it got them); the rest are made on access.
@@ -172,8 +180,9 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         start, stop = self.length, self.length + q
-        if stop > self.capacity:  # geometric growth, up to budget + buffer + q
-            self._allocate(max(stop, min(self.budget + self.buffer + q, 2 * self.capacity)))
+        if stop > self.capacity:  # geometric growth up to budget + buffer (room) + q; beyond the rule's, as needed
+            grown = min(self.budget + self.room + q, 2 * self.capacity, max(self.rule_budget + self.buffer + q, stop))
+            self._allocate(max(stop, grown))
         s = self.storage
         s["keys"][:, :, start:stop].copy_(key_states)  # model_keys' new slots: `reposition` or `_keep_model_keys`
         s["values"][:, :, start:stop].copy_(value_states)
@@ -291,13 +300,14 @@ class CompressedLayer(DynamicLayer):
         """[B, H, length] the policy's priority of each slot as an eviction now would rank it (`priorities`)."""
         return priorities(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.keys, self.values)
 
-    def evict_to(self, targets: torch.Tensor, width: int, uneven: bool) -> None:
+    def evict_to(self, targets: torch.Tensor, width: int, uneven: bool, room: int) -> None:
         """Cut each row back to `targets` [B] tokens (width = their largest, and `uneven` = whether some row gets
         fewer, both known on the host): an allocation's split (`HeadGroupLayer`). The layer's budget becomes
-        `width`, so its buffers shrink or grow to it."""
+        `width` and its room `room` (the tokens it may gain before the next split), so its buffers shrink or grow to
+        width + room + a forward's tokens."""
         idx, kept = keep_indices(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.buffer,
                                  keys=self.keys, values=self.values, width=width, targets=targets)
-        self.budget = width
+        self.budget, self.room = width, room
         self.has_padding = self.has_padding or uneven
         self._keep(idx, kept)
 
@@ -321,10 +331,11 @@ class CompressedLayer(DynamicLayer):
             if self.reindex:  # float32: one rotation by the shift adds ~1e-7 relative error per eviction
                 moved["keys"] = rope_ops.rotate(moved["keys"], torch.arange(n, device=self.device) - idx, *self.rope)
         self.length = 0
-        # back to budget + buffer + this forward's tokens (a chunk), or + 1 after a longer forward (a prefill)
-        chunk = self.last_forward if self.last_forward <= budget + self.buffer else 1
-        if self.capacity > budget + self.buffer + chunk:
-            self._allocate(budget + self.buffer + chunk)
+        # back to budget + buffer (room) + this forward's tokens (a chunk), or + 1 after a longer forward (a prefill)
+        # (a chunk: at most the uniform rule's budget + buffer, for every head of an allocation alike)
+        chunk = self.last_forward if self.last_forward <= self.rule_budget + self.buffer else 1
+        if self.capacity > budget + self.room + chunk:
+            self._allocate(budget + self.room + chunk)
         for name, tensor in moved.items():
             _slots(self.storage[name], 0, n).copy_(tensor)
         self.length = self.model_ready = n
@@ -415,7 +426,8 @@ class HeadGroupLayer(DynamicLayer):
         super().__init__()
         self.plan = plan
         self.heads = sum(len(heads) for heads, _ in plan.groups)
-        self.sublayers = [CompressedLayer(rule.with_budget(budget), buffer, reindex, rope, joint=plan.joint)
+        self.sublayers = [CompressedLayer(rule.with_budget(budget), buffer, reindex, rope, joint=plan.joint,
+                                          rule_budget=rule.budget)
                           for _, budget in plan.groups]
         self.buffer, self.is_initialized = buffer, False
         self._index: dict = {}  # (device, query groups) -> per group (KV head index, query head index)
@@ -448,10 +460,13 @@ class HeadGroupLayer(DynamicLayer):
         real = torch.stack([sub.valid.sum(-1) for sub in subs], dim=1)  # [B, H]
         counts = torch.where(real.sum(-1, keepdim=True) > self.plan.total + self.heads * self.buffer, counts, real)
         rows = counts.tolist()  # the one host read of an eviction: the heads' new lengths are data-dependent shapes
+        widths = [max(row[h] for row in rows) for h in range(len(subs))]
+        # the heads grow together, one slot each a token: the next split comes once they pass total + buffers, so
+        # no head needs more than its width + `room` slots before it (the uniform rule's buffer, after a split)
+        room = max(0, (self.plan.total + self.heads * self.buffer - sum(widths)) // self.heads)
         for h, sub in enumerate(subs):
-            per_row = [row[h] for row in rows]
             # rows given fewer tokens than the head's width get unused slots first: masked like padding
-            sub.evict_to(counts[:, h], max(per_row), uneven=min(per_row) < max(per_row))
+            sub.evict_to(counts[:, h], widths[h], uneven=min(row[h] for row in rows) < widths[h], room=room)
         return True
 
     @property
@@ -468,8 +483,9 @@ class HeadGroupLayer(DynamicLayer):
         return self._per_head(lambda sub: sub.length)
 
     def head_bounds(self) -> list[int]:
-        """What each KV head may hold after a forward: its budget (a joint head's from the last split) + buffer."""
-        return self._per_head(lambda sub: sub.budget + self.buffer)
+        """What each KV head may hold after a forward: its budget + buffer (a joint head's: the last split's width
+        + room)."""
+        return self._per_head(lambda sub: sub.budget + sub.room)
 
     def _per_head(self, value) -> list[int]:
         out = [0] * self.heads
@@ -522,12 +538,104 @@ class HeadGroupLayer(DynamicLayer):
             self.keys, self.values = self.sublayers[0].keys, self.sublayers[0].values
 
 
+class RowsLayer(HeadGroupLayer):
+    """A joint (Ada-KV) layer of a batch: one `HeadGroupLayer` per row, made at the first forward, so each row
+    splits its own budget across its heads exactly as it would alone, and each (row, head) holds only that row's
+    tokens for that head. A batch of B rows holds at most B x (total + heads x buffer) slots, the uniform rule's
+    bound (one [B, H, L] layout would hold, per head, its widest row's share in every row). h2o's attention runs
+    once per row and head; beam search and batch selection move whole rows (a row chosen twice is copied)."""
+
+    def __init__(self, plan: LayerPlan, rule: Policy, buffer: int, reindex: bool, rope: tuple | None = None):
+        DynamicLayer.__init__(self)
+        self.plan, self.rule, self.reindex, self.rope = plan, rule, reindex, rope
+        self.heads = sum(len(heads) for heads, _ in plan.groups)
+        self.buffer, self.is_initialized = buffer, False
+        self.rows: list[HeadGroupLayer] = []
+
+    @property
+    def sublayers(self) -> list[CompressedLayer]:
+        return [sub for row in self.rows for sub in row.sublayers]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        batch = key_states.shape[0]
+        if not self.rows:
+            self.rows = [HeadGroupLayer(self.plan, self.rule, self.buffer, self.reindex, self.rope)
+                         for _ in range(batch)]
+        elif len(self.rows) != batch:
+            raise ValueError(f"a cache holding {len(self.rows)} rows was given a forward of {batch} rows: "
+                             "reset() it (or make a new cache) for a new batch")
+        for b, row in enumerate(self.rows):
+            row.update(key_states[b:b + 1], value_states[b:b + 1])
+        self.is_initialized = True
+        self.keys, self.values = self.rows[0].keys, self.rows[0].values
+        leave_pending(self)
+        return self.keys, self.values
+
+    def observed(self) -> bool:
+        return any([row.observed() for row in self.rows])
+
+    @property
+    def length(self) -> int:
+        return max((row.length for row in self.rows), default=0)
+
+    @property
+    def seen(self) -> int:
+        return self.rows[0].seen if self.rows else 0
+
+    def head_lengths(self) -> list[int]:
+        """Kept tokens per KV head, in head order: the row holding most in that head."""
+        return [max(n) for n in zip(*(row.head_lengths() for row in self.rows))] if self.rows else [0] * self.heads
+
+    def head_bounds(self) -> list[int]:
+        if not self.rows:
+            return [budget + self.buffer for heads, budget in self.plan.groups for _ in heads]
+        return [max(n) for n in zip(*(row.head_bounds() for row in self.rows))]
+
+    def kept_mask(self) -> torch.Tensor:
+        return torch.cat([row.kept_mask() for row in self.rows])
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        # each row reads only the mask's last q columns (which new tokens are padding): any kept length serves
+        q = query if isinstance(query, int) else query.shape[0]
+        return self.length + q, self.seen - self.length
+
+    def reset(self) -> None:
+        self.rows = []
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._take(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._take(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._take([b for b in range(len(self.rows)) for _ in range(repeats)])
+
+    def _take(self, index) -> None:
+        """Rows `index` (in that order): a row taken more than once is copied, so rows never share buffers."""
+        if not self.rows:
+            return
+        taken, new = set(), []
+        for b in torch.as_tensor(index).flatten().tolist():
+            new.append(copy.deepcopy(self.rows[b]) if b in taken else self.rows[b])
+            taken.add(b)
+        self.rows = new
+        self.keys, self.values = self.rows[0].keys, self.rows[0].values
+
+
 class CompressedCache(Cache):
     """A `Cache` of one layer per model layer; a `full` policy uses plain `DynamicLayer`s."""
 
     def __init__(self, policy: Policy | Allocated, num_layers: int, positions: str = "original", buffer: int = 64,
                  rope: tuple | None = None, kv_heads: int | None = None, head_scores=None, static: bool = False):
         reindex = positions == "reindex"
+        if head_scores is not None:  # checked whichever policy: malformed scores are an error, never ignored
+            head_scores = head_tables(head_scores)
         if static:  # the compile-friendly layout (h2o.static)
             check_static(policy, positions)
             from .static import StaticLayer
@@ -536,8 +644,10 @@ class CompressedCache(Cache):
         elif isinstance(policy, Allocated):  # head and layer budgets: one plan per layer
             if kv_heads is None:
                 raise ValueError(f"{policy.name}: an allocation needs the model's number of KV heads (kv_heads=)")
-            layers = [CompressedLayer(policy.rule.with_budget(plan.groups[0][1]), buffer, reindex, rope)
-                      if plan.uniform else HeadGroupLayer(plan, policy.rule, buffer, reindex, rope)
+            layers = [CompressedLayer(policy.rule.with_budget(plan.groups[0][1]), buffer, reindex, rope,
+                                      rule_budget=policy.rule.budget)
+                      if plan.uniform else (RowsLayer if plan.joint else HeadGroupLayer)(plan, policy.rule, buffer,
+                                                                                          reindex, rope)
                       for plan in policy.plan(num_layers, kv_heads, head_scores)]
         elif policy.evicts:
             layers = [CompressedLayer(policy, buffer, reindex, rope) for _ in range(num_layers)]
@@ -557,8 +667,8 @@ class CompressedCache(Cache):
         numbers of tokens). Each layer checks, in its `prepare`, that it got these positions (else it re-rotates)."""
         if self.positions != "reindex" or not self.policy.evicts:
             return None
-        layers = self.compressed_layers()
-        kept = layers[0].length
+        layers = self.compressed_layers()  # none yet: an Ada-KV cache of a batch makes its rows at the first forward
+        kept = layers[0].length if layers else 0
         if any(layer.length != kept for layer in layers):
             return None
         for layer in layers:

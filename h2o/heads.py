@@ -49,6 +49,8 @@ from typing import Callable, Sequence
 import torch
 import transformers
 
+from .policies.allocation import head_tables
+
 FORMAT = "h2o-head-scores"
 FORMAT_VERSION = 1
 ALGORITHM = 1  # bump when a score's definition changes: cached scores with another value are recomputed
@@ -73,19 +75,11 @@ class HeadScores:
     method: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not self.scores:
+        if isinstance(self.scores, dict) and not self.scores:
             raise ValueError("HeadScores needs at least one score")
-        shapes = set()
-        for name, table in list(self.scores.items()):
-            table = torch.as_tensor(table, dtype=torch.float32).detach().cpu()
-            if table.dim() != 2:
-                raise ValueError(f"head score {name!r} must be [num_layers, num_kv_heads], got shape {tuple(table.shape)}")
-            if not bool(((table >= 0) & (table <= 1)).all()):
-                raise ValueError(f"head score {name!r} has values outside [0, 1]")
-            self.scores[name] = table
-            shapes.add(tuple(table.shape))
-        if len(shapes) > 1:
-            raise ValueError(f"head scores of different shapes: {sorted(shapes)}")
+        self.scores = head_tables(self.scores)  # a new dict: the caller's tables are not changed
+        if not isinstance(self.method, dict):
+            raise TypeError(f"HeadScores.method must be a dict, got {type(self.method).__name__}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -123,8 +117,9 @@ class HeadScores:
                              f"expected {FORMAT!r})")
         if d.get("version") != FORMAT_VERSION:
             raise ValueError(f"head-scores record version {d.get('version')!r}, this h2o reads {FORMAT_VERSION}")
-        scores = {name: torch.tensor(rows, dtype=torch.float32) for name, rows in d["scores"].items()}
-        out = cls(scores, dict(d.get("method") or {}))
+        if not isinstance(d.get("scores"), dict):
+            raise ValueError("a head-scores record needs 'scores': {name: [[score per KV head] per layer]}")
+        out = cls(dict(d["scores"]), dict(d.get("method") or {}))
         if list(out.shape) != list(d.get("shape", out.shape)):
             raise ValueError(f"head-scores record says shape {d['shape']}, its tables are {list(out.shape)}")
         return out

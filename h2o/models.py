@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from . import attention
@@ -72,16 +74,19 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         slots, keys re-rotated after eviction: StreamingLLM's shift, to stream past the trained context).
     buffer: lazy eviction; a layer is cut back to `budget` once it holds more than `budget + buffer`.
     score: H2O scoring rule, "mean" (default) or "sum" (the paper's).
-    head_scores: `h2o.head_scores(model, ...)` (or its `.scores` dict), for the allocations that choose heads by a
-        head score ("retrieval_<share>_<factor>+<rule>", "induction_..."; `h2o.policies.allocation`).
+    head_scores: `h2o.head_scores(model, ...)` (or a dict of name -> [layers, KV heads] table in [0, 1]), for the
+        allocations that choose heads by a head score ("retrieval_<share>_<factor>+<rule>", "induction_...";
+        `h2o.policies.allocation`); checked whenever given (`h2o.policies.allocation.head_tables`).
     static: the compile-friendly layout (`h2o.static`): decode steps of fixed shapes that `torch.compile` runs
         without recompiling (`model.generate(..., past_key_values=cache, compile_config=...)`), keeping the same
-        tokens as the eager cache. A uniform rule, original positions, rows without left padding.
+        tokens as the eager cache (chunks, left padding and a new batch size per cache included). A uniform rule
+        and original positions.
 
     For evicting policies the model's attention implementation is switched to the matching
     ``h2o_*`` function, and with positions="reindex" a forward pre-hook on the base model passes slot
-    positions, so the model's RoPE rotates new tokens at their slots (undo both with `restore(model)`);
-    the model's code is not modified.
+    positions, so the model's RoPE rotates new tokens at their slots; another refuses, before anything runs, a
+    `generate` mode an evicting cache cannot serve (assisted decoding: `SERVED_MODES`). `restore(model)` undoes
+    all of it; the model's code is not modified.
     """
     policy = parse(policy, score)
     if positions not in POSITION_MODES:
@@ -104,8 +109,9 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
             )
         attention.register()
         _set_attn_implementation(model, attention.NAMES[current])
+        _install_hook(model, _generation_mode_hook)
         if positions == "reindex":
-            _install_slot_positions(model)
+            _install_hook(model, _slot_positions_hook)
     return cache
 
 
@@ -133,23 +139,59 @@ def _slot_positions_hook(module, args, kwargs):
     return args, {**kwargs, "position_ids": positions}
 
 
-def _slot_hooks(module) -> list:
-    return [key for key, hook in module._forward_pre_hooks.items() if hook is _slot_positions_hook]
+# the `generate` modes an evicting cache serves: one forward per step over the tokens kept so far. Assisted decoding
+# (an assistant model, prompt lookup) crops unverified candidates back out of the cache, which an evicting cache
+# cannot undo (the candidates' attention already ranked and evicted); the rest are Hub-only in transformers 5.x.
+SERVED_MODES = ("greedy_search", "sample", "beam_search", "beam_sample")
 
 
-def _install_slot_positions(model) -> None:
+def _generation_mode_hook(module, args, kwargs):
+    """Forward pre-hook of the base model: a forward with a compressed cache inside a `generate` mode it cannot
+    serve is refused before the model or the cache is touched (read from the calling `generate` frame, whose
+    `generation_mode` every transformers line sets before its first forward)."""
+    if not isinstance(kwargs.get("past_key_values"), CompressedCache) or torch.compiler.is_compiling():
+        return None
+    mode = _calling_generation_mode()
+    if mode is not None and mode not in SERVED_MODES:
+        raise ValueError(f"generate's {mode} mode is not supported with a compressed cache: it verifies candidate "
+                         "tokens and crops the rejected ones back out of the cache, and an evicting cache has already "
+                         "ranked and evicted with them in place. Run without assistant_model / "
+                         f"prompt_lookup_num_tokens (served: {', '.join(SERVED_MODES)}), or with policy 'full'")
+    return None
+
+
+def _calling_generation_mode() -> str | None:
+    """The generation mode of the innermost transformers `generate` call on this thread's stack, if any."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_assisted_decoding":
+            return "assisted_generation"
+        if code.co_name == "generate" and frame.f_globals.get("__name__", "").startswith("transformers.generation"):
+            mode = frame.f_locals.get("generation_mode")
+            if mode is not None:
+                return str(getattr(mode, "value", mode))
+        frame = frame.f_back
+    return None
+
+
+def _hooks(module, hook) -> list:
+    return [key for key, h in module._forward_pre_hooks.items() if h is hook]
+
+
+def _install_hook(model, hook) -> None:
     base = model.base_model
-    if not _slot_hooks(base):  # once per model (a deep copy carries it)
-        base.register_forward_pre_hook(_slot_positions_hook, with_kwargs=True)
+    if not _hooks(base, hook):  # once per model (a deep copy carries it)
+        base.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def restore(model) -> None:
-    """Give the model back its own attention implementation and remove the reindex hook (a no-op if
-    `make_cache` changed nothing)."""
+    """Give the model back its own attention implementation and remove h2o's forward pre-hooks (the generation
+    mode check, the reindex positions; a no-op if `make_cache` changed nothing)."""
     original = _STOCK.get(_attn_implementation(model))
     if original is not None:
         _set_attn_implementation(model, original)
     base = model.base_model
-    for key in _slot_hooks(base):
+    for key in _hooks(base, _slot_positions_hook) + _hooks(base, _generation_mode_hook):
         del base._forward_pre_hooks[key]
         base._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -55,7 +55,7 @@ class StaticLayer(CompressedLayer):
     def _clear(self) -> None:
         super()._clear()
         self.static = False
-        self.counters: dict[str, torch.Tensor] = {}  # held, seen, cursor: 0-d int64 on the layer's device
+        self.counters: dict[str, torch.Tensor] = {}  # seen (0-d), held and cursor ([B]): int64 on the layer's device
         self.slot_valid = self.order = None  # [B, H, capacity] bool; per row and head, the order free slots are written in
 
     @property

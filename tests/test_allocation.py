@@ -1,5 +1,6 @@
 """Allocations (h2o.policies.allocation): names, the budgets each plans, and Ada-KV's split as a pure function."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -83,3 +84,89 @@ def test_split_budget_is_the_top_k_of_all_heads_with_a_floor(batch, lengths, flo
         for _, h in rest[:left]:
             expect[h] += 1
         assert counts[b].tolist() == expect
+
+
+# --- head scores: every entry point refuses a malformed table the same way (issue 26) ---------------------------------
+
+GOOD = [[0.1, 0.9], [0.4, 0.2]]  # [2 layers, 2 KV heads]: the tiny llama's shape
+
+
+def malformed_tables():
+    """Drawn tables no allocation may rank by: NaN or inf, outside [0, 1], a wrong rank or an empty one, ragged or
+    non-numeric rows, booleans or complex numbers, in the containers a user might pass (tensor, numpy, lists)."""
+    bad_value = st.sampled_from([float("nan"), float("inf"), -float("inf"), -0.1, 1.5, 1e40])
+    spoiled = st.tuples(st.integers(0, 1), st.integers(0, 1), bad_value).map(
+        lambda t: [[t[2] if (i, j) == t[:2] else v for j, v in enumerate(row)] for i, row in enumerate(GOOD)])
+    shaped = st.sampled_from([[0.5], [[[0.5]]], [], [[]], 0.5, [[0.1, 0.2], [0.3]], [["a", "b"], ["c", "d"]],
+                              [[None, 0.1], [0.2, 0.3]], "0.5", {"a": 1}])
+    typed = st.sampled_from([torch.ones(2, 2, dtype=torch.bool), torch.full((2, 2), 0.5j),
+                             np.array([["x", "y"], ["z", "w"]]), np.array([[object(), 1], [2, 3]], dtype=object)])
+    table = st.one_of(spoiled, shaped, typed)
+    container = st.sampled_from(["list", "tensor", "numpy"])
+
+    def wrap(pair):
+        t, kind = pair
+        if kind == "list" or not isinstance(t, list):
+            return t
+        try:
+            return torch.tensor(t, dtype=torch.float64) if kind == "tensor" else np.array(t, dtype=np.float64)
+        except (TypeError, ValueError, RuntimeError):
+            return t  # no such container for this table: passed as it is
+    return st.tuples(table, container).map(wrap)
+
+
+def entry_points():
+    """Every public way head scores reach an allocation: make_cache, HeadScores, a record's from_json, plan."""
+    from h2o.heads import HeadScores
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+
+    def make(scores):
+        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12", head_scores=scores)
+
+    def make_other_rule(scores):  # a rule that ranks by no score still refuses malformed ones (never ignored)
+        h2o.make_cache(model, "adakv+h2o_2_4_12", head_scores=scores)
+
+    def record(scores):
+        HeadScores.from_json({"format": "h2o-head-scores", "version": 1, "shape": [2, 2], "scores": scores})
+
+    def plan(scores):
+        HeadShare("retrieval", 0.3, 2).plan(h2o.parse("h2o_2_4_12"), 2, 2, scores)
+    return model, {"make_cache": make, "make_cache(adakv)": make_other_rule, "HeadScores": HeadScores,
+                   "HeadScores.from_json": record, "HeadShare.plan": plan}
+
+
+_MODEL, _ENTRIES = entry_points()
+
+
+@settings(max_examples=120, deadline=None)
+@given(table=malformed_tables(), second=st.booleans(), entry=st.sampled_from(sorted(_ENTRIES)))
+def test_every_head_score_entry_point_refuses_malformed_tables_before_anything_runs(table, second, entry):
+    scores = {"retrieval": table} if not second else {"retrieval": GOOD, "induction": table}
+    before = repr(scores)
+    with pytest.raises((ValueError, TypeError), match="head score"):
+        _ENTRIES[entry](scores)
+    assert repr(scores) == before  # the caller's dict is not changed
+    assert _MODEL.config._attn_implementation == "sdpa"  # the model was not touched
+
+
+@pytest.mark.parametrize("scores", [[[0.1, 0.9]], torch.rand(2, 2), "retrieval", None, 3])
+def test_head_scores_that_are_not_a_mapping_are_a_type_error(scores):
+    with pytest.raises(TypeError, match="head scores must be"):
+        HeadShare("retrieval", 0.3, 2).plan(h2o.parse("h2o_2_4_12"), 2, 2, scores if scores is not None else [])
+
+
+@pytest.mark.parametrize("container", [lambda t: t, torch.tensor, np.array, lambda t: torch.tensor(t).double()])
+def test_well_formed_tables_in_any_container_plan_the_same_heads(container):
+    rule = h2o.parse("h2o_2_4_12")
+    plans = [HeadShare("retrieval", 0.3, 2).plan(rule, 2, 2, {"retrieval": container(GOOD)}) for _ in range(2)]
+    assert plans[0] == plans[1] == HeadShare("retrieval", 0.3, 2).plan(rule, 2, 2, {"retrieval": torch.tensor(GOOD)})
+    chosen = [h for layer, p in enumerate(plans[0]) for g, b in p.groups if b == 24 for h in [(layer, x) for x in g]]
+    assert chosen == [(0, 1)]  # 0.3 of 4 heads rounds to 1: the best, 0.9
+
+
+@pytest.mark.parametrize("share, heads", [(0.9, 4), (0.75, 2), (0.99, 30)])
+def test_a_share_that_rounds_to_every_head_is_a_clear_error(share, heads):
+    with pytest.raises(ValueError, match="rounds to .*every head"):
+        HeadShare("retrieval", share, 1.1).sizes(h2o.parse("h2o_2_4_12"), heads)

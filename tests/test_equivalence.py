@@ -12,6 +12,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -331,6 +333,86 @@ def test_allocated_kv_bytes_never_exceed_the_uniform_rule(policy):
     # what the heads hold: never more slots than every head at the rule's budget + buffer
     heads = [n for layer in allocated.head_lengths() for n in layer]
     assert sum(heads) <= len(heads) * (12 + 4)
+
+
+def bytes_per_forward(model, policy, ids, mask, chunks, new_tokens, beams, scores):
+    """Feed the prompt in `chunks`, then `generate` `new_tokens` with `beams` (the cache's rows repeated for them):
+    per forward, (its rows, its tokens, the cache's KV bytes after it)."""
+    cache = h2o.make_cache(model, policy, buffer=4, head_scores=scores)
+    held = []
+
+    def record(module, args, kwargs, out):
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+        held.append((tokens.shape[0], tokens.shape[1], cache.kv_bytes(bookkeeping=False)))
+    hook = model.register_forward_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            start = 0
+            for size in chunks:
+                model(ids[:, start:start + size], attention_mask=mask[:, :start + size], past_key_values=cache)
+                start += size
+            cache.batch_repeat_interleave(beams)  # generate expands the inputs to its beams, not a filled cache
+            model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+                           num_beams=beams, do_sample=False)
+    finally:
+        hook.remove()
+        h2o.restore(model)
+    return held
+
+
+BUDGET, BUFFER, SLOT_BYTES = 12, 4, 2 * 16 * 4  # the rules below; a slot: a float32 key and value of 16 dims
+
+
+def uniform_ceiling(forwards, layers=3, kv_heads=2):
+    """The uniform rule's most after each forward: per row, layer and KV head budget + buffer + a reserve for the
+    largest chunk so far (a forward of at most budget + buffer tokens; 1 for a longer one, a prefill)."""
+    out, reserve = [], 1
+    for rows, tokens, _ in forwards:
+        reserve = max(reserve, tokens if tokens <= BUDGET + BUFFER else 1)
+        out.append(rows * layers * kv_heads * (BUDGET + BUFFER + reserve) * SLOT_BYTES)
+    return out
+
+
+@settings(max_examples=12, deadline=None)
+@given(policy=st.sampled_from(["adakv+h2o_2_4_12", "adakv_0.5+tova_2_4_12", "retrieval_0.3_2+h2o_2_4_12",
+                               "pyramid_4+h2o_2_4_12"]),
+       batch=st.integers(1, 3), pads=st.lists(st.integers(0, 6), min_size=3, max_size=3),
+       chunks=st.lists(st.integers(1, 24), min_size=1, max_size=3), new_tokens=st.integers(1, 12),
+       beams=st.sampled_from([1, 2]))
+def test_allocated_kv_bytes_never_exceed_the_uniform_ceiling_at_any_forward(policy, batch, pads, chunks, new_tokens,
+                                                                           beams):
+    """Issue 26: for drawn batches (left-padded rows), prompt chunkings and beams, after every forward an allocation
+    holds at most what the uniform rule may hold after the same forwards (its ceiling; the rule itself is checked to
+    stay under it). Ada-KV at batch > 1 once held 1.06-1.09x the rule (each head cut to its widest row's share in
+    every row), a head above the rule's budget grew its buffers geometrically past the rule's, and a padded row's
+    split kept its buffers' slack for a chunk it had already taken."""
+    model = tiny_model("llama", "sdpa", layers=3)
+    ids = token_ids(sum(chunks) + 1, batch=batch)  # the last prompt token goes through generate
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        mask[row, :min(pads[row], ids.shape[1] - 1)] = 0
+    scores = head_scores_for(model)
+    uniform = bytes_per_forward(model, h2o.parse(policy).rule, ids, mask, chunks, new_tokens, beams, scores)
+    allocated = bytes_per_forward(model, policy, ids, mask, chunks, new_tokens, beams, scores)
+    assert [f[:2] for f in allocated] == [f[:2] for f in uniform]
+    ceiling = uniform_ceiling(uniform)
+    assert all(u[2] <= c for u, c in zip(uniform, ceiling)), (uniform, ceiling)
+    over = [(step, a[2], c) for step, (a, c) in enumerate(zip(allocated, ceiling)) if a[2] > c]
+    assert not over, over
+
+
+@pytest.mark.parametrize("policy", ["adakv+h2o_2_4_12", "retrieval_0.3_2+h2o_2_4_12", "pyramid_4+h2o_2_4_12"])
+@pytest.mark.parametrize("batch, beams", [(1, 1), (4, 1), (2, 2)])
+def test_allocated_decode_holds_at_most_the_uniform_rule_at_every_step(policy, batch, beams):
+    """Issue 26's case: one prefill, then decoding (batch 4: Ada-KV held 1.06-1.09x the uniform rule's bytes)."""
+    model = tiny_model("llama", "sdpa", layers=3)
+    ids = token_ids(41, batch=batch)
+    mask = torch.ones_like(ids)
+    scores = head_scores_for(model)
+    uniform = bytes_per_forward(model, h2o.parse(policy).rule, ids, mask, [40], 30, beams, scores)
+    allocated = bytes_per_forward(model, policy, ids, mask, [40], 30, beams, scores)
+    assert [f[:2] for f in allocated] == [f[:2] for f in uniform]
+    assert all(a[2] <= u[2] for a, u in zip(allocated, uniform)), [(a[2], u[2]) for a, u in zip(allocated, uniform)]
 
 
 def test_allocations_refuse_missing_or_misshapen_head_scores_before_touching_the_model():

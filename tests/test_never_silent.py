@@ -127,17 +127,68 @@ def test_reindex_model_rotates_at_slots_and_no_layer_re_rotates(family, monkeypa
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(slow.logits), rtol=1e-4, atol=1e-4)
 
 
-def test_the_reindex_hook_is_installed_once_and_removed_by_restore():
-    from h2o.models import _slot_hooks
+def test_the_model_hooks_are_installed_once_and_removed_by_restore():
+    from h2o.models import _generation_mode_hook, _hooks, _slot_positions_hook
+
+    def installed(m):
+        return len(_hooks(m.base_model, _slot_positions_hook)), len(_hooks(m.base_model, _generation_mode_hook))
     model = tiny_model("llama")
     h2o.make_cache(model, "streaming_2_6", positions="reindex")
     h2o.make_cache(model, "h2o_2_2_8", positions="reindex")
-    assert len(_slot_hooks(model.base_model)) == 1
+    assert installed(model) == (1, 1)
     twin = copy.deepcopy(model)
     h2o.make_cache(twin, "streaming_2_6", positions="reindex")
-    assert len(_slot_hooks(twin.base_model)) == 1
+    assert installed(twin) == (1, 1)
     h2o.restore(twin)
     h2o.restore(model)
-    assert _slot_hooks(model.base_model) == [] and _slot_hooks(twin.base_model) == []
-    assert h2o.make_cache(model, "streaming_2_6") is not None and _slot_hooks(model.base_model) == []
+    assert installed(model) == installed(twin) == (0, 0)
+    assert h2o.make_cache(model, "streaming_2_6") is not None and installed(model) == (0, 1)
+    h2o.restore(model)
+    assert h2o.make_cache(model, "full") is not None and installed(model) == (0, 0)  # a full cache serves them all
+
+
+# every generate mode but greedy, sampling and beam search: assisted decoding (an assistant model, prompt lookup)
+# crops candidates back out of the cache; the others, where this transformers line still runs them in-library
+UNSERVED_MODES = {
+    "prompt lookup": dict(prompt_lookup_num_tokens=3),
+    "assistant model": dict(assistant_model="tiny"),
+    "contrastive search": dict(penalty_alpha=0.6, top_k=4),
+    "DoLa": dict(dola_layers="low"),
+    "group beam search": dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0),
+    "constrained beam search": dict(num_beams=2, force_words_ids=[[5]]),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(UNSERVED_MODES))
+@pytest.mark.parametrize("policy, static", [("h2o_2_4_8", False), ("adakv+h2o_2_4_8", False), ("h2o_2_4_8", True)])
+def test_generate_modes_the_cache_cannot_serve_are_refused_before_the_first_forward(mode, policy, static):
+    """Issue 26: assisted decoding was refused only after the model had run (the cache then held the prompt and
+    unverified candidates). Every unserved mode is now an error before any layer runs and before the cache holds a
+    token (transformers 5.x refuses the Hub-only modes itself, also before any forward)."""
+    model = tiny_model("llama")
+    options = dict(UNSERVED_MODES[mode])
+    if options.get("assistant_model") == "tiny":
+        options["assistant_model"] = tiny_model("llama", seed=5)
+    cache = h2o.make_cache(model, policy, buffer=2, static=static)
+    forwards = []
+    hook = model.base_model.layers[0].register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        with pytest.raises(ValueError, match="not supported with a compressed cache|trust_remote_code"):
+            model.generate(token_ids(20), past_key_values=cache, max_new_tokens=6, **options)
+    finally:
+        hook.remove()
+        h2o.restore(model)
+    assert forwards == [] and cache.get_seq_length() == 0
+    assert not any(getattr(layer, "is_initialized", False) for layer in cache.layers)
+
+
+def test_the_served_modes_still_run_after_an_unserved_one_was_refused():
+    model = tiny_model("llama")
+    cache = h2o.make_cache(model, "h2o_2_4_8", buffer=2)
+    with pytest.raises(ValueError, match="assisted_generation"):
+        model.generate(token_ids(20), past_key_values=cache, max_new_tokens=6, prompt_lookup_num_tokens=3)
+    for options in ({}, {"do_sample": True}, {"num_beams": 2}):
+        cache.reset()
+        out = model.generate(token_ids(20), past_key_values=cache, max_new_tokens=6, **options)
+        assert out.shape == (1, 26) and cache.evicted()
     h2o.restore(model)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -90,6 +91,9 @@ class HeadShare(Allocation):
         """(retrieval heads, their cap, every other head's budget) for a model of `n_heads` KV heads in all."""
         budget = rule.budget
         n = max(1, round(self.share * n_heads))
+        if n >= n_heads:
+            raise ValueError(f"{self.name}+{rule.name}: a share of {self.share:g} of this model's {n_heads} KV heads rounds "
+                             f"to {n}, every head, leaving none to hold less: lower the share")
         cap = int(self.factor * budget)
         rest = (n_heads * budget - n * cap) // (n_heads - n)
         if rest <= rule.sinks:
@@ -102,7 +106,7 @@ class HeadShare(Allocation):
         if scores is None:
             raise ValueError(f"{self.name}: needs head scores ('{self.score_name}'): pass "
                              "head_scores=h2o.head_scores(model, ...) to h2o.make_cache")
-        tables = scores.scores if hasattr(scores, "scores") else scores
+        tables = head_tables(scores)
         if self.score_name not in tables:
             raise ValueError(f"{self.name}: ranks heads by the '{self.score_name}' score, and the head scores given have "
                              f"only {', '.join(sorted(tables)) or 'none'} (a model without a tokenizer has no retrieval "
@@ -173,6 +177,50 @@ class Pyramid(Allocation):
 DEFAULTS = {"retrieval": HeadShare("retrieval"), "induction": HeadShare("induction"), "adakv": AdaKV(),
             "pyramid": Pyramid()}
 _NAME = re.compile(r"(retrieval|induction|adakv|pyramid)((?:_[0-9.]+)*)")
+
+
+def head_tables(scores) -> dict[str, torch.Tensor]:
+    """Head scores as the allocations read them, {name: float32 [layers, KV heads] on the CPU}, from a
+    `h2o.HeadScores` or a mapping of name -> table (a tensor, a numpy array or nested lists of real numbers): every
+    table 2-D, non-empty, of one shape, finite and within [0, 1]. Anything else is a clear error; the caller's
+    objects are not changed."""
+    tables = getattr(scores, "scores", scores)
+    if not isinstance(tables, Mapping):
+        raise TypeError(f"head scores must be h2o.HeadScores or a dict of name -> [layers, KV heads] table, got "
+                        f"{type(scores).__name__}")
+    if not tables:
+        raise ValueError("head scores hold no score")
+    out = {}
+    for name, table in tables.items():
+        if not isinstance(name, str):
+            raise TypeError(f"a head score's name must be a str, got {name!r}")
+        out[name] = head_table(name, table)
+    shapes = sorted({tuple(t.shape) for t in out.values()})
+    if len(shapes) > 1:
+        raise ValueError(f"head scores of different shapes: {shapes}")
+    return out
+
+
+def head_table(name: str, table) -> torch.Tensor:
+    """One head score's table as float32 [layers, KV heads] (see `head_tables`)."""
+    try:
+        t = table.detach() if isinstance(table, torch.Tensor) else torch.as_tensor(table)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"head score {name!r} must be a [layers, KV heads] table of real numbers, got "
+                        f"{type(table).__name__} ({e})") from None
+    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INTEGERS):
+        raise TypeError(f"head score {name!r} must hold real numbers, got dtype {t.dtype}")
+    if t.dim() != 2 or t.numel() == 0:
+        raise ValueError(f"head score {name!r} must be [num_layers, num_kv_heads], got shape {tuple(t.shape)}")
+    t = t.to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"head score {name!r} has values that are not finite (NaN or inf)")
+    if not bool(((t >= 0) & (t <= 1)).all()):
+        raise ValueError(f"head score {name!r} has values outside [0, 1]")
+    return t.to(torch.float32)
+
+
+_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def parse_allocation(text: str) -> Allocation | None:
