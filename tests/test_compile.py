@@ -207,6 +207,37 @@ def test_issue_26_chunked_prompt_then_a_50_token_chunk_after_decoding():
     assert torch.equal(got_kept, ref_kept)
 
 
+def test_compiled_decode_between_chunks_keeps_the_eager_tokens():
+    """Issue 26, compiled: a prompt in two chunks (eager), compiled one-token steps, a chunk after them (eager: the
+    static layout gathers back into arrival order), compiled steps again; one graph for every decode step."""
+    model = tiny_model("llama")
+    ids = token_ids(16, batch=2)
+    more = token_ids(5, batch=2, seed=9)
+
+    def run(static, step):
+        cache = h2o.make_cache(model, "h2o_2_4_8", buffer=2, static=static)
+        logits = []
+        with torch.no_grad():
+            for part in (ids[:, :7], ids[:, 7:], None, more, None):
+                if part is not None:
+                    logits.append(model(part, past_key_values=cache).logits)
+                    continue
+                token = logits[-1][:, -1:].argmax(-1)
+                for _ in range(8):
+                    seen = int(cache.get_seq_length())
+                    out = step(input_ids=token, past_key_values=cache, cache_position=torch.tensor([seen]))
+                    logits.append(out.logits)
+                    token = out.logits[:, -1:].argmax(-1)
+        h2o.restore(model)
+        return torch.cat(logits, 1), kept(cache)
+
+    ref, ref_kept = run(False, model.forward)
+    counters.clear()
+    got, got_kept = run(True, torch.compile(model.forward, backend="aot_eager", fullgraph=True))
+    assert torch.allclose(got, ref, atol=1e-4) and torch.equal(got_kept, ref_kept)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_compiled_generate_on_left_padded_rows_at_two_batch_sizes_equals_eager():
     """Issue 26: a second compiled generate at another batch size (a new static cache each) recompiles instead of
     failing in torch.cond's guards, and a left-padded row decodes as under the eager cache."""

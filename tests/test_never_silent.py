@@ -173,8 +173,13 @@ def test_generate_modes_the_cache_cannot_serve_are_refused_before_the_first_forw
     forwards = []
     hook = model.base_model.layers[0].register_forward_pre_hook(lambda *_: forwards.append(1))
     try:
-        with pytest.raises(ValueError, match="not supported with a compressed cache|trust_remote_code"):
-            model.generate(token_ids(20), past_key_values=cache, max_new_tokens=6, **options)
+        if mode in ("prompt lookup", "assistant model"):  # h2o's refusal
+            with pytest.raises(ValueError, match="assisted_generation mode is not supported with a compressed cache"):
+                model.generate(token_ids(20), past_key_values=cache, max_new_tokens=6, **options)
+        else:  # Hub-only in this transformers line: refused by transformers (5.x), or its Hub fetch fails (4.5x
+            # offline; online, h2o's check refuses the fetched code's first forward)
+            with pytest.raises(Exception):  # noqa: B017 - which error is transformers' own; what matters is below
+                model.generate(token_ids(20), past_key_values=cache, max_new_tokens=6, **options)
     finally:
         hook.remove()
         h2o.restore(model)
