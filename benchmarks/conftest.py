@@ -18,7 +18,7 @@ import transformers
 
 import h2o
 from h2o.eval.data import load_document, random_ids, tokenize
-from h2o.eval.models import EMBEDDED, describe, load_model
+from h2o.eval.checkpoints import EMBEDDED, describe, load_model
 
 NO_CUDA = "CUDA is not available; run with --device cpu to run these suites on the CPU"
 

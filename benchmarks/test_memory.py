@@ -12,7 +12,7 @@ count per row.
 import pytest
 
 import h2o
-from h2o.eval.models import describe
+from h2o.eval.checkpoints import describe
 from h2o.eval.memory import PeakMemory
 
 pytestmark = pytest.mark.gpu

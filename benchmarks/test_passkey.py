@@ -2,7 +2,7 @@
 
 Protocol: seeded passkey cases (`h2o.eval.retrieval`, PG-19 haystacks) on the embedded SmolLM2-135M
 in float32, the whole prompt in one prefill, compressed after it, the last prompt token fed on the
-compressed cache, greedy answers (`h2o.eval.tasks.respond`). The full cache answers every case
+compressed cache, greedy answers (`h2o.eval.answers.respond`). The full cache answers every case
 first; a policy's kept share counts only the cases the full cache solved. Each policy's run over all
 cases is timed by pytest-benchmark; `extra_info` carries the counts and the kept share.
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import h2o
-from h2o.eval import data, retrieval, tasks
-from h2o.eval.models import EMBEDDED
+from h2o.eval import answers, data, retrieval
+from h2o.eval.checkpoints import EMBEDDED
 
 pytestmark = pytest.mark.gpu
 
@@ -54,22 +54,22 @@ class TaskRuns:
         depths = [round(0.1 + 0.8 * i / (sizes.cases - 1), 4) for i in range(sizes.cases)]
         self.cases = retrieval.generate_cases("passkey", tokenizer, haystacks, [sizes.length], depths, 1, seed=0)
         self.full = None
-        self.results: dict[tuple[str, float], list[tasks.Answer]] = {}
+        self.results: dict[tuple[str, float], list[answers.Answer]] = {}
 
-    def control(self) -> list[tasks.Answer]:
+    def control(self) -> list[answers.Answer]:
         if self.full is None:
             self.full = self.answers("full")
         return self.full
 
-    def answers(self, policy: str) -> list[tasks.Answer]:
+    def answers(self, policy: str) -> list[answers.Answer]:
         try:
-            return [tasks.respond(self.model, self.tokenizer, case, policy, "question-aware", buffer=BUFFER)
+            return [answers.respond(self.model, self.tokenizer, case, policy, "question-aware", buffer=BUFFER)
                     for case in self.cases]
         finally:
             h2o.restore(self.model)
 
-    def run(self, family: str, ratio: float) -> list[tasks.Answer]:
-        variant = tasks.Variant(family, f"{ratio:.0%}", ratio=ratio)
+    def run(self, family: str, ratio: float) -> list[answers.Answer]:
+        variant = answers.Variant(family, f"{ratio:.0%}", ratio=ratio)
         self.results[family, ratio] = self.answers(variant.policy(self.sizes.length))
         return self.results[family, ratio]
 
@@ -112,7 +112,7 @@ def test_full_cache_control(benchmark, bench, task_runs):
 def test_kept_share(benchmark, bench, task_runs, family, ratio):
     benchmark.pedantic(task_runs.run, args=(family, ratio), rounds=1, iterations=1)
     solved, control, share = task_runs.kept(family, ratio)
-    name = tasks.Variant(family, "", ratio=ratio).policy(task_runs.sizes.length)
+    name = answers.Variant(family, "", ratio=ratio).policy(task_runs.sizes.length)
     print(f"\n{name}: kept {solved}/{control} of the full cache's solved passkey cases ({share:.2f})")
     benchmark.extra_info.update(bench.info(
         task_runs.model, name, measure="passkey", protocol="question-aware", length=task_runs.sizes.length,

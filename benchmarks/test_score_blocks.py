@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from h2o.attention import SCORE_BLOCK_ELEMENTS, fused_attention, score_block_elements
-from h2o.eval.models import describe
+from h2o.eval.checkpoints import describe
 
 pytestmark = pytest.mark.gpu
 SIZES = [1 << e for e in range(18, 31, 2)]

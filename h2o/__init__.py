@@ -14,7 +14,7 @@ import importlib
 _EXPORTS = {
     "make_cache": "models", "restore": "models", "SUPPORTED_FAMILIES": "models",
     "CompressedCache": "cache", "CompressedLayer": "cache", "UnobservedError": "cache",
-    "head_scores": "heads", "HeadScores": "heads",
+    "head_scores": "head_probes", "HeadScores": "head_probes",
     **{name: "policies" for name in (
         "parse", "resolve", "keep_indices", "register_policy", "policy_names", "Policy", "Observation",
         "families", "at_budget", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "recommended",
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("policies", "cache", "models", "attention", "rope", "eval", "heads"):  # submodules, on first use
+    if name in ("policies", "cache", "models", "attention", "rope", "eval", "head_probes"):  # submodules, on first use
         return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import h2o
-from h2o.policies.allocation import AdaKV, Allocated, HeadShare, Pyramid, parse_allocation, split_budget
+from h2o.policies.allocation import AdaKV, Allocated, HeadShare, Pyramid, split_budget
 
 
 @pytest.mark.parametrize("name, expect", [
@@ -117,7 +117,7 @@ def malformed_tables():
 
 def entry_points():
     """Every public way head scores reach an allocation: make_cache, HeadScores, a record's from_json, plan."""
-    from h2o.heads import HeadScores
+    from h2o.head_probes import HeadScores
     from tiny import tiny_model
 
     model = tiny_model("llama")

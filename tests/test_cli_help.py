@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 import h2o
-from h2o.eval import bench, cli, data, models, stress, tasks
+from h2o.eval import answers, checkpoints, cli, data
+from h2o.eval.commands import bench, stress
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY_NAME = re.compile(r"\b(full|streaming_\d+_\d+|(?:h2o|vatp)_\d+_\d+_\d+(?:_mean|_sum)?|(?:tova|knorm|keydiff|caote)_\d+_\d+_\d+|recommended_\d+"
@@ -45,7 +46,7 @@ def help_of(argv, capsys) -> str:
 
 def test_the_static_command_table_matches_each_module():
     for name in cli.COMMANDS:
-        module = importlib.import_module(f"h2o.eval.{name}")
+        module = importlib.import_module(f"h2o.eval.commands.{name}")
         assert module.NAME == name and cli.HELPS[name] == module.HELP
 
 
@@ -181,14 +182,14 @@ def online(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "_hub_cached", lambda name: False)
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(checkpoints, "_hub_cached", lambda name: False)
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 @pytest.mark.parametrize("command", cli.COMMANDS)
 def test_a_hub_id_offline_is_refused_at_once(command, online, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_unreachable", lambda endpoint: pytest.fail("probed the network while offline"))
+    monkeypatch.setattr(checkpoints, "_unreachable", lambda endpoint: pytest.fail("probed the network while offline"))
     out = tmp_path / "out"
     start = time.perf_counter()
     assert cli.main([command, "--model", "foo/bar", "--out", str(out)]) == 2
@@ -200,12 +201,12 @@ def test_a_hub_id_offline_is_refused_at_once(command, online, monkeypatch, tmp_p
 
 
 def test_an_unreachable_hub_is_refused_at_once_and_a_cached_id_loads_offline(online, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(models, "_unreachable", lambda endpoint: f"couldn't connect to {endpoint}: no route")
+    monkeypatch.setattr(checkpoints, "_unreachable", lambda endpoint: f"couldn't connect to {endpoint}: no route")
     assert cli.main(["bench", "--model", "foo/bar", "--out", str(tmp_path / "out")]) == 2
     assert "(couldn't connect to https://huggingface.co: no route)" in capsys.readouterr().err
     # a cached copy is not refused, and is then loaded without asking the hub
-    monkeypatch.setattr(models, "_hub_cached", lambda name: True)
-    models.check_name("foo/bar")
+    monkeypatch.setattr(checkpoints, "_hub_cached", lambda name: True)
+    checkpoints.check_name("foo/bar")
     seen = {}
 
     class Auto:
@@ -214,18 +215,18 @@ def test_an_unreachable_hub_is_refused_at_once_and_a_cached_id_loads_offline(onl
             seen.update(kwargs)
             return "loaded"
 
-    assert models._pretrained(Auto, "foo/bar", "foo/bar") == "loaded" and seen["local_files_only"] is True
-    monkeypatch.setattr(models, "_unreachable", lambda endpoint: None)  # online: the hub client decides
+    assert checkpoints._pretrained(Auto, "foo/bar", "foo/bar") == "loaded" and seen["local_files_only"] is True
+    monkeypatch.setattr(checkpoints, "_unreachable", lambda endpoint: None)  # online: the hub client decides
     seen.clear()
-    models._pretrained(Auto, "foo/bar", "foo/bar")
+    checkpoints._pretrained(Auto, "foo/bar", "foo/bar")
     assert "local_files_only" not in seen
 
 
 def test_a_hub_id_is_not_probed_behind_a_proxy(online, monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
-    monkeypatch.setattr(models, "_unreachable", lambda endpoint: pytest.fail("probed past the proxy"))
-    assert models.hub_offline() is None
-    models.check_name("foo/bar")
+    monkeypatch.setattr(checkpoints, "_unreachable", lambda endpoint: pytest.fail("probed past the proxy"))
+    assert checkpoints.hub_offline() is None
+    checkpoints.check_name("foo/bar")
 
 
 # --- duplicate policies are merged, with a note -------------------------------------------------
@@ -237,12 +238,12 @@ def test_stress_and_tasks_merge_names_of_the_same_policy(capsys):
     assert stress.check(args)["policies"] == ["full", "h2o_4_8_16_mean", "streaming_4_12"]
     assert ("note: --policies h2o_4_8_16, h2o_4_8_16_mean give the same policy h2o_4_8_16_mean: it runs once"
             in capsys.readouterr().out)
-    v = tasks.variants(["h2o", "h2o_mean", "h2o_4_8_64", "h2o_4_8_64_mean", "streaming"], None, [0.2], None)
+    v = answers.variants(["h2o", "h2o_mean", "h2o_4_8_64", "h2o_4_8_64_mean", "streaming"], None, [0.2], None)
     assert [(x.label, x.budget) for x in v] == [("h2o", "20%"), ("h2o_4_8_64_mean", "64"), ("streaming", "20%")]
     printed = capsys.readouterr().out
     assert "note: --policies h2o, h2o_mean give the same policies (h2o at 20%): it runs once" in printed
     assert "note: --policies h2o_4_8_64, h2o_4_8_64_mean give the same policy h2o_4_8_64_mean" in printed
-    v = tasks.variants(["h2o_sum", "h2o"], [128], None, "sum")
+    v = answers.variants(["h2o_sum", "h2o"], [128], None, "sum")
     assert [x.policy(1000) for x in v] == ["h2o_4_16_128_sum"]
 
 

@@ -21,8 +21,8 @@ def test_missing_eval_extras_stop_every_command_before_any_work(monkeypatch, tmp
 
 @pytest.mark.parametrize("command", cli.COMMANDS)
 def test_a_negative_buffer_is_refused_before_the_model_loads(command, monkeypatch, tmp_path, capsys):
-    from h2o.eval import models
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    from h2o.eval import checkpoints
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
     assert cli.main([command, "--model", "random:tiny-llama", "--buffer", "-5", "--out", str(out)]) == 2
     assert "--buffer must be >= 0, got -5" in capsys.readouterr().err
@@ -40,7 +40,7 @@ def test_every_json_output_carries_the_run_record(tmp_path):
 
 
 def test_a_failed_run_leaves_no_empty_output_directory(tmp_path, capsys, monkeypatch):
-    from h2o.eval import heatmap
+    from h2o.eval.commands import heatmap
     monkeypatch.setattr(heatmap, "check_layers", lambda *a: (_ for _ in ()).throw(ValueError("boom")))
     out = tmp_path / "new"
     assert cli.main(["heatmap", "--model", "random:tiny-llama", "--out", str(out)]) == 2
@@ -65,23 +65,23 @@ def test_nested_peak_meters_both_see_the_peak():
 
 def test_outputs_appear_together_or_not_at_all(tmp_path, monkeypatch):
     """A run that fails after staging an output leaves neither it nor the staging folder; a good run moves all."""
-    from h2o.eval import command
+    from h2o.eval import session
     out = tmp_path / "out"
     out.mkdir()
     (out / "heatmap.csv").write_text("an earlier run\n")
-    real_plot = command.Session.plot
+    real_plot = session.Session.plot
 
     def failing_plot(self, name, figure):
         real_plot(self, name, figure)
         raise ValueError("disk full")
 
-    monkeypatch.setattr(command.Session, "plot", failing_plot)
+    monkeypatch.setattr(session.Session, "plot", failing_plot)
     argv = ["heatmap", "--model", "random:tiny-llama", "--tokens", "16", "--top-k", "2", "--out", str(out),
             "--no-progress"]
     assert cli.main(argv) == 2
     assert sorted(p.name for p in out.iterdir()) == ["heatmap.csv"]  # only the earlier run's file, untouched
     assert (out / "heatmap.csv").read_text() == "an earlier run\n"
-    monkeypatch.setattr(command.Session, "plot", real_plot)
+    monkeypatch.setattr(session.Session, "plot", real_plot)
     assert cli.main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["heatmap.csv", "heatmap.json", "heatmap_layer0.png",
                                                      "heatmap_layer1.png"]

@@ -8,7 +8,6 @@
 - a left-padded batch equals its rows run alone.
 """
 
-import sys
 
 import pytest
 import torch

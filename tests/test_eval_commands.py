@@ -11,7 +11,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from h2o.eval import cli, data, heatmap, models, stress, sweep
+from h2o.eval import checkpoints, cli, data
+
+from h2o.eval.commands import heatmap, stress, sweep
 from h2o.eval.ppl import token_losses
 
 LLAMA, NEOX = "random:tiny-llama", "random:tiny-gpt-neox"
@@ -41,7 +43,7 @@ def read_csv(path):
 def kv_bytes(model_name, policy, tokens, batch=1):
     """Exact bytes of a cache holding `tokens` per layer: fp32 keys and values, plus, for an evicting
     policy, int64 arrival times per head, bool validity and int64 padding count per row, fp32 H2O scores."""
-    c = models.random_config(model_name)
+    c = checkpoints.random_config(model_name)
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = c.hidden_size // c.num_attention_heads
     per_token = 2 * kv_heads * head_dim * 4
@@ -167,7 +169,7 @@ def test_sweep_ppl_and_throughput(tmp_path, capsys):
     # 4-token chunks: a layer holding more than budget + 4 is cut at 16 (budget 8) or 24 (budget 16) tokens
     assert [r["first_eviction"] for r in ppl] == ["", "16", "16", "16", "24", "24", "24"]
     assert all(int(r["max_kept"]) <= int(r["budget"]) + 4 for r in ppl[1:])
-    model, _ = models.load_model(NEOX)
+    model, _ = checkpoints.load_model(NEOX)
     ids = data.random_ids(model.config.vocab_size, 64)
     direct = token_losses(model, ids, "h2o_4_2_16_sum", chunk=4, prefill=4, buffer=4, progress=False)
     assert float(ppl[6]["ppl"]) == pytest.approx(direct.ppl(), rel=1e-9)
@@ -245,7 +247,7 @@ def test_heatmap_shares_match_the_model(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     payload = json.loads((out / "heatmap.json").read_text())
     assert payload["layers"] == [0, 1] and payload["model"]["attn_implementation"] == "eager"
-    model, _ = models.load_model(LLAMA, attn_implementation="eager")
+    model, _ = checkpoints.load_model(LLAMA, attn_implementation="eager")
     ids = data.random_ids(model.config.vocab_size, 24)
     assert payload["token_ids"] == ids[0].tolist()
     with torch.no_grad():
@@ -283,8 +285,8 @@ def test_heatmap_refuses_maps_that_would_not_fit(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_heatmap_on_the_embedded_model_shows_sinks(tmp_path):
-    if importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None:
-        pytest.skip(f"the embedded model's weights package {models.SMOLLM2_PACKAGE} is not installed")
+    if importlib.util.find_spec(checkpoints.SMOLLM2_PACKAGE) is None:
+        pytest.skip(f"the embedded model's weights package {checkpoints.SMOLLM2_PACKAGE} is not installed")
     out = tmp_path / "out"
     assert h2o_cli("heatmap", "--tokens", 48, "--layers", 15, "--out", out) == 0
     row = json.loads((out / "heatmap.json").read_text())["rows"][0]
@@ -304,8 +306,8 @@ def test_sweep_takes_every_registered_rule_family(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_on_several_texts_reports_the_gap_closed(tmp_path):
-    if importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None:
-        pytest.skip(f"the embedded model's weights package {models.SMOLLM2_PACKAGE} is not installed")
+    if importlib.util.find_spec(checkpoints.SMOLLM2_PACKAGE) is None:
+        pytest.skip(f"the embedded model's weights package {checkpoints.SMOLLM2_PACKAGE} is not installed")
     out = tmp_path / "out"
     assert h2o_cli("sweep", "--parts", "ppl", "--texts", "wikitext", "pg19:10146", "--rules", "streaming", "tova",
                    "--budgets", 16, "--ppl-tokens", 48, "--chunk", 8, "--buffer", 0, "--passkey-cases", 2,

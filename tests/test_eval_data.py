@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from h2o.eval import data, models
+from h2o.eval import checkpoints, data
 
 WIKITEXT_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"  # shared/data/README.md
 
@@ -24,7 +24,7 @@ def data_dir():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    gguf = models.smollm2_gguf()
+    gguf = checkpoints.smollm2_gguf()
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 

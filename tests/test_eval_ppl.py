@@ -1,4 +1,4 @@
-"""The PPL loop and its validity guards (tiny random models), plus the embedded model's sinks."""
+"""The PPL loop and its validity guards (tiny random checkpoints), plus the embedded model's sinks."""
 
 import math
 
@@ -79,8 +79,8 @@ def test_bad_loop_arguments(kwargs, message):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from h2o.eval import models
-    return models.load_model("smollm2-135m")
+    from h2o.eval import checkpoints
+    return checkpoints.load_model("smollm2-135m")
 
 
 @pytest.mark.slow

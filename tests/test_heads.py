@@ -11,12 +11,11 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import h2o
-from h2o import heads as H
-from h2o.eval import cli, models
-from h2o.eval import heads as command
+from h2o import head_probes as H
+from h2o.eval import checkpoints, cli, head_score_cache
 from tiny import tiny_model
 
-EMBEDDED_MISSING = importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None
+EMBEDDED_MISSING = importlib.util.find_spec(checkpoints.SMOLLM2_PACKAGE) is None
 HAYSTACK = " ".join(f"Sentence number {i} tells of the {w} river and the {v} hills." for i, (w, v) in enumerate(
     zip(["green", "long", "cold", "quiet", "broad"] * 40, ["far", "blue", "old", "steep"] * 50)))
 
@@ -177,8 +176,8 @@ def test_a_planted_induction_head_is_found(monkeypatch):
 @pytest.fixture(scope="module")
 def tok():
     if EMBEDDED_MISSING:
-        pytest.skip(f"the embedded model's weights package {models.SMOLLM2_PACKAGE} is not installed")
-    return AutoTokenizer.from_pretrained(models.smollm2_copy())
+        pytest.skip(f"the embedded model's weights package {checkpoints.SMOLLM2_PACKAGE} is not installed")
+    return AutoTokenizer.from_pretrained(checkpoints.smollm2_copy())
 
 
 def tiny_llama_for(tokenizer):
@@ -257,27 +256,27 @@ def test_the_json_record_round_trips_exactly_and_ranks_best_first(tmp_path):
         H.HeadScores({"x": torch.zeros(2, 2), "y": torch.zeros(2, 3)})
     with pytest.raises(KeyError, match="no head score 'retrieval'"):
         scores.top("retrieval", 1)
-    assert h2o.HeadScores is H.HeadScores and h2o.head_scores is H.head_scores and h2o.heads is H
+    assert h2o.HeadScores is H.HeadScores and h2o.head_scores is H.head_scores and h2o.head_probes is H
 
 
 # --- the cache -------------------------------------------------------------------------------------
 
 def test_cache_paths_sit_beside_the_embedded_copy_and_apart_for_other_models(tmp_path, monkeypatch):
     monkeypatch.setenv("H2O_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(models, "smollm2_copy", lambda: tmp_path / "copy")
-    assert command.cache_path(models.EMBEDDED) == tmp_path / "copy" / "head_scores.json"
-    a, b = command.cache_path("random:tiny-llama"), command.cache_path("random_tiny-llama")
+    monkeypatch.setattr(checkpoints, "smollm2_copy", lambda: tmp_path / "copy")
+    assert head_score_cache.cache_path(checkpoints.EMBEDDED) == tmp_path / "copy" / "head_scores.json"
+    a, b = head_score_cache.cache_path("random:tiny-llama"), head_score_cache.cache_path("random_tiny-llama")
     assert a.parent == b.parent == tmp_path / "head_scores" and a != b
     assert a.name.startswith("random_tiny-llama-") and a.suffix == ".json"
     # not inside the embedded copy's folder, which a conversion renames into place
-    assert models.cache_dir() not in a.parents
+    assert checkpoints.cache_dir() not in a.parents
 
 
 def test_scores_are_cached_reused_and_recomputed_when_an_input_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("H2O_CACHE_DIR", str(tmp_path))
-    model, tokenizer = models.load_model("random:tiny-llama")
-    first = command.scores_for(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=1)
-    path = command.cache_path("random:tiny-llama")
+    model, tokenizer = checkpoints.load_model("random:tiny-llama")
+    first = head_score_cache.scores_for(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=1)
+    path = head_score_cache.cache_path("random:tiny-llama")
     assert path.is_file() and "retrieval" not in first.scores
     assert json.loads(path.read_text())["method"]["inputs"]["random_tokens"] == 16
 
@@ -288,22 +287,22 @@ def test_scores_are_cached_reused_and_recomputed_when_an_input_changes(tmp_path,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(H, "head_scores", counted)
-    again, _, reused = command.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=1)
+    again, _, reused = head_score_cache.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=1)
     assert reused and not calls and torch.equal(again["induction"], first["induction"])
-    _, _, reused = command.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=2)
+    _, _, reused = head_score_cache.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=2)
     assert not reused and calls[-1]["repeats"] == 2
     assert json.loads(path.read_text())["method"]["inputs"]["repeats"] == 2  # the file was replaced
     with torch.no_grad():  # other weights under the same name: recomputed
         model.model.layers[0].self_attn.q_proj.weight.mul_(2)
-    _, _, reused = command.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=2)
+    _, _, reused = head_score_cache.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=2)
     assert not reused and len(calls) == 2
-    _, _, reused = command.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=2, recompute=True)
+    _, _, reused = head_score_cache.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=2, recompute=True)
     assert not reused and len(calls) == 3
     path.write_text("{not json")  # a damaged file is recomputed, not an error
-    _, _, reused = command.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=2)
+    _, _, reused = head_score_cache.lookup(model, tokenizer, "random:tiny-llama", random_tokens=16, repeats=2)
     assert not reused and len(calls) == 4 and H.HeadScores.load(path).shape == (2, 2)
     with pytest.raises(TypeError, match="unknown head-score options: repeat"):
-        command.scores_for(model, tokenizer, "random:tiny-llama", repeat=2)
+        head_score_cache.scores_for(model, tokenizer, "random:tiny-llama", repeat=2)
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -343,7 +342,7 @@ def test_h2o_heads_writes_the_table_csv_json_and_plot(tmp_path, monkeypatch, cap
     (["--model", "smollm2-135m", "--calibration-book", "99999999"], "no PG-19 test book '99999999'"),
 ])
 def test_h2o_heads_refuses_bad_input_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
     assert h2o_cli("heads", "--model", "random:tiny-llama", *argv, "--out", out) == 2
     assert message in capsys.readouterr().err and not out.exists()
@@ -353,17 +352,17 @@ def test_the_default_calibration_book_is_one_no_evaluation_uses():
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     sources = [*root.glob("h2o/**/*.py"), root / "README.md", *root.glob("benchmarks/*")]
-    used = [p for p in sources if p.is_file() and p.name != "heads.py"
-            and command.CALIBRATION_BOOK in p.read_text(errors="ignore").replace(",", " ").split()]
-    assert not used and command.CALIBRATION_BOOK not in ("10146", "10321", "24553", "2544")
+    used = [p for p in sources if p.is_file() and p.name not in ("heads.py", "head_score_cache.py")
+            and head_score_cache.CALIBRATION_BOOK in p.read_text(errors="ignore").replace(",", " ").split()]
+    assert not used and head_score_cache.CALIBRATION_BOOK not in ("10146", "10321", "24553", "2544")
 
 
 @pytest.mark.slow
 def test_h2o_heads_on_the_embedded_model_finds_its_copying_heads(tmp_path, monkeypatch):
     if EMBEDDED_MISSING:
-        pytest.skip(f"the embedded model's weights package {models.SMOLLM2_PACKAGE} is not installed")
-    models.smollm2_copy()  # the converted copy, in the usual cache; the scores go to tmp_path, not beside it
-    monkeypatch.setattr(command, "cache_path", lambda name: tmp_path / "cache" / "head_scores.json")
+        pytest.skip(f"the embedded model's weights package {checkpoints.SMOLLM2_PACKAGE} is not installed")
+    checkpoints.smollm2_copy()  # the converted copy, in the usual cache; the scores go to tmp_path, not beside it
+    monkeypatch.setattr(head_score_cache, "cache_path", lambda name: tmp_path / "cache" / "head_scores.json")
     out = tmp_path / "out"
     assert h2o_cli("heads", "--random-tokens", 64, "--repeats", 1, "--cases", 1, "--context-tokens", 128,
                    "--out", out) == 0

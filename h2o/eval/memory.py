@@ -16,6 +16,13 @@ import psutil
 import torch
 
 _running: list["PeakMemory"] = []
+MEMORY_SHARE = 0.5  # caches may grow to this share of (memory available + what they already hold)
+OK, OOM, SKIPPED = "ok", "OOM", "skipped: would exceed memory"  # what a run's status says when it goes on or stops
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether `err` is the allocator running out of memory (CUDA, or the CPU allocator's message)."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
 def current_bytes(device: torch.device) -> int:

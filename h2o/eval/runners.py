@@ -51,6 +51,7 @@ import torch
 
 import h2o
 from h2o import models as h2o_models
+from h2o.policies import at_budget
 
 PREFIX = "kvpress:"
 KVPRESS_VERSION = "0.5.5"
@@ -235,7 +236,7 @@ _HEAD_SCORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model
 
 def provide_head_scores(model, compute) -> None:
     """Where an allocation that ranks heads (retrieval_..., induction_...) gets `model`'s head scores: `compute()`,
-    called once, on first need (the session registers `h2o.eval.heads.scores_for`, which caches them on disk)."""
+    called once, on first need (the session registers `h2o.eval.head_score_cache.scores_for`, which caches them on disk)."""
     _HEAD_SCORES[model] = [compute, None]
 
 
@@ -406,3 +407,9 @@ class PressRunner:
 def open_runner(model, name: str, positions: str = "original", buffer: int = 64):
     """The runner of policy `name`: a kvpress press (`kvpress:` names) or one of ours."""
     return (PressRunner if is_press(name) else CacheRunner)(model, name, positions=positions, buffer=buffer)
+
+
+def policy_name(family: str, budget: int, score: str | None, recent_share: float = 0.125) -> str:
+    """The family's policy at `budget` (h2o.policies.at_budget): streaming_4_{b-4}, h2o_4_{b//8}_{b}_{rule}, ...
+    with a recent window of `recent_share` of the budget (at most what the 4 sinks leave)."""
+    return at_budget(family, budget, score, recent=min(budget - 4, int(recent_share * budget))).name

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # work name -> "module:function(model, tokenizer, spec) -> result"; each a pure function of its spec and the model
-WORK = {"answer": "h2o.eval.tasks:answer_unit", "losses": "h2o.eval.ppl:losses_unit"}
+WORK = {"answer": "h2o.eval.answers:answer_unit", "losses": "h2o.eval.ppl:losses_unit"}
 # options that change where or how a run runs, never what it measures (a resumed run may differ in them)
 NOT_CONFIGURATION = {"out", "resume", "ray", "workers", "no_progress", "module", "command"}
 LOCAL = "local"
@@ -226,18 +226,18 @@ class _Worker:
 
         if setup["threads"]:
             torch.set_num_threads(setup["threads"])
-        from . import heads, models, runners
+        from . import checkpoints, head_score_cache, runners
 
-        self.model, self.tokenizer = models.load_model(setup["model"], setup["device"], setup["dtype"],
+        self.model, self.tokenizer = checkpoints.load_model(setup["model"], setup["device"], setup["dtype"],
                                                        setup["attn"], setup["device_map"])
         model, tokenizer = self.model, self.tokenizer
-        runners.provide_head_scores(model, lambda: heads.scores_for(model, tokenizer, setup["model"],
+        runners.provide_head_scores(model, lambda: head_score_cache.scores_for(model, tokenizer, setup["model"],
                                                                      setup["data_dir"]))
 
     def info(self) -> dict:
-        from . import models
+        from . import checkpoints
 
-        return {**worker_info(self.model), "model": models.describe(self.model)}
+        return {**worker_info(self.model), "model": checkpoints.describe(self.model)}
 
     def run(self, unit: Unit) -> dict:
         return execute(self.model, self.tokenizer, unit)

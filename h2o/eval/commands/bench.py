@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import socket
 
-from . import data, report, tasks, units
-from .command import unique_policies
-from .ppl import check_eviction_in_force, text_losses
-from .runners import canonical, describe, is_press, ppl_comparable
-from .speed import measure_speed
+from .. import answers, data, report, units
+from ..session import unique_policies
+from ..ppl import check_eviction_in_force, text_losses
+from ..runners import canonical, describe, is_press, ppl_comparable
+from ..speed import measure_speed
 
 NAME = "bench"
 HELP = "the results table: PPL, speed and memory per policy"
@@ -88,7 +88,7 @@ def check(args) -> dict:
     if args.passkey_cases < 0:
         raise ValueError(f"--passkey-cases must be >= 0, got {args.passkey_cases}")
     if args.passkey_cases and not args.model.startswith("random:"):
-        tasks.check_passkey(policies, args.passkey_length, args.buffer, args.model, args.positions, tuple(args.tasks))
+        answers.check_passkey(policies, args.passkey_length, args.buffer, args.model, args.positions, tuple(args.tasks))
     return {"policies": policies, "texts": texts}
 
 
@@ -123,7 +123,7 @@ def run(session, plan) -> int:
     passkey, passkey_note = {}, None
     if tokenizer is not None and args.passkey_cases:
         haystacks = {name: text for name, (text, _) in texts.items()}
-        passkey, passkey_note = tasks.tasks_kept(session, policies, haystacks, args.tasks, args.passkey_cases,
+        passkey, passkey_note = answers.tasks_kept(session, policies, haystacks, args.tasks, args.passkey_cases,
                                                  args.passkey_length)
 
     if tokenizer is None or "wikitext" not in texts:

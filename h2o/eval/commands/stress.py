@@ -27,18 +27,17 @@ import torch
 import h2o
 from h2o.policies import parse, resolve
 
-from . import memory, report
-from .command import add_text_options, load_text, unique_policies
-from .ppl import PPLResult, ValidityError, check_bound, check_eviction_in_force, next_token_losses, trained_context
-from .speed import sync
+from .. import memory, report
+from ..memory import MEMORY_SHARE, OK, OOM, SKIPPED, is_oom
+from ..session import add_text_options, load_text, unique_policies
+from ..ppl import PPLResult, ValidityError, check_bound, check_eviction_in_force, next_token_losses, trained_context
+from ..speed import sync
 
 NAME = "stress"
 HELP = "long-context stress test: TPOT, memory and segment PPL per policy from 1k to 16k tokens"
 DEFAULT_POLICIES = ["full", "streaming_4_252", "h2o_4_32_256"]
 CPU_LENGTHS = [1024, 2048, 4096, 8192, 16384]
 CUDA_LENGTHS = CPU_LENGTHS + [32768]
-MEMORY_SHARE = 0.5  # caches may grow to this share of (memory available + what they already hold)
-OK, OOM, SKIPPED = "ok", "OOM", "skipped: would exceed memory"
 COLUMNS = {"policy": "Policy", "length": "Context", "status": "Status", "tpot_median_ms": "TPOT med (ms)",
            "tpot_min_ms": "TPOT min (ms)", "kv_mib": "KV MiB", "kept_tokens": "Kept",
            "process_mem_mib": "Process MiB", "segment_ppl": "Segment PPL"}
@@ -56,10 +55,6 @@ def add_arguments(p) -> None:
 
 def _forward(model, ids, cache):
     return model(ids, past_key_values=cache, use_cache=True).logits
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
 @dataclass(eq=False)
@@ -142,7 +137,7 @@ def _each(model, runs, ids, start, stop, device, target, timed=False) -> None:
         try:
             elapsed = _advance(model, run, ids, start, stop, device)
         except RuntimeError as err:
-            if isinstance(err, ValidityError) or not _is_oom(err):
+            if isinstance(err, ValidityError) or not is_oom(err):
                 raise
             elapsed = None
         if elapsed is None:  # freed here, once the traceback no longer holds the forward's tensors

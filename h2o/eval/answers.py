@@ -1,19 +1,11 @@
-"""`h2o tasks`: synthetic retrieval tasks under each policy, scored only where the full cache succeeds.
-
-Perplexity hides what a policy forgets; a retrieval task shows it, but only if the model can solve
-the case at all. So every case also runs with the full cache under the same protocol, and a case
-counts for a policy only where the full cache solved it (the full-cache control):
-
-    kept share = cases the policy solved, among those the full cache solved / cases the full cache solved
-
-A task whose full cache solved fewer than `--min-solved` cases gets no score: the model cannot do
-it at that length, and a policy's failures there would be the model's.
+"""Retrieval cases answered under each policy, scored against the full-cache control: the harness that
+`h2o tasks`, and the retrieval columns of `h2o bench` and `h2o sweep`, run on.
 
 Protocols (named in every output; the control always runs the same one):
 - question-aware: the whole prompt, question included, in one forward; the cache is compressed
   after it (what kvpress and SnapKV measure). The prompt's last token is fed after the compression,
   so every answer token is predicted from the compressed cache, none from the full prefill.
-- streaming: the context is fed `--chunk` tokens per forward with eviction in force throughout
+- streaming: the context is fed `chunk` tokens per forward with eviction in force throughout
   (the memory-bounded case), then the question (suffix) on the compressed cache.
 Answers are greedy, token by token on the cache, until EOS or the task's `max_new_tokens`; every
 layer's cache must stay within budget + buffer after every forward (`ValidityError` otherwise),
@@ -31,27 +23,14 @@ from dataclasses import dataclass
 import torch
 
 import h2o
-from h2o.policies import resolve
+from h2o.policies import is_family, resolve
 
-from . import data, models, report, retrieval, units
-from .runners import canonical, describe, is_press, open_runner
-from h2o.policies import families, is_family
-
-from .sweep import policy_name
+from . import checkpoints, report, retrieval
+from .runners import canonical, describe, is_press, open_runner, policy_name
 from .units import Unit
 
-NAME = "tasks"
-HELP = "retrieval tasks (passkey, RULER NIAH, key-value, variable tracking) with a full-cache control"
 PROTOCOLS = ("question-aware", "streaming")
-DEFAULT_TASKS = ["passkey", "niah_multikey", "niah_multivalue"]
-DEFAULT_BOOKS = ["10146", "10321", "24553"]
-COLUMNS = {"task": "Task", "policy": "Policy", "budget": "Budget", "budget_share": "Budget / prompt",
-           "kv_mib": "KV MiB",
-           "cases": "Cases", "full_solved": "Full solved", "policy_solved": "Policy solved",
-           "kept_share": "Kept share", "policy_accuracy": "Policy acc.", "full_accuracy": "Full acc."}
 
-
-# --- the runner (a library of the harness: bench uses it too) ------------------------------------------
 
 @dataclass(frozen=True)
 class Variant:
@@ -281,7 +260,7 @@ def check_context(model: str, positions: str, length: int, new_tokens: int, prom
     trained context."""
     if positions != "original":
         return
-    trained = getattr(models.load_config(model), "max_position_embeddings", None)
+    trained = getattr(checkpoints.load_config(model), "max_position_embeddings", None)
     if trained and length + new_tokens > trained:
         raise ValueError(f"{prompt}s of {length} tokens plus the answer pass the model's trained context of "
                          f"{trained} with positions 'original'; use --positions reindex or shorter prompts")
@@ -323,168 +302,3 @@ def tasks_kept(session, policies: list[str], haystacks: dict[str, str], task_nam
             "(the full-cache control; `h2o tasks` has more cases and lengths)")
     kept = {task: {r["policy"]: r for r in summary if r["task"] == task} for task in task_names}
     return kept, "; ".join([note, *notes])
-
-
-# --- the command ---------------------------------------------------------------------------------------
-
-def add_arguments(p) -> None:
-    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help=f"any of {', '.join(retrieval.TASKS)}")
-    p.add_argument("--policies", nargs="+", default=["streaming", "h2o_mean"],
-                   help=f"families ({', '.join(families())}: sized by --budgets or --budget-ratio) or policy names (grammar below); "
-                        "the full cache always runs as the control")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--budgets", nargs="+", type=int, default=None, help="family budgets in tokens (default: unset; families are sized by --budget-ratio)")
-    group.add_argument("--budget-ratio", nargs="+", type=float, default=[0.15, 0.3],
-                       help="family budgets as shares of each case's length")
-    p.add_argument("--lengths", nargs="+", type=int, default=[768], help="prompt lengths (tokens)")
-    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9],
-                   help="needle depths in [0, 1]")
-    p.add_argument("--cases", type=int, default=2, help="cases per (length, depth) cell")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (needles, keys, values)")
-    p.add_argument("--protocol", default="question-aware", choices=PROTOCOLS,
-                   help="question-aware: the whole prompt, question included, in one forward, compressed "
-                        "after it; streaming: the context fed --chunk tokens per forward with eviction in force, "
-                        "then the question")
-    p.add_argument("--chunk", type=int, default=128, help="tokens per forward of the context (streaming protocol)")
-    p.add_argument("--min-solved", type=int, default=5,
-                   help="fewest cases the full cache must solve for a task to be scored")
-    p.add_argument("--corpora", nargs="+", default=["pg19", "wikitext"], choices=list(data.CORPORA),
-                   help="haystack text")
-    p.add_argument("--pg19-books", nargs="+", default=DEFAULT_BOOKS, help="PG-19 test books for the haystacks")
-    p.add_argument("--text-file", default=None, help="haystack from this text file instead of --corpora")
-    units.add_arguments(p)
-
-
-def check(args) -> dict:
-    unknown = [t for t in args.tasks if t not in retrieval.TASKS]
-    if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(retrieval.TASKS)}")
-    if args.model.startswith("random:"):
-        raise ValueError(f"{args.model} has random weights and no tokenizer: retrieval tasks need a pretrained model")
-    bad = [d for d in args.depths if not 0.0 <= d <= 1.0]
-    if bad:
-        raise ValueError(f"--depths must lie in [0, 1], got {bad[0]}")
-    if args.cases < 1:
-        raise ValueError(f"--cases must be >= 1, got {args.cases}")
-    if args.chunk < 1 or args.min_solved < 1:
-        raise ValueError(f"--chunk and --min-solved must be >= 1 (got {args.chunk}, {args.min_solved})")
-    if min(args.lengths) < 1:
-        raise ValueError(f"--lengths must be positive, got {min(args.lengths)}")
-    if args.budgets is None and not all(0 < r < 1 for r in args.budget_ratio):
-        raise ValueError(f"--budget-ratio must lie in (0, 1), got {' '.join(map(str, args.budget_ratio))}")
-    variant_list = variants(args.policies, args.budgets, None if args.budgets else args.budget_ratio, args.score)
-    if not variant_list:
-        raise ValueError("no policy to compare with the full cache: give --policies")
-    prefill_presses = [v.label for v in variant_list if is_press(v.label) and not describe(v.label).decoding]
-    if args.protocol == "streaming" and prefill_presses:
-        raise ValueError(f"{prefill_presses[0]}: a kvpress prefill press compresses only the first forward, so under "
-                         "--protocol streaming (the context fed --chunk tokens a forward) it would not bound the "
-                         "cache; use kvpress:decoding:<press> or --protocol question-aware")
-    lengths = sorted(set(args.lengths))
-    check_budgets([v.policy(lengths[0], args.score) for v in variant_list], lengths[0], args.buffer, "prompt",
-                  "use longer --lengths, a smaller budget or --buffer")
-    check_context(args.model, args.positions, lengths[-1], max(retrieval.MAX_NEW_TOKENS[t] for t in args.tasks),
-                  "prompt")
-    if args.text_file:
-        haystacks = {"file": data.load_text_file(args.text_file)[0]}
-    else:
-        haystacks = {}
-        for corpus in args.corpora:
-            for doc in (args.pg19_books if corpus == "pg19" else [None]):
-                text, _ = data.load_document(corpus, doc, args.data_dir)
-                haystacks[f"pg19/{doc}" if corpus == "pg19" else "wikitext"] = text
-    return {"variants": variant_list, "lengths": lengths, "haystacks": haystacks}
-
-
-def run(session, plan) -> int:
-    args = session.args
-    model, tokenizer = session.load_model()
-    cases = [c for task in args.tasks for c in
-             retrieval.generate_cases(task, tokenizer, plan["haystacks"], plan["lengths"], args.depths, args.cases,
-                                      args.seed)]
-    variant_list = plan["variants"]
-    rows = run_cases(model, tokenizer, cases, variant_list, args.protocol, chunk=args.chunk,
-                     positions=args.positions, buffer=args.buffer, score=args.score, run_units=session.run_units)
-    summary, notes = summarize(rows, args.min_solved)
-    protocol = (f"protocol {args.protocol}" + (f" (context fed {args.chunk} tokens per forward)"
-                                                 if args.protocol == "streaming" else " (one prefill)"))
-    notes = [session.model_line,
-             f"{protocol}; {len(cases)} cases: tasks {', '.join(args.tasks)}, lengths "
-             f"{' '.join(map(str, plan['lengths']))}, depths {' '.join(map(str, args.depths))}, {args.cases} per cell, "
-             f"seed {args.seed}; haystacks: {', '.join(plan['haystacks'])}; greedy answers",
-             "Kept share = cases the policy solved among those the full cache solved (the full-cache control) / "
-             f"cases the full cache solved; no score where the full cache solved fewer than {args.min_solved}; "
-             "Policy acc. = mean score over all cases (RULER string_match_all; passkey: exact first number)",
-             *notes]
-    if any(is_press(v.label) and describe(v.label).adakv for v in variant_list):
-        notes.append("kvpress:adakv:<press> is kvpress's AdaKVPress: it keeps every prompt token and masks each KV "
-                     "head's evicted ones in attention (head budgets simulated), so its KV MiB is the full cache's; "
-                     "its Budget is the average kept per head")
-    session.write_csv("tasks.csv", summary)
-    session.write_csv("tasks_cases.csv", rows)
-    session.write_json("tasks.json", protocol=args.protocol, summary=summary, cases=rows, notes=notes)
-    title = f"{session.info['name']}, {protocol}"
-    session.plot("tasks_kept_share.png", plot_kept_share(summary, title))
-    if "passkey" in args.tasks:
-        session.plot("tasks_passkey_grid.png", plot_grid([r for r in rows if r["task"] == "passkey"], title))
-    return session.finish([report.format_table(summary, COLUMNS)], notes)
-
-
-# --- plots ---------------------------------------------------------------------------------------------
-
-def plot_kept_share(summary: list[dict], title: str):
-    plt = report.pyplot()
-    tasks = list(dict.fromkeys(r["task"] for r in summary))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False, layout="constrained")
-    for ax, task in zip(axes[0], tasks):
-        rows = [r for r in summary if r["task"] == task and r["policy"] != "full"]
-        full = next(r for r in summary if r["task"] == task and r["policy"] == "full")
-        for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
-            pts = sorted((r["budget_share"], r["kept_share"]) for r in rows
-                         if r["policy"] == policy and r["kept_share"] is not None)
-            if pts:
-                ax.plot(*zip(*pts), "os^D"[i % 4] + "-", color=f"C{i}", label=policy)
-        if all(r["kept_share"] is None for r in rows):
-            ax.text(0.5, 0.5, f"not scored: the full cache solved\n{full['full_solved']} of {full['cases']} cases",
-                    ha="center", va="center", transform=ax.transAxes, color="gray")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("budget / prompt tokens")
-        ax.set_ylabel("kept share (of the full cache's solved cases)")
-        ax.set_title(f"{task} (full cache solved {full['full_solved']}/{full['cases']})", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle(f"Retrieval kept vs budget: {title}", fontsize=9)
-    return fig
-
-
-def plot_grid(rows: list[dict], title: str):
-    """Depth x length per policy: the share of cases solved in each cell; the full cache's panel first.
-    Cells where the full cache solved nothing are grey: they say nothing about the policy."""
-    plt = report.pyplot()
-    import numpy as np
-
-    panels = list(dict.fromkeys((r["policy"], r["budget"]) for r in rows))
-    depths = sorted({r["depth"] for r in rows})
-    lengths = sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.1 * len(lengths) * len(panels), 0.5 * len(depths) + 2),
-                             squeeze=False, layout="constrained")
-    for ax, (policy, budget) in zip(axes[0], panels):
-        grid = np.full((len(depths), len(lengths)), np.nan)
-        for i, d in enumerate(depths):
-            for j, n in enumerate(lengths):
-                cell = [r for r in rows if (r["policy"], r["budget"]) == (policy, budget)
-                        and r["depth"] == d and r["length"] == n and (r["full_solved"] or policy == "full")]
-                if cell:
-                    grid[i, j] = statistics.mean(float(r["solved"]) for r in cell)
-                text = "–" if not cell else f"{sum(r['solved'] for r in cell)}/{len(cell)}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7)
-        ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        ax.set_facecolor("#cccccc")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("needle depth")
-        ax.set_title("full cache" if policy == "full" else f"{policy} @ {budget}", fontsize=8)
-    fig.suptitle(f"Passkey solved per cell (policies: among the full cache's solved cases)\n{title}", fontsize=8)
-    return fig

@@ -22,14 +22,14 @@ import psutil
 import torch
 
 import h2o
-from h2o.policies import at_budget, families, is_family, resolve
+from h2o.policies import families, is_family, resolve
 
-from . import data, report, units
-from .command import add_text_options, load_text, unique_policies
-from .memory import PeakMemory
-from .ppl import check_eviction_in_force, text_losses
-from .speed import measure_speed
-from .stress import MEMORY_SHARE, OK, OOM, SKIPPED, _is_oom
+from .. import data, report, units
+from ..session import add_text_options, load_text, unique_policies
+from ..memory import MEMORY_SHARE, OK, OOM, SKIPPED, PeakMemory, is_oom
+from ..ppl import check_eviction_in_force, text_losses
+from ..runners import policy_name
+from ..speed import measure_speed
 
 NAME = "sweep"
 HELP = "PPL vs cache budget per policy family, and decode throughput vs batch size until memory runs out"
@@ -90,12 +90,6 @@ def rule_family(name: str) -> str:
     return name
 
 
-def policy_name(family: str, budget: int, score: str | None, recent_share: float = 0.125) -> str:
-    """The family's policy at `budget` (h2o.policies.at_budget): streaming_4_{b-4}, h2o_4_{b//8}_{b}_{rule}, ...
-    with a recent window of `recent_share` of the budget (at most what the 4 sinks leave)."""
-    return at_budget(family, budget, score, recent=min(budget - 4, int(recent_share * budget))).name
-
-
 def check(args) -> dict:
     """Resolve the device-dependent defaults and reject impossible requests before any loading."""
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
@@ -138,7 +132,7 @@ def check(args) -> dict:
     if args.passkey_cases < 0:
         raise ValueError(f"--passkey-cases must be >= 0, got {args.passkey_cases}")
     if args.passkey_cases and "ppl" in args.parts:
-        from .tasks import check_passkey  # tasks builds on this module's policy names
+        from ..answers import check_passkey
         if args.model.startswith("random:"):
             raise ValueError("--passkey-cases needs a pretrained model with a tokenizer")
         check_passkey(ppl_policies, args.passkey_length, args.buffer, args.model, args.positions)
@@ -232,7 +226,7 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
     for r in rows:  # every row says how it was measured
         r.update(ppl_mode=mode, ppl_tokens=args.ppl_tokens, positions=args.positions, buffer=args.buffer)
     if args.passkey_cases:
-        from .tasks import passkey_kept
+        from ..answers import passkey_kept
         texts = plan["texts"] or {"text": plan["text"]}
         kept, note = passkey_kept(session, list(dict.fromkeys(r["policy"] for r in rows)),
                                   {k: v[0] for k, v in texts.items()}, args.passkey_cases, args.passkey_length)
@@ -316,7 +310,7 @@ def throughput_part(session, plan, notes) -> tuple[list[dict], str]:
                                           memory_steps=2, positions=args.positions, buffer=args.buffer,
                                           progress=not args.no_progress)
             except RuntimeError as err:
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 speed = None
             finally:

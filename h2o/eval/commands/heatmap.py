@@ -13,9 +13,9 @@ from __future__ import annotations
 import psutil
 import torch
 
-from . import report
-from .command import add_text_options, load_text
-from .stress import MEMORY_SHARE
+from .. import report
+from ..session import add_text_options, load_text
+from ..memory import MEMORY_SHARE
 
 NAME = "heatmap"
 HELP = "attention heatmaps (log scale) of chosen layers over a short text: sinks and heavy hitters"

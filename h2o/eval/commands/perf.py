@@ -25,12 +25,12 @@ import torch
 
 from h2o.policies import parse
 
-from . import compiled as compiled_steps
-from . import parts
-from . import report
-from .command import add_text_options, load_text
-from .runners import open_runner
-from .speed import _run_step, timed
+from .. import compiled as compiled_steps
+from .. import parts
+from .. import report
+from ..session import add_text_options, load_text
+from ..runners import open_runner
+from ..speed import _run_step, timed
 
 NAME = "perf"
 HELP = "bookkeeping cost: decode-step and prefill time ratios against their floors, KV bytes vs tokens"

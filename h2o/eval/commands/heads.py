@@ -7,29 +7,17 @@ not tuned on the texts they are then measured on. Random-weight models have no t
 only. Prints the top heads per score, writes heads.csv (one row per layer x KV head), heads.json (the scores and
 how they were made) and heads.png (a heatmap per score).
 
-The scores are computed once per model and cached (`scores_for`, which the head-wise allocations also use):
-
-    embedded model     <its converted copy, models.smollm2_copy()>/head_scores.json
-    any other model    $H2O_CACHE_DIR (default ~/.cache/h2o)/head_scores/<model name, made safe>-<hash>.json
-
-A cached file is used only when its inputs (`h2o.heads.method_inputs`: the model's config and a fingerprint of its
-weights, dtype, seed, token counts, cases, the calibration text's hash, the h2o version) equal this run's;
-otherwise the scores are recomputed and the file replaced atomically. --recompute forces it.
+The scores are computed once per model and cached (`h2o.eval.head_score_cache`, which the head-wise allocations
+also read); a cached file is reused only when its inputs equal this run's. --recompute forces it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from pathlib import Path
-
-from . import data, models, report
+from .. import data, report
+from ..head_score_cache import CALIBRATION_BOOK, DEFAULTS, lookup
 
 NAME = "heads"
 HELP = "training-free KV-head scores: induction and echo on repeated random tokens, retrieval on calibration needles"
-CALIBRATION_BOOK = "3129"  # PG-19 test book no evaluation uses (they use 10146, 10321, 24553, 2544)
-DEFAULTS = {"seed": 0, "random_tokens": 256, "repeats": 4, "cases": 8, "context_tokens": 768}
 COLUMNS = {"rank": "Rank", "layer": "Layer", "kv_head": "KV head", "induction": "Induction", "echo": "Echo",
            "retrieval": "Retrieval"}
 
@@ -60,60 +48,6 @@ def check(args) -> dict:
     retrieval = args.cases > 0 and not args.model.startswith("random:")
     text = data.load_document("pg19", args.calibration_book, args.data_dir) if retrieval else None
     return {"text": text}
-
-
-# --- the cache -------------------------------------------------------------------------------------
-
-def cache_path(model_name: str) -> Path:
-    """Where the scores of `model_name` are cached (see the module docstring)."""
-    if model_name == models.EMBEDDED:
-        return models.smollm2_copy() / "head_scores.json"
-    key = str(Path(model_name).expanduser().resolve()) if Path(model_name).expanduser().is_dir() else model_name
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[-80:] or "model"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    # beside the embedded copy's folder, not inside it: models._convert renames a fresh copy onto that folder
-    return models.cache_dir().parents[1] / "head_scores" / f"{safe}-{digest}.json"
-
-
-def lookup(model, tokenizer, model_name: str, data_dir=None, progress=None, *, book: str = CALIBRATION_BOOK,
-           text: tuple[str, str] | None = None, recompute: bool = False, **options):
-    """(scores, cache path, whether the cached file was reused): the cached scores of the model when their inputs
-    are this call's, else computed (`h2o.head_scores`) and cached. `options`: seed, random_tokens, repeats,
-    cases, context_tokens (default `DEFAULTS`); `text`: the calibration text if already read."""
-    from h2o.heads import HeadScores, head_scores, method_inputs
-
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown head-score options: {', '.join(sorted(unknown))}")
-    options = {**DEFAULTS, **options}
-    texts, names = None, None
-    if tokenizer is not None and options["cases"] > 0:
-        if text is None:
-            text = data.load_document("pg19", book, data_dir)
-        texts, names = [text[0]], [f"pg19:{book}"]
-    path = cache_path(model_name)
-    inputs = _normal(method_inputs(model, tokenizer, texts, **options))
-    if path.is_file() and not recompute:
-        try:
-            cached = HeadScores.load(path)
-        except (ValueError, KeyError, TypeError, OSError):  # unreadable or of another format: recomputed
-            cached = None
-        if cached is not None and _normal(cached.method.get("inputs")) == inputs:
-            return cached, path, True
-    scores = head_scores(model, tokenizer, texts, progress=progress, text_names=names, **options)
-    scores.method["calibration_text"] = {"name": names[0], "source": text[1]} if names else None
-    scores.save(path)
-    return scores, path, False
-
-
-def scores_for(model, tokenizer, model_name: str, data_dir=None, progress=None, **options):
-    """The model's head scores (`h2o.heads.HeadScores`), computed once and cached beside the model (see the module
-    docstring); `options` as `lookup`'s (book, recompute, seed, random_tokens, repeats, cases, context_tokens)."""
-    return lookup(model, tokenizer, model_name, data_dir, progress, **options)[0]
-
-
-def _normal(value):
-    return json.loads(json.dumps(value, sort_keys=True)) if value is not None else None
 
 
 # --- the command -----------------------------------------------------------------------------------

@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 
 from h2o.policies import DEFAULT_SCORE
 
-from . import data, models, report
+from . import checkpoints, data, report
 
 
 def add_shared_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=models.EMBEDDED,
-                   help=f"built-in name ({', '.join(models.list_models())}), hub id or local directory")
+    g.add_argument("--model", default=checkpoints.EMBEDDED,
+                   help=f"built-in name ({', '.join(checkpoints.list_models())}), hub id or local directory")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g.add_argument("--device", default=device,
                    help=f"cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu; here {device})")
@@ -114,18 +114,18 @@ class Session:
         if local is None:
             local = getattr(a, "ray", None) is None
         if not local:
-            self.tokenizer = models.load_tokenizer(a.model)
+            self.tokenizer = checkpoints.load_tokenizer(a.model)
             self.info = next(iter(self._units_executor().infos.values()))["model"]
             return None, self.tokenizer
-        self.model, self.tokenizer = models.load_model(a.model, a.device, a.dtype, attn or a.attn, a.device_map)
-        self.info = models.describe(self.model)
+        self.model, self.tokenizer = checkpoints.load_model(a.model, a.device, a.dtype, attn or a.attn, a.device_map)
+        self.info = checkpoints.describe(self.model)
         from . import runners
 
         model, tokenizer = self.model, self.tokenizer
 
         def head_scores():  # for allocations that rank heads: computed on first need, cached beside the model
-            from . import heads
-            return heads.scores_for(model, tokenizer, a.model, a.data_dir)
+            from . import head_score_cache
+            return head_score_cache.scores_for(model, tokenizer, a.model, a.data_dir)
 
         runners.provide_head_scores(model, head_scores)
         return self.model, self.tokenizer
@@ -136,7 +136,7 @@ class Session:
 
     def token_ids(self, text: tuple[str, str] | None, n: int) -> tuple[torch.Tensor, str]:
         """[1, n] ids of the text, or random ids for a random-weight model (no tokenizer)."""
-        vocab = (self.model.config if self.model is not None else models.load_config(self.args.model)).vocab_size
+        vocab = (self.model.config if self.model is not None else checkpoints.load_config(self.args.model)).vocab_size
         return data.token_ids(self.tokenizer, vocab, text, n, self.args.bos)
 
     def progress(self, **kwargs) -> tqdm:
