@@ -62,7 +62,7 @@ def test_cases_come_in_cell_order_with_the_task_settings(task, grid):
     cases = grid[task]
     assert [(c.length, c.depth, c.index) for c in cases] == [(n, d, i) for n in LENGTHS for d in DEPTHS for i in (0, 1)]
     for c in cases:
-        assert (c.task, c.seed, c.max_new_tokens) == (task, 7, R.MAX_NEW_TOKENS[task])
+        assert (c.task, c.seed, c.max_new_tokens) == (task, 7, R.max_new_tokens(task, c.phrasing))
         assert c.scorer == ("first_number" if task == "passkey" else "string_match_all")
         assert c.prompt == c.prefix + c.context + c.suffix
         if task == "kv_retrieval":
@@ -208,3 +208,48 @@ def test_refusals(kwargs, message, tok, haystacks):
     args = dict(task="passkey", tokenizer=tok, haystacks=haystacks, lengths=[500], depths=[0.5], cases=1, seed=0)
     with pytest.raises(ValueError, match=re.escape(message)):
         R.generate_cases(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("task", R.TASKS)
+def test_every_phrasing_words_the_same_draws_differently_at_the_asked_length(task, tok, haystacks):
+    cases = {p: R.generate_cases(task, tok, haystacks, [700], [0.2, 0.8], 1, seed=5, phrasing=p)
+             for p in R.PHRASINGS}
+    for p, cs in cases.items():
+        for c in cs:
+            assert c.phrasing == p and c.max_new_tokens == R.max_new_tokens(task, p)
+            assert abs(n_tokens(tok, c.prefix) + n_tokens(tok, c.context) + n_tokens(tok, c.suffix) - 700) <= 0.05 * 700
+            assert all(n in c.context for n in c.needles)
+            for ref in c.references:  # the answer occurs in the needles, nowhere else in the prompt
+                outside = c.prompt
+                for n in c.needles:
+                    outside = outside.replace(n, "")
+                if task != "variable_tracking":
+                    assert ref.lower() not in outside.lower()
+                assert any(ref in n for n in c.needles)
+        header = "<|im_start|>assistant\n"  # the chat template's: the answer starts right after it
+        if p == "completion":  # the answer's opening follows the header
+            assert all(header in c.suffix and not c.suffix.endswith(header) for c in cs)
+        else:  # no opening: the model starts the answer itself
+            assert all(c.suffix.endswith(header) for c in cs)
+    # the same draws in every phrasing: references, haystack start, asked depths
+    for i in range(2):
+        same = [cases[p][i] for p in R.PHRASINGS]
+        assert len({c.references for c in same}) == 1 and len({c.depth for c in same}) == 1
+        assert len({c.source.split(" chars ")[0] + c.source.split(" chars ")[-1].split("-")[0] for c in same}) == 1
+        # instruction (prefix), question (suffix) and needles all change with the phrasing
+        assert len({c.prefix for c in same}) == len({c.suffix for c in same}) == 3
+        if task != "kv_retrieval":
+            assert len({c.needles for c in same}) == 3
+
+
+def test_an_unknown_phrasing_is_refused(tok, haystacks):
+    with pytest.raises(ValueError, match="unknown phrasing 'terse'; phrasings: answer-only, restate, completion"):
+        R.generate_cases("passkey", tok, haystacks, [500], [0.5], 1, seed=0, phrasing="terse")
+
+
+def test_the_default_phrasing_is_each_tasks_reference_template(tok, haystacks):
+    for task in R.TASKS:
+        default = R.generate_cases(task, tok, haystacks, [500], [0.5], 1, seed=0)[0]
+        assert default.phrasing == R.DEFAULT_PHRASING[task]
+        assert default == R.generate_cases(task, tok, haystacks, [500], [0.5], 1, seed=0,
+                                           phrasing=R.DEFAULT_PHRASING[task])[0]

@@ -19,10 +19,10 @@ def h2o_tasks(*argv) -> int:
         return exit.code
 
 
-def _case(task="passkey", index=0, depth=0.5):
+def _case(task="passkey", index=0, depth=0.5, phrasing="restate"):
     return retrieval.Case(task=task, length=100, depth=depth, index=index, seed=0, source="test", prefix="p ",
                           context="c", suffix=" s", references=("12345",), needles=("n",), max_new_tokens=4,
-                          scorer="first_number")
+                          scorer="first_number", phrasing=phrasing)
 
 
 def test_a_policy_never_scores_on_a_case_the_full_cache_failed(monkeypatch):
@@ -48,6 +48,41 @@ def test_a_policy_never_scores_on_a_case_the_full_cache_failed(monkeypatch):
     summary, notes = answers.summarize(rows, min_solved=3)  # the full cache solved too few: no score at all
     assert summary[1]["kept_share"] is None
     assert "solved 2 of 3 cases" in notes[0] and "the model cannot do this task" in notes[0]
+
+
+def test_phrasings_are_summarised_each_and_pooled_with_intervals_and_paired_tests(monkeypatch):
+    # 8 cases in each of two phrasings; the full cache solves all; policy a solves all 16, b only in "completion"
+    solved = {"full": lambda c: True, "streaming_4_12": lambda c: True, "tova_4_4_16": lambda c: c.phrasing == "completion"}
+
+    def respond(model, tokenizer, case, policy, protocol, **kw):
+        return answers.Answer("x", float(solved[policy](case)), 100, 16 if policy != "full" else 99, policy != "full")
+
+    monkeypatch.setattr(answers, "respond", respond)
+    monkeypatch.setattr(answers.h2o, "restore", lambda model: None)
+    cases = [_case(index=i, phrasing=p) for p in ("restate", "completion") for i in range(8)]
+    variant_list = [answers.Variant(n, "16", name=n) for n in ("streaming_4_12", "tova_4_4_16")]
+    rows = answers.run_cases(None, None, cases, variant_list, "question-aware", chunk=8, positions="original",
+                             buffer=0)
+    summary, _ = answers.summarize(rows, min_solved=1)
+    assert [(r["phrasing"], r["policy"]) for r in summary] == [
+        (p, q) for p in ("restate", "completion", "all") for q in ("full", "streaming_4_12", "tova_4_4_16")]
+    at = {(r["phrasing"], r["policy"]): r for r in summary}
+    assert (at["all", "tova_4_4_16"]["policy_solved"], at["all", "tova_4_4_16"]["control"]) == (8, 16)
+    assert at["restate", "tova_4_4_16"]["kept_share"] == 0.0 and at["completion", "tova_4_4_16"]["kept_share"] == 1.0
+    for r in summary:
+        if r["policy"] != "full":  # the Wilson interval holds the share
+            assert r["kept_low"] <= r["kept_share"] <= r["kept_high"] and r["interval"].startswith("[")
+    assert at["all", "full"]["full_low"] > 0.75 and at["all", "full"]["full_high"] == 1.0
+    paired = {(c["phrasing"], c["policy_a"], c["policy_b"]): c for c in answers.compare(rows)}
+    # in "restate" a beats b on all 8 (p = 2 / 2^8); in "completion" they tie; pooled, a still wins
+    assert paired["restate", "streaming_4_12", "tova_4_4_16"]["verdict"] == "streaming_4_12 better"
+    assert paired["restate", "streaming_4_12", "tova_4_4_16"]["p_value"] == pytest.approx(2 / 2 ** 8)
+    assert paired["completion", "streaming_4_12", "tova_4_4_16"]["verdict"] == "not separated"
+    assert paired["all", "streaming_4_12", "tova_4_4_16"]["a_only"] == 8 and paired["all", "streaming_4_12", "tova_4_4_16"]["b_only"] == 0
+    assert paired["all", "full", "streaming_4_12"]["verdict"] == "not separated"
+    assert paired["all", "full", "tova_4_4_16"]["verdict"] == "full better"
+    note = answers.supported_note([c for c in answers.compare(rows) if c["phrasing"] == "all"], "passkey kept")
+    assert "streaming_4_12 better than tova_4_4_16 (16 vs 8 of 16" in note and "1 of 3 pairs not separated" in note
 
 
 def test_a_case_that_never_evicted_is_not_scored(monkeypatch):
@@ -131,13 +166,17 @@ def test_tasks_command_end_to_end(tmp_path, capsys):
         pytest.skip(f"the embedded model's weights package {checkpoints.SMOLLM2_PACKAGE} is not installed")
     out = tmp_path / "out"
     assert h2o_tasks("--tasks", "passkey", "--lengths", 400, "--depths", 0.3, 0.7, "--cases", 1, "--policies", "streaming",
-                     "h2o_4_8_64", "--budget-ratio", 0.2, "--buffer", 0, "--min-solved", 1, "--out", out) == 0
-    for name in ("tasks.csv", "tasks_cases.csv", "tasks.json", "tasks_kept_share.png", "tasks_passkey_grid.png"):
+                     "h2o_4_8_64", "--budget-ratio", 0.2, "--buffer", 0, "--min-solved", 1, "--phrasings", "restate",
+                     "completion", "--out", out) == 0
+    for name in ("tasks.csv", "tasks_cases.csv", "tasks_paired.csv", "tasks.json", "tasks_kept_share.png",
+                 "tasks_passkey_grid.png"):
         assert (out / name).stat().st_size > 0
     summary = list(csv.DictReader(open(out / "tasks.csv")))
-    assert [(r["policy"], r["budget"]) for r in summary] == [("full", "–"), ("streaming", "20%"),
-                                                             ("h2o_4_8_64_mean", "64")]
-    assert all(r["cases"] == "2" for r in summary)
+    assert [(r["phrasing"], r["policy"], r["budget"]) for r in summary] == [
+        (p, *q) for p in ("restate", "completion", "all")
+        for q in (("full", "–"), ("streaming", "20%"), ("h2o_4_8_64_mean", "64"))]
+    assert [r["cases"] for r in summary] == ["2"] * 6 + ["4"] * 3
+    summary = [r for r in summary if r["phrasing"] == "all"]
     cases = list(csv.DictReader(open(out / "tasks_cases.csv")))
     assert {r["policy_name"] for r in cases} == {"full", "streaming_4_76", "h2o_4_8_64_mean"}
     for r in summary[1:]:
@@ -145,6 +184,8 @@ def test_tasks_command_end_to_end(tmp_path, capsys):
         assert int(r["policy_solved"]) == sum(c["solved"] == "True" for c in control)
     record = json.loads((out / "tasks.json").read_text())
     assert record["command"] == "tasks" and record["protocol"] == "question-aware"
-    assert len(record["cases"]) == 6
+    assert len(record["cases"]) == 12 and record["paired"]
+    assert {(c["phrasing"], c["policy_a"], c["policy_b"]) for c in record["paired"]} >= {
+        ("all", "full", "streaming"), ("restate", "full", "streaming"), ("completion", "full", "streaming")}
     printed = capsys.readouterr().out
-    assert "| Task" in printed and "protocol question-aware (one prefill)" in printed
+    assert "| Task" in printed and "protocol question-aware (one prefill)" in printed and "McNemar" in printed

@@ -27,6 +27,7 @@ from h2o.policies import is_family, resolve
 
 from . import checkpoints, report, retrieval
 from .runners import canonical, describe, is_press, open_runner, policy_name
+from .stats import interval_text, mcnemar, wilson
 from .units import Unit
 
 PROTOCOLS = ("question-aware", "streaming")
@@ -164,7 +165,7 @@ def answer_unit(model, tokenizer, spec: dict) -> dict:
 
 
 def case_unit(case: retrieval.Case, policy: str, protocol: str, chunk: int, positions: str, buffer: int) -> Unit:
-    return Unit("answer", f"{protocol}:{case.task}:{case.length}:{case.depth}:{case.index}:{policy}",
+    return Unit("answer", f"{protocol}:{case.task}:{case.phrasing}:{case.length}:{case.depth}:{case.index}:{policy}",
                 {"case": dataclasses.asdict(case), "policy": policy, "protocol": protocol,
                  "chunk": chunk, "positions": positions, "buffer": buffer})
 
@@ -198,7 +199,8 @@ def run_cases(model, tokenizer, cases: list[retrieval.Case], variant_list: list[
 
 def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer) -> dict:
     p = describe(name)
-    return {"task": case.task, "length": case.length, "depth": case.depth, "index": case.index,
+    return {"task": case.task, "phrasing": case.phrasing, "length": case.length, "depth": case.depth,
+            "index": case.index,
             "protocol": protocol, "policy": label, "budget": budget, "policy_name": p.name,
             "budget_tokens": answer.budget_tokens if answer.budget_tokens is not None else p.budget,
             "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
@@ -208,40 +210,102 @@ def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer)
             "source": case.source}
 
 
+POOLED = "all"  # the phrasing of a summary row over every phrasing run
+
+
 def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]:
-    """Per task, policy and budget: cases, the full cache's solved cases, the policy's among them, kept share."""
+    """Per task, phrasing, policy and budget: cases, the full cache's solved cases, the policy's among them, the
+    kept share with its Wilson 95% interval; with more than one phrasing, also each task pooled over them
+    (phrasing "all")."""
     groups: dict[tuple, list[dict]] = {}
+    phrasings: dict[str, set] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["policy"], r["budget"]), []).append(r)
+        phrasings.setdefault(r["task"], set()).add(r["phrasing"])
+    for r in rows:
+        groups.setdefault((r["task"], r["phrasing"], r["policy"], r["budget"]), []).append(r)
+        if len(phrasings[r["task"]]) > 1:
+            groups.setdefault((r["task"], POOLED, r["policy"], r["budget"]), []).append(r)
     out, notes = [], []
-    for (task, policy, budget), group in groups.items():
+    for (task, phrasing, policy, budget), group in groups.items():
         scored = [r for r in group if r["compressed"] is not False]  # full rows: None; uncompressed: excluded
         control = [r for r in scored if r["full_solved"]]
         solved = sum(r["solved"] for r in control)
-        enough = len([r for r in group if r["full_solved"]]) >= min_solved
-        row = {"task": task, "protocol": group[0]["protocol"], "policy": policy, "budget": budget,
+        full_solved = sum(r["full_solved"] for r in group)
+        enough = full_solved >= min_solved
+        kept = wilson(solved, len(control)) if enough and control and policy != "full" else None
+        full_ci = wilson(full_solved, len(group)) if policy == "full" else None
+        row = {"task": task, "phrasing": phrasing, "protocol": group[0]["protocol"], "policy": policy,
+               "budget": budget,
                "budget_share": None if policy == "full" else statistics.mean(
                    r["budget_tokens"] / r["prompt_tokens"] for r in group),
                "kv_mib": statistics.mean(r["kv_mib"] for r in group),
                "cases": len(group), "not_compressed": len(group) - len(scored),
-               "full_solved": sum(r["full_solved"] for r in group),
+               "full_solved": full_solved,
                "control": len(control) if policy != "full" else None,  # full-solved cases it was scored on
                "policy_solved": solved if policy != "full" else None,
-               "kept_share": solved / len(control) if enough and control and policy != "full" else None,
+               "kept_share": solved / len(control) if kept is not None else None,
+               "kept_low": kept[0] if kept else None, "kept_high": kept[1] if kept else None,
+               "full_low": full_ci[0] if full_ci else None, "full_high": full_ci[1] if full_ci else None,
+               "interval": interval_text(kept if policy != "full" else full_ci),
                "policy_accuracy": statistics.mean(r["score"] for r in group),
                "full_accuracy": statistics.mean(float(r["full_solved"]) for r in group),
                "lengths": " ".join(map(str, sorted({r["length"] for r in group})))}
-        if row["not_compressed"]:
-            notes.append(f"{task}, {policy} at {budget}: {row['not_compressed']} case(s) never made the cache evict "
-                         "(the budget held the prompt): not scored")
+        if row["not_compressed"] and phrasing != POOLED:
+            notes.append(f"{task} ({phrasing}), {policy} at {budget}: {row['not_compressed']} case(s) never made the "
+                         "cache evict (the budget held the prompt): not scored")
         out.append(row)
-    for task in dict.fromkeys(r["task"] for r in rows):
-        full = next(r for r in out if r["task"] == task and r["policy"] == "full")
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    order = {p: i for i, p in enumerate((*retrieval.PHRASINGS, POOLED))}
+    policies = list(dict.fromkeys((r["policy"], r["budget"]) for r in out))
+    out.sort(key=lambda r: (tasks.index(r["task"]), order[r["phrasing"]], policies.index((r["policy"], r["budget"]))))
+    for task, phrasing in dict.fromkeys((r["task"], r["phrasing"]) for r in out):
+        full = next(r for r in out if (r["task"], r["phrasing"]) == (task, phrasing) and r["policy"] == "full")
         if full["full_solved"] < min_solved:
-            notes.append(f"{task}: the full cache solved {full['full_solved']} of {full['cases']} cases at length(s) "
-                         f"{full['lengths']}, fewer than --min-solved {min_solved}: the model cannot do this task "
-                         "there, so no policy is scored on it")
+            notes.append(f"{task} ({phrasing}): the full cache solved {full['full_solved']} of {full['cases']} cases at "
+                         f"length(s) {full['lengths']}, fewer than --min-solved {min_solved}: the model cannot do "
+                         "this task there in this phrasing, so no policy is scored on it")
     return out, notes
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """Every two policies at the same budget on the same cases (per task and phrasing, and pooled over phrasings):
+    McNemar's exact test on the cases the full cache solved and both policies compressed (the kept share's
+    cases); the full cache is one of the policies. verdict: which is better where p < ALPHA, else not separated."""
+    keyed: dict[tuple, dict] = {}
+    for r in rows:
+        keyed[r["task"], r["phrasing"], r["length"], r["depth"], r["index"], r["policy"], r["budget"]] = r
+    phrasings = {t: sorted({r["phrasing"] for r in rows if r["task"] == t}) for t in {r["task"] for r in rows}}
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        sets = [[p] for p in phrasings[task]] + ([phrasings[task]] if len(phrasings[task]) > 1 else [])
+        budgets = list(dict.fromkeys(r["budget"] for r in rows if r["task"] == task and r["policy"] != "full"))
+        for chosen in sets:
+            mine = [r for r in rows if r["task"] == task and r["phrasing"] in chosen]
+            for budget in budgets:
+                policies = ["full"] + list(dict.fromkeys(r["policy"] for r in mine
+                                                         if r["budget"] == budget and r["policy"] != "full"))
+                for i, a in enumerate(policies):
+                    for b in policies[i + 1:]:
+                        pairs = []
+                        for r in mine:
+                            if r["policy"] != b or r["budget"] != budget:
+                                continue
+                            other = keyed.get((*[r[k] for k in ("task", "phrasing", "length", "depth", "index")],
+                                               a, "–" if a == "full" else budget))
+                            if other is None or not r["full_solved"] or False in (r["compressed"], other["compressed"]):
+                                continue
+                            pairs.append((other["solved"], r["solved"]))
+                        if not pairs:
+                            continue
+                        test = mcnemar([x for x, _ in pairs], [y for _, y in pairs])
+                        verdict = "not separated" if not test["supported"] else (
+                            f"{a} better" if test["a_only"] > test["b_only"] else f"{b} better")
+                        out.append({"task": task, "phrasing": chosen[0] if len(chosen) == 1 else POOLED,
+                                    "budget": budget, "policy_a": a, "policy_b": b, "cases": test["cases"],
+                                    "a_solved": test["both"] + test["a_only"], "b_solved": test["both"] + test["b_only"],
+                                    "a_only": test["a_only"], "b_only": test["b_only"], "p_value": test["p_value"],
+                                    "verdict": verdict})
+    return out
 
 
 def check_budgets(policies: list[str], length: int, buffer: int, prompt: str, hint: str) -> None:
@@ -267,38 +331,68 @@ def check_context(model: str, positions: str, length: int, new_tokens: int, prom
 
 
 def check_passkey(policies: list[str], length: int, buffer: int, model: str, positions: str,
-                  task_names: tuple[str, ...] = ("passkey",)) -> None:
+                  task_names: tuple[str, ...] = ("passkey",), phrasings: tuple[str, ...] = retrieval.PHRASINGS) -> None:
     """The retrieval columns of bench and sweep: something to compress, and inside the trained context."""
     unknown = [t for t in task_names if t not in retrieval.TASKS]
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(retrieval.TASKS)}")
     check_budgets(policies, length, buffer, "task prompt", "raise --passkey-length")
-    check_context(model, positions, length, max(retrieval.MAX_NEW_TOKENS[t] for t in task_names), "task prompt")
+    check_context(model, positions, length, max(retrieval.max_new_tokens(t, p) for t in task_names for p in phrasings),
+                  "task prompt")
 
 
-def passkey_kept(session, policies: list[str], haystacks: dict[str, str], n: int, length: int) -> tuple[dict, str]:
-    """n passkey cases of `length` tokens (depths spread over 0.1-0.9), question-aware, under every policy with
-    the full-cache control: ({policy: its summary row}, a note saying how it was measured)."""
-    kept, note = tasks_kept(session, policies, haystacks, ["passkey"], n, length)
+def passkey_kept(session, policies: list[str], haystacks: dict[str, str], n: int, length: int,
+                 phrasings: list[str] | None = None) -> tuple[dict, str]:
+    """n passkey cases of `length` tokens (depths spread over 0.1-0.9) in each phrasing, question-aware, under
+    every policy with the full-cache control: ({policy: its summary row, pooled over the phrasings}, a note)."""
+    kept, note, _ = tasks_kept(session, policies, haystacks, ["passkey"], n, length, phrasings)
     return kept["passkey"], note
 
 
 def tasks_kept(session, policies: list[str], haystacks: dict[str, str], task_names: list[str], n: int,
-               length: int) -> tuple[dict, str]:
-    """n cases of `length` tokens per task (depths spread over 0.1-0.9), question-aware, under every policy with
-    the full-cache control: ({task: {policy: its summary row}}, a note saying how it was measured)."""
+               length: int, phrasings: list[str] | None = None) -> tuple[dict, str, list[dict]]:
+    """n cases of `length` tokens per task and phrasing (depths spread over 0.1-0.9; phrasings default: each task's
+    retrieval.DEFAULT_PHRASING), question-aware, under every policy with the full-cache control:
+    ({task: {policy: its summary row, pooled over the phrasings}}, a note saying how it was measured, the paired
+    tests of `compare` pooled over the phrasings)."""
     args = session.args
     depths = [0.5] if n == 1 else [round(0.1 + 0.8 * i / (n - 1), 4) for i in range(n)]
-    cases = [c for task in task_names
-             for c in retrieval.generate_cases(task, session.tokenizer, haystacks, [length], depths, 1, 0)]
+    cases = [c for task in task_names for phrasing in (phrasings or [retrieval.DEFAULT_PHRASING[task]])
+             for c in retrieval.generate_cases(task, session.tokenizer, haystacks, [length], depths, 1, 0,
+                                               phrasing=phrasing)]
     variant_list = [Variant(p, budget_label(p), name=p) for p in policies if p != "full"]
     rows = run_cases(session.model, session.tokenizer, cases, variant_list, "question-aware", chunk=args.chunk,
                      positions=args.positions, buffer=args.buffer, run_units=session.run_units)
     summary, notes = summarize(rows, min_solved=1)
     what = "passkey" if list(task_names) == ["passkey"] else "retrieval"
+    worded = (f"phrasings {', '.join(phrasings)}, pooled" if phrasings and len(phrasings) > 1 else
+              f"phrasing {phrasings[0] if phrasings else ' / '.join(retrieval.DEFAULT_PHRASING[t] for t in task_names)}")
     note = (f"{what.capitalize()} kept: {n} {' / '.join(task_names)} cases of {length} tokens"
-            f"{' each' if len(task_names) > 1 else ''} (depths 0.1-0.9, haystacks {', '.join(haystacks)}), "
-            "question-aware protocol; full: cases it solved; policies: solved among the full cache's solved cases "
-            "(the full-cache control; `h2o tasks` has more cases and lengths)")
-    kept = {task: {r["policy"]: r for r in summary if r["task"] == task} for task in task_names}
-    return kept, "; ".join([note, *notes])
+            f"{' each' if len(task_names) > 1 else ''} per phrasing (depths 0.1-0.9, haystacks {', '.join(haystacks)}; "
+            f"{worded}), question-aware protocol; full: cases it solved; policies: solved among the full cache's "
+            "solved cases (the full-cache control), with the Wilson 95% interval of the share; `h2o tasks` has "
+            "more cases, lengths and phrasings, and the paired tests")
+    pooled = {task: POOLED if any(r["phrasing"] == POOLED for r in summary if r["task"] == task) else None
+              for task in task_names}
+    kept = {task: {r["policy"]: r for r in summary if r["task"] == task
+                   and (pooled[task] is None or r["phrasing"] == POOLED)} for task in task_names}
+    paired = [c for c in compare(rows) if pooled[c["task"]] is None or c["phrasing"] == POOLED]
+    return kept, "; ".join([note, *notes]), paired
+
+
+def kept_text(row: dict) -> str:
+    """A kept cell: 'solved/cases [low, high]' (the full cache: its solved cases), 'n/c' when never compressed."""
+    if row["policy"] == "full":
+        return f"{row['full_solved']}/{row['cases']} {interval_text((row['full_low'], row['full_high']))}"
+    if row["not_compressed"] == row["cases"]:
+        return "n/c"
+    return f"{row['policy_solved']}/{row['control']} {row['interval']}"
+
+
+def supported_note(paired: list[dict], what: str) -> str:
+    """One line: which differences of `paired` McNemar's exact test supports at 5%, and how many it does not."""
+    real = [c for c in paired if c["verdict"] != "not separated"]
+    said = "; ".join(f"{c['verdict']} than {c['policy_b'] if c['verdict'].startswith(c['policy_a']) else c['policy_a']}"
+                     f" ({c['a_solved']} vs {c['b_solved']} of {c['cases']}, p = {c['p_value']:.3f})" for c in real)
+    return (f"{what}, paired (McNemar exact, 5%): " + (said if real else "no two policies separated") +
+            f"; {len(paired) - len(real)} of {len(paired)} pairs not separated by these cases")

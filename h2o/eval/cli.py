@@ -31,7 +31,8 @@ COMMANDS = tuple(HELPS)
 DESCRIPTION = "KV-cache compression benchmarks (StreamingLLM, H2O)"
 # import name -> the package that provides it (all in the [eval] extra)
 EXTRAS = {"matplotlib": "matplotlib", "tqdm": "tqdm", "psutil": "psutil", "datasets": "datasets",
-          "accelerate": "accelerate", "gguf": "gguf", "safetensors": "safetensors"}
+          "accelerate": "accelerate", "gguf": "gguf", "safetensors": "safetensors",
+          "scipy": "scipy"}
 
 # Hard-coded so that `h2o --help` imports nothing; a test parses every example with h2o.parse and
 # checks the default rule against h2o.DEFAULT_SCORE.

@@ -52,6 +52,13 @@ variable_tracking (RULER vt: 1 chain, 4 hops)
                 variables are assigned the value {value}, they are:"   max_new_tokens 40
     scoring     string_match_all over all num_hops + 1 variable names
 
+Phrasings (`PHRASINGS`, `TEXTS`): every task is worded three ways, over the same draws (the same seed gives the
+same haystack start, keys, values and depths in each): "completion" gives the answer's opening and the model
+completes it (RULER's and Lost in the Middle's templates above), "restate" gives no opening, so the model answers
+in its own words (landmark attention's passkey prompt above; the model often restates the question first), and
+"answer-only" asks for the bare answer ("Answer with the number only."). Instruction, needle and question change
+with the phrasing; the scorer does not. The templates above are each task's `DEFAULT_PHRASING`.
+
 Scoring as RULER (scripts/eval/synthetic/constants.py): string_match_all is the share of references found as
 case-insensitive substrings of the answer; a case scores in [0, 1].
 """
@@ -70,6 +77,13 @@ OPTIONS = {"passkey": {}, "niah_multikey": {"num_keys": 4}, "niah_multivalue": {
            "kv_retrieval": {}, "variable_tracking": {"num_hops": 4}}
 MAX_NEW_TOKENS = {"passkey": 24, "niah_multikey": 12, "niah_multivalue": 64, "kv_retrieval": 40,
                   "variable_tracking": 40}
+RESTATE_TOKENS = 24  # more answer tokens where no opening is given: the model restates the question first
+
+
+def max_new_tokens(task: str, phrasing: str) -> int:
+    """The answer's token limit: the task's (MAX_NEW_TOKENS, sized for RULER's openings) plus RESTATE_TOKENS in a
+    phrasing without an opening (passkey's limit already allows for the restatement)."""
+    return MAX_NEW_TOKENS[task] + (0 if phrasing == "completion" or task == "passkey" else RESTATE_TOKENS)
 _MARK = "\u27e6H2O-CONTEXT-MARK\u27e7"
 _FINE = 0.01  # aim: prompt tokens within 1% of the asked length
 _MIN_CONTEXT = 16  # tokens of haystack a case needs at least
@@ -100,6 +114,7 @@ class Case:
     needles: tuple[str, ...]  # inserted needle statements as they appear in `context`; the asked one first
     max_new_tokens: int
     scorer: str  # "first_number" or "string_match_all"
+    phrasing: str  # how instruction, needle and question are worded (one of PHRASINGS)
 
     @property
     def prompt(self) -> str:
@@ -166,47 +181,137 @@ def _var_name(rng: random.Random) -> str:
     return "".join(rng.choices(string.ascii_uppercase, k=5))
 
 
-def _needle(key: str, value: str) -> str:
-    return f"One of the special magic numbers for {key} is: {value}."
+# Phrasings: the same draws (haystack window, keys, values, depths) told three ways. "completion" gives the answer's
+# opening (RULER's templates) and the model completes it; "restate" gives none, so the model answers in its own
+# words and commonly restates the question first; "answer-only" asks for the bare answer. Instruction, needle and
+# question all change with the phrasing; {n}, {key}, {value}, {name}, {previous}, {count} are filled per case.
+PHRASINGS = ("answer-only", "restate", "completion")
+DEFAULT_PHRASING = {"passkey": "restate", "niah_multikey": "completion", "niah_multivalue": "completion",
+                    "kv_retrieval": "completion", "variable_tracking": "completion"}
+_RULER_KEY = "One of the special magic numbers for {key} is: {value}."
+TEXTS = {
+    "passkey": {
+        "restate": dict(  # landmark attention's prompt (llama/run_test.py)
+            instruction="There is an important piece of information hidden inside a lot of irrelevant text. Find it "
+                        "and memorize it. I will quiz you about the important information there.",
+            needle="The pass key is {n}. Remember it. {n} is the pass key.",
+            question="What is the pass key?", opening=""),
+        "answer-only": dict(
+            instruction="A pass key, a five-digit number, is hidden somewhere in the text below. Find it and keep it "
+                        "in mind.",
+            needle="Here is the pass key: {n}. Keep it in mind.",
+            question="What is the pass key? Answer with the number only.", opening=""),
+        "completion": dict(
+            instruction="Read the following text carefully. Somewhere in it is a pass key that you will be asked "
+                        "to repeat afterwards.",
+            needle="Remember this pass key: {n}. The pass key is {n}.",
+            question="What is the pass key mentioned in the text?", opening="The pass key is"),
+    },
+    "niah_multikey": {
+        "completion": dict(  # RULER niah_multikey_1
+            instruction="A special magic number is hidden within the following text. Make sure to memorize it. I "
+                        "will quiz you about the number afterwards.",
+            needle=_RULER_KEY,
+            question="What is the special magic number for {key} mentioned in the provided text?",
+            opening="The special magic number for {key} mentioned in the provided text is"),
+        "restate": dict(
+            instruction="Several numbers, each tied to a name, are hidden in the following text. Memorize them: I "
+                        "will ask about one of them afterwards.",
+            needle="The number of {key} is {value}.",
+            question="Which number belongs to {key}?", opening=""),
+        "answer-only": dict(
+            instruction="The text below hides a few secret codes, each with its own label. Remember every one.",
+            needle="Secret code for {key}: {value}.",
+            question="What is the secret code for {key}? Answer with the number only.", opening=""),
+    },
+    "niah_multivalue": {
+        "completion": dict(  # RULER niah_multivalue
+            instruction="Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+                        "I will quiz you about the numbers afterwards.",
+            needle=_RULER_KEY,
+            question="What are all the special magic numbers for {key} mentioned in the provided text?",
+            opening="The special magic numbers for {key} mentioned in the provided text are"),
+        "restate": dict(
+            instruction="Several numbers tied to one name are hidden in the following text. Memorize them: I will "
+                        "ask for them afterwards.",
+            needle="One number of {key} is {value}.",
+            question="Which numbers belong to {key}?", opening=""),
+        "answer-only": dict(
+            instruction="The text below hides several secret codes that share one label. Remember every one.",
+            needle="A secret code for {key}: {value}.",
+            question="What are all the secret codes for {key}? Answer with the numbers only, separated by commas.",
+            opening=""),
+    },
+    "kv_retrieval": {
+        "completion": dict(  # Lost in the Middle, kv_retrieval.prompt
+            instruction="Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:",
+            question='Key: "{key}"\nCorresponding value:', opening='"'),
+        "restate": dict(
+            instruction="Below is a JSON object that maps keys to values. I will ask for the value of one key.\n\n"
+                        "JSON object:",
+            question='Which value does the key "{key}" map to?', opening=""),
+        "answer-only": dict(
+            instruction="Look up a key in the JSON object below.\n\nJSON:",
+            question='What is the value of the key "{key}"? Answer with the value only.', opening=""),
+    },
+    "variable_tracking": {
+        "completion": dict(  # RULER vt
+            instruction="Memorize and track the chain(s) of variable assignment hidden in the following text.",
+            needle="VAR {name} = {value}.", link="VAR {name} = VAR {previous}.",
+            question="Question: Find all variables that are assigned the value {value} in the text above.",
+            opening="Answer: According to the chain(s) of variable assignment in the text above, {count} variables "
+                    "are assigned the value {value}, they are:"),
+        "restate": dict(
+            instruction="The following text hides a chain of assignments between variables. Follow it.",
+            needle="Let {name} be {value}.", link="Let {name} be {previous}.",
+            question="Which variables end up holding the value {value}?", opening=""),
+        "answer-only": dict(
+            instruction="Track the variable assignments hidden in the following text.",
+            needle="{name} := {value}.", link="{name} := {previous}.",
+            question="List every variable whose value is {value}. Answer with the variable names only, separated "
+                     "by commas.", opening=""),
+    },
+}
 
 
-def _spec(task: str, rng: random.Random, avoid: _Avoid, depth: float, opts: dict) -> dict:
-    """The task's instruction, question, answer opening, needles, their depths and references."""
+def _phrased(task: str, phrasing: str) -> dict:
+    return TEXTS[task][phrasing]
+
+
+def _spec(task: str, rng: random.Random, avoid: _Avoid, depth: float, opts: dict, phrasing: str) -> dict:
+    """The task's instruction, question, answer opening, needles, their depths and references. The draws (and so
+    the haystack window, keys, values and depths) do not depend on the phrasing."""
+    t = _phrased(task, phrasing)
     if task == "passkey":
         n = avoid.draw(rng, _digits(5))
-        return dict(instruction="There is an important piece of information hidden inside a lot of irrelevant "
-                    "text. Find it and memorize it. I will quiz you about the important information there.",
-                    question="What is the pass key?", opening="", references=[n], depths=[depth],
-                    needles=[f"The pass key is {n}. Remember it. {n} is the pass key."])
+        return dict(instruction=t["instruction"], question=t["question"], opening=t["opening"], references=[n],
+                    depths=[depth], needles=[t["needle"].format(n=n)])
     if task == "niah_multikey":
         keys = [avoid.draw(rng, _word_key) for _ in range(opts["num_keys"])]
         values = [avoid.draw(rng, _digits(7)) for _ in keys]
-        return dict(instruction="A special magic number is hidden within the following text. Make sure to "
-                    "memorize it. I will quiz you about the number afterwards.",
-                    question=f"What is the special magic number for {keys[0]} mentioned in the provided text?",
-                    opening=f"The special magic number for {keys[0]} mentioned in the provided text is",
-                    needles=[_needle(k, v) for k, v in zip(keys, values)], references=values[:1],
+        return dict(instruction=t["instruction"], question=t["question"].format(key=keys[0]),
+                    opening=t["opening"].format(key=keys[0]),
+                    needles=[t["needle"].format(key=k, value=v) for k, v in zip(keys, values)], references=values[:1],
                     depths=[depth] + [rng.random() for _ in keys[1:]])
     if task == "niah_multivalue":
         key = avoid.draw(rng, _word_key)
         values = [avoid.draw(rng, _digits(7)) for _ in range(opts["num_values"])]
-        return dict(instruction="Some special magic numbers are hidden within the following text. Make sure to "
-                    "memorize it. I will quiz you about the numbers afterwards.",
-                    question=f"What are all the special magic numbers for {key} mentioned in the provided text?",
-                    opening=f"The special magic numbers for {key} mentioned in the provided text are",
-                    needles=[_needle(key, v) for v in values], references=values,
+        return dict(instruction=t["instruction"], question=t["question"].format(key=key),
+                    opening=t["opening"].format(key=key),
+                    needles=[t["needle"].format(key=key, value=v) for v in values], references=values,
                     depths=[depth] + [rng.random() for _ in values[1:]])
     if task == "variable_tracking":
         hops = opts["num_hops"]
         value = avoid.draw(rng, _digits(5))
-        question = f"Question: Find all variables that are assigned the value {value} in the text above."
-        opening = (f"Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} "
-                   f"variables are assigned the value {value}, they are:")
-        avoid.text += "\n" + (question + opening).lower()
+        fill = dict(value=value, count=hops + 1)
+        for every in TEXTS[task].values():  # names avoid every phrasing's text: the same draws for each
+            avoid.text += "\n" + (every["question"] + every["opening"] + every["needle"] + every["link"]).format(
+                name="", previous="", **fill).lower()
         names = [avoid.draw(rng, _var_name) for _ in range(hops + 1)]
-        return dict(instruction="Memorize and track the chain(s) of variable assignment hidden in the following "
-                    "text.", question=question, opening=opening, references=names,
-                    needles=[f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])],
+        return dict(instruction=t["instruction"], question=t["question"].format(**fill),
+                    opening=t["opening"].format(**fill), references=names,
+                    needles=[t["needle"].format(name=names[0], value=value)] +
+                            [t["link"].format(name=b, previous=a) for a, b in zip(names, names[1:])],
                     depths=[depth] + sorted(rng.uniform(depth, 1.0) for _ in range(hops)))
     raise AssertionError(task)
 
@@ -272,7 +377,7 @@ def _fit(length: int, measure: Callable[[int, int], int], n_max: int, start: int
     return (m, a) if length - measure(m, a) <= measure(m, a + 1) - length else (m, a + 1)
 
 
-def _haystack_case(tokenizer, rng, length, depth, name, text, spans, opts, task):
+def _haystack_case(tokenizer, rng, length, depth, name, text, spans, opts, task, phrasing):
     need = length * _CHARS_PER_TOKEN
     starts = [i for i, (a, _) in enumerate(spans) if a <= len(text) - need] or [0]
     first = starts[rng.randrange(len(starts))]
@@ -287,7 +392,7 @@ def _haystack_case(tokenizer, rng, length, depth, name, text, spans, opts, task)
         counts += [len(x) for x in tokenizer([" " + s for s in more], add_special_tokens=False)["input_ids"]]
         window += more
     scaffold = _frame(tokenizer, "", "", "")
-    spec = _spec(task, rng, _Avoid(*window, *scaffold), depth, opts)
+    spec = _spec(task, rng, _Avoid(*window, *scaffold), depth, opts, phrasing)
     prefix, suffix = _frame(tokenizer, spec["instruction"], spec["question"], spec["opening"])
     fixed = len(_ids(tokenizer, prefix)) + len(_ids(tokenizer, suffix))
     needle_tokens = sum(len(_ids(tokenizer, " " + n)) for n in spec["needles"])
@@ -331,14 +436,14 @@ def _kv_line(pair: tuple[str, str], i: int, n: int) -> str:
     return ("{" if i == 0 else " ") + f'"{pair[0]}": "{pair[1]}"' + (",\n" if i < n - 1 else "}")
 
 
-def _kv_case(tokenizer, rng, length, depth):
+def _kv_case(tokenizer, rng, length, depth, phrasing):
     def new_uuid(r: random.Random) -> str:
         return str(uuid.UUID(int=r.getrandbits(128), version=4))
 
     avoid = _Avoid(*_frame(tokenizer, "", "", ""))
     key, value = avoid.draw(rng, new_uuid), avoid.draw(rng, new_uuid)
-    prefix, suffix = _frame(tokenizer, "Extract the value corresponding to the specified key in the JSON object "
-                            "below.\n\nJSON data:", f'Key: "{key}"\nCorresponding value:', '"', sep="\n")
+    t = _phrased("kv_retrieval", phrasing)
+    prefix, suffix = _frame(tokenizer, t["instruction"], t["question"].format(key=key), t["opening"], sep="\n")
     fixed = len(_ids(tokenizer, prefix)) + len(_ids(tokenizer, suffix))
     fillers: list[tuple[str, str]] = []
 
@@ -374,15 +479,20 @@ def _kv_case(tokenizer, rng, length, depth):
 
 
 def generate_cases(task: str, tokenizer, haystacks: dict[str, str], lengths: list[int], depths: list[float],
-                   cases: int, seed: int, **task_options) -> list[Case]:
+                   cases: int, seed: int, phrasing: str | None = None, **task_options) -> list[Case]:
     """`cases` cases per (length, depth) cell, ordered by length, then depth, then index; deterministic for a seed.
 
     Each case draws from its own random.Random seeded with "seed/task/length/depth/index": a haystack (by
-    name), a sentence-aligned start in it, the needles' keys and values. task_options: num_keys
-    (niah_multikey), num_values (niah_multivalue), num_hops (variable_tracking).
+    name), a sentence-aligned start in it, the needles' keys and values. The phrasing (one of `PHRASINGS`;
+    default the task's `DEFAULT_PHRASING`) changes only the words around those draws: the same seed gives the
+    same haystack start, needles' values and asked depths in every phrasing. task_options: num_keys (niah_multikey),
+    num_values (niah_multivalue), num_hops (variable_tracking).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    phrasing = DEFAULT_PHRASING[task] if phrasing is None else phrasing
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"unknown phrasing {phrasing!r}; phrasings: {', '.join(PHRASINGS)}")
     unknown = set(task_options) - set(OPTIONS[task])
     if unknown:
         raise ValueError(f"{task} takes no option(s) {sorted(unknown)}; it takes {sorted(OPTIONS[task]) or 'none'}")
@@ -418,15 +528,15 @@ def generate_cases(task: str, tokenizer, haystacks: dict[str, str], lengths: lis
             for index in range(cases):
                 rng = random.Random(f"{seed}/{task}/{length}/{depth!r}/{index}")
                 if task == "kv_retrieval":
-                    context, prefix, suffix, needle, value = _kv_case(tokenizer, rng, length, depth)
+                    context, prefix, suffix, needle, value = _kv_case(tokenizer, rng, length, depth, phrasing)
                     needles, refs, source = (needle,), (value,), "random UUID pairs"
                 else:
                     name = names[rng.randrange(len(names))]
                     context, prefix, suffix, spec, source = _haystack_case(
-                        tokenizer, rng, length, depth, name, haystacks[name], spans[name], opts, task)
+                        tokenizer, rng, length, depth, name, haystacks[name], spans[name], opts, task, phrasing)
                     needles, refs = tuple(spec["needles"]), tuple(spec["references"])
                 out.append(Case(task=task, length=length, depth=depth, index=index, seed=seed, source=source,
                                 prefix=prefix, context=context, suffix=suffix, references=refs, needles=needles,
-                                max_new_tokens=MAX_NEW_TOKENS[task],
+                                max_new_tokens=max_new_tokens(task, phrasing), phrasing=phrasing,
                                 scorer="first_number" if task == "passkey" else "string_match_all"))
     return out

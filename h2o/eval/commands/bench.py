@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from .. import answers, data, report, units
+from .. import answers, data, report, retrieval, units
 from ..session import unique_policies
 from ..ppl import check_eviction_in_force, text_losses
 from ..runners import canonical, describe, is_press, ppl_comparable
@@ -58,6 +58,8 @@ def add_arguments(p) -> None:
     p.add_argument("--passkey-cases", type=int, default=10,
                    help="cases per retrieval task (depths spread over 0.1-0.9) for the kept columns; 0 = none")
     p.add_argument("--passkey-length", type=int, default=1280, help="prompt tokens of the retrieval cases")
+    p.add_argument("--phrasings", nargs="+", default=list(retrieval.PHRASINGS), choices=retrieval.PHRASINGS,
+                   help="wordings of the retrieval cases, crossed with them (the kept columns pool them)")
     units.add_arguments(p)
 
 
@@ -88,7 +90,8 @@ def check(args) -> dict:
     if args.passkey_cases < 0:
         raise ValueError(f"--passkey-cases must be >= 0, got {args.passkey_cases}")
     if args.passkey_cases and not args.model.startswith("random:"):
-        answers.check_passkey(policies, args.passkey_length, args.buffer, args.model, args.positions, tuple(args.tasks))
+        answers.check_passkey(policies, args.passkey_length, args.buffer, args.model, args.positions, tuple(args.tasks),
+                              tuple(args.phrasings))
     return {"policies": policies, "texts": texts}
 
 
@@ -123,8 +126,10 @@ def run(session, plan) -> int:
     passkey, passkey_note = {}, None
     if tokenizer is not None and args.passkey_cases:
         haystacks = {name: text for name, (text, _) in texts.items()}
-        passkey, passkey_note = answers.tasks_kept(session, policies, haystacks, args.tasks, args.passkey_cases,
-                                                 args.passkey_length)
+        passkey, passkey_note, paired = answers.tasks_kept(session, policies, haystacks, args.tasks,
+                                                           args.passkey_cases, args.passkey_length, args.phrasings)
+        passkey_note = "; ".join([passkey_note] + [answers.supported_note([c for c in paired if c["task"] == t],
+                                                                           f"{t} kept") for t in args.tasks])
 
     if tokenizer is None or "wikitext" not in texts:
         prompt = data.random_ids(model.config.vocab_size, args.context, args.batch)
@@ -151,10 +156,9 @@ def run(session, plan) -> int:
             row.update({f"{name}_ppl": "n/c" for name in texts})
         for task, kept in passkey.items():
             k = kept[policy]
-            row[f"{task}_kept"] = (f"{k['full_solved']}/{k['cases']}" if policy == "full"
-                                   else "n/c" if k["not_compressed"] == k["cases"]  # never evicted: not scored
-                                   else f"{k['policy_solved']}/{k['control']}")
+            row[f"{task}_kept"] = answers.kept_text(k)  # n/c: never evicted, not scored
             row[f"{task}_kept_share"] = k["kept_share"]
+            row[f"{task}_kept_low"], row[f"{task}_kept_high"] = k["kept_low"], k["kept_high"]
         row.update({
             "total_time_s": s.total_s, "avg_attn_ms": s.attn_ms_per_step, "ttft_s": s.ttft,
             "tpot_median_ms": 1000 * s.tpot_median, "tpot_min_ms": 1000 * s.tpot_min,

@@ -24,7 +24,7 @@ import torch
 import h2o
 from h2o.policies import families, is_family, resolve
 
-from .. import data, report, units
+from .. import data, report, retrieval, stats, units
 from ..session import add_text_options, load_text, unique_policies
 from ..memory import MEMORY_SHARE, OK, OOM, SKIPPED, PeakMemory, is_oom
 from ..ppl import check_eviction_in_force, text_losses
@@ -39,7 +39,9 @@ DEFAULT_CONTEXT = {"cpu": 512, "cuda": 1024}
 DEFAULT_NEW_TOKENS = {"cpu": 8, "cuda": 32}
 PPL_COLUMNS = {"text": "Text", "family": "Family", "budget": "Budget", "policy": "Policy", "ppl": "PPL",
                "ppl_after_eviction": "PPL after 1st eviction", "full_ppl_after_eviction": "Full, same tokens",
-               "gap_closed": "Gap closed", "kv_mib": "KV MiB", "passkey_kept": "Passkey kept"}
+               "gap_closed": "Gap closed", "gap_interval": "[95%]", "kv_mib": "KV MiB", "passkey_kept": "Passkey kept"}
+PAIRED_COLUMNS = {"budget": "Budget", "family_a": "A", "family_b": "B", "texts": "Texts", "a_lower": "A lower",
+                  "b_lower": "B lower", "ties": "Ties", "p_value": "p (sign)", "verdict": "Verdict"}
 SPEED_COLUMNS = {"batch": "Batch", "policy": "Policy", "status": "Status", "tpot_median_ms": "TPOT med (ms)",
                  "decode_tok_s": "Decode tok/s", "throughput_tok_s": "Gen tok/s (with prefill)",
                  "kv_mib": "KV MiB", "run_peak_growth_mib": "Run peak +MiB"}
@@ -60,7 +62,7 @@ def add_arguments(p) -> None:
     add_text_options(p, "wikitext")
     p.add_argument("--passkey-cases", type=int, default=0,
                    help="also the passkey kept share of every policy (question-aware, with the full-cache control) "
-                        "on this many cases; 0 = none")
+                        "on this many cases per phrasing (all three phrasings, pooled); 0 = none")
     p.add_argument("--passkey-length", type=int, default=1280, help="passkey prompt tokens (--passkey-cases)")
     p.add_argument("--recent-share", type=float, default=0.125,
                    help="recent window of every family but streaming, as a share of the budget")
@@ -167,10 +169,17 @@ def run(session, plan) -> int:
     if "ppl" in args.parts:
         ppl_rows, what = ppl_part(session, plan, notes)
         notes.append(what)
-        results["ppl_rows"] = ppl_rows
+        paired = compare_over_texts(ppl_rows)
+        results["ppl_rows"], results["ppl_paired"] = ppl_rows, paired
         session.write_csv("sweep_ppl.csv", ppl_rows)
         session.plot("sweep_ppl.png", plot_ppl(ppl_rows, f"{title}\n{what}"))
         tables.append(report.format_table(ppl_rows, PPL_COLUMNS))
+        if paired:
+            session.write_csv("sweep_ppl_paired.csv", paired)
+            tables.append("paired over texts (exact sign test on which PPL is lower, same budget):\n"
+                          + report.format_table(paired, PAIRED_COLUMNS))
+        notes.append(f"Gap closed [95%]: paired bootstrap over blocks of {stats.BLOCK} tokens ({stats.RESAMPLES} "
+                     "resamples; the same blocks for the rule, StreamingLLM and the full cache)")
     if "throughput" in args.parts:
         speed_rows, what = throughput_part(session, plan, notes)
         notes.append(what)
@@ -222,21 +231,63 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
                          "kv_mib": result.max_kv_bytes / report.MIB})
             notes += [f"{result.policy} on {label}: {n}" for n in result.notes]
     _gap_closed(rows)
+    losses = {(label, "full"): results[label, "full"].losses for label in labels}
+    losses.update({(label, results[label, name].policy): results[label, name].losses
+                   for _, _, name in names for label in labels})
+    _gap_intervals(rows, losses)
     mode = "token by token" if args.chunk == 1 else f"chunked, {args.chunk} tokens per forward"
     for r in rows:  # every row says how it was measured
         r.update(ppl_mode=mode, ppl_tokens=args.ppl_tokens, positions=args.positions, buffer=args.buffer)
     if args.passkey_cases:
-        from ..answers import passkey_kept
+        from ..answers import kept_text, passkey_kept
         texts = plan["texts"] or {"text": plan["text"]}
         kept, note = passkey_kept(session, list(dict.fromkeys(r["policy"] for r in rows)),
-                                  {k: v[0] for k, v in texts.items()}, args.passkey_cases, args.passkey_length)
+                                  {k: v[0] for k, v in texts.items()}, args.passkey_cases, args.passkey_length,
+                                  list(retrieval.PHRASINGS))
         for r in rows:
             k = kept[r["policy"]]
-            r["passkey_kept"] = (f"{k['full_solved']}/{k['cases']}" if r["policy"] == "full"
-                                 else f"{k['policy_solved']}/{k['control']}")
-            r["passkey_kept_share"] = k["kept_share"]
+            r["passkey_kept"] = kept_text(k)
+            r["passkey_kept_share"], r["passkey_kept_low"], r["passkey_kept_high"] = \
+                k["kept_share"], k["kept_low"], k["kept_high"]
         notes.append(note)
     return rows, f"PPL on {source}, {mode}, BOS {'on' if args.bos else 'off'}"
+
+
+def _gap_intervals(rows: list[dict], losses: dict) -> None:
+    """Each gap closed's 95% interval: the paired block bootstrap of the rule's, StreamingLLM's and the full cache's
+    token losses on that text (h2o.eval.stats.gap_closed_interval)."""
+    streaming = {(r["text"], r["budget"]): r["policy"] for r in rows if r["family"] == "streaming"}
+    for r in rows:
+        r["gap_low"] = r["gap_high"] = None
+        if r["gap_closed"] is None:
+            r["gap_interval"] = "–"
+            continue
+        ci = stats.gap_closed_interval(losses[r["text"], r["policy"]], losses[r["text"], streaming[r["text"], r["budget"]]],
+                                       losses[r["text"], "full"])
+        r["gap_low"], r["gap_high"] = ci if ci else (None, None)
+        r["gap_interval"] = stats.interval_text(ci)
+
+
+def compare_over_texts(rows: list[dict]) -> list[dict]:
+    """Every two families at the same budget over the texts they were both run on (two or more): the exact sign
+    test on which has the lower PPL per text."""
+    out = []
+    ppl = {(r["text"], r["family"], r["budget"]): r["ppl"] for r in rows if r["family"] != "full"}
+    for budget in dict.fromkeys(r["budget"] for r in rows if r["family"] != "full"):
+        families = list(dict.fromkeys(r["family"] for r in rows if r["budget"] == budget))
+        for i, a in enumerate(families):
+            for b in families[i + 1:]:
+                texts = [t for t in dict.fromkeys(r["text"] for r in rows)
+                         if (t, a, budget) in ppl and (t, b, budget) in ppl]
+                if len(texts) < 2:
+                    continue
+                test = stats.sign_test([ppl[t, a, budget] - ppl[t, b, budget] for t in texts])
+                verdict = "not separated" if not test["supported"] else (
+                    f"{a} better" if test["a_better"] > test["b_better"] else f"{b} better")
+                out.append({"budget": budget, "family_a": a, "family_b": b, "texts": test["texts"],
+                            "a_lower": test["a_better"], "b_lower": test["b_better"], "ties": test["ties"],
+                            "p_value": test["p_value"], "verdict": verdict})
+    return out
 
 
 def _gap_closed(rows: list[dict]) -> None:

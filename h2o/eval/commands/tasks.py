@@ -20,17 +20,20 @@ import statistics
 from h2o.policies import families
 
 from .. import data, report, retrieval, units
-from ..answers import PROTOCOLS, check_budgets, check_context, run_cases, summarize, variants
+from ..answers import POOLED, PROTOCOLS, check_budgets, check_context, compare, run_cases, summarize, variants
 from ..runners import describe, is_press
 
 NAME = "tasks"
 HELP = "retrieval tasks (passkey, RULER NIAH, key-value, variable tracking) with a full-cache control"
 DEFAULT_TASKS = ["passkey", "niah_multikey", "niah_multivalue"]
 DEFAULT_BOOKS = ["10146", "10321", "24553"]
-COLUMNS = {"task": "Task", "policy": "Policy", "budget": "Budget", "budget_share": "Budget / prompt",
-           "kv_mib": "KV MiB",
+COLUMNS = {"task": "Task", "phrasing": "Phrasing", "policy": "Policy", "budget": "Budget",
+           "budget_share": "Budget / prompt", "kv_mib": "KV MiB",
            "cases": "Cases", "full_solved": "Full solved", "policy_solved": "Policy solved",
-           "kept_share": "Kept share", "policy_accuracy": "Policy acc.", "full_accuracy": "Full acc."}
+           "kept_share": "Kept share", "interval": "[95%]", "policy_accuracy": "Policy acc.", "full_accuracy": "Full acc."}
+PAIRED_COLUMNS = {"task": "Task", "phrasing": "Phrasing", "budget": "Budget", "policy_a": "A", "policy_b": "B",
+                  "cases": "Cases", "a_solved": "A solved", "b_solved": "B solved", "a_only": "A only",
+                  "b_only": "B only", "p_value": "p (McNemar)", "verdict": "Verdict"}
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -49,6 +52,10 @@ def add_arguments(p) -> None:
                    help="needle depths in [0, 1]")
     p.add_argument("--cases", type=int, default=2, help="cases per (length, depth) cell")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (needles, keys, values)")
+    p.add_argument("--phrasings", nargs="+", default=list(retrieval.PHRASINGS), choices=retrieval.PHRASINGS,
+                   help="wordings of instruction, needle and question, crossed with the cases (the same draws in "
+                        "each): answer-only asks for the bare answer, restate gives no answer opening (the model "
+                        "answers in its own words), completion gives the opening; results per phrasing and pooled")
     p.add_argument("--protocol", default="question-aware", choices=PROTOCOLS,
                    help="question-aware: the whole prompt, question included, in one forward, compressed "
                         "after it; streaming: the context fed --chunk tokens per forward with eviction in force, "
@@ -91,7 +98,8 @@ def check(args) -> dict:
     lengths = sorted(set(args.lengths))
     check_budgets([v.policy(lengths[0], args.score) for v in variant_list], lengths[0], args.buffer, "prompt",
                   "use longer --lengths, a smaller budget or --buffer")
-    check_context(args.model, args.positions, lengths[-1], max(retrieval.MAX_NEW_TOKENS[t] for t in args.tasks),
+    check_context(args.model, args.positions, lengths[-1],
+                  max(retrieval.max_new_tokens(t, p) for t in args.tasks for p in args.phrasings),
                   "prompt")
     if args.text_file:
         haystacks = {"file": data.load_text_file(args.text_file)[0]}
@@ -107,22 +115,27 @@ def check(args) -> dict:
 def run(session, plan) -> int:
     args = session.args
     model, tokenizer = session.load_model()
-    cases = [c for task in args.tasks for c in
+    cases = [c for task in args.tasks for phrasing in args.phrasings for c in
              retrieval.generate_cases(task, tokenizer, plan["haystacks"], plan["lengths"], args.depths, args.cases,
-                                      args.seed)]
+                                      args.seed, phrasing=phrasing)]
     variant_list = plan["variants"]
     rows = run_cases(model, tokenizer, cases, variant_list, args.protocol, chunk=args.chunk,
                      positions=args.positions, buffer=args.buffer, score=args.score, run_units=session.run_units)
     summary, notes = summarize(rows, args.min_solved)
+    paired = compare(rows)
     protocol = (f"protocol {args.protocol}" + (f" (context fed {args.chunk} tokens per forward)"
                                                  if args.protocol == "streaming" else " (one prefill)"))
     notes = [session.model_line,
              f"{protocol}; {len(cases)} cases: tasks {', '.join(args.tasks)}, lengths "
              f"{' '.join(map(str, plan['lengths']))}, depths {' '.join(map(str, args.depths))}, {args.cases} per cell, "
-             f"seed {args.seed}; haystacks: {', '.join(plan['haystacks'])}; greedy answers",
+             f"seed {args.seed}; phrasings {', '.join(args.phrasings)} (crossed: the same draws in each; 'all' rows pool "
+             f"them); haystacks: {', '.join(plan['haystacks'])}; greedy answers",
              "Kept share = cases the policy solved among those the full cache solved (the full-cache control) / "
              f"cases the full cache solved; no score where the full cache solved fewer than {args.min_solved}; "
-             "Policy acc. = mean score over all cases (RULER string_match_all; passkey: exact first number)",
+             "Policy acc. = mean score over all cases (RULER string_match_all; passkey: exact first number); "
+             "[95%] = Wilson interval of the kept share (the full cache: of its solved share)",
+             "paired: every two policies at one budget on the kept share's cases, McNemar's exact test; 'not "
+             "separated' = p >= 0.05, the cases do not say which is better",
              *notes]
     if any(is_press(v.label) and describe(v.label).adakv for v in variant_list):
         notes.append("kvpress:adakv:<press> is kvpress's AdaKVPress: it keeps every prompt token and masks each KV "
@@ -130,28 +143,38 @@ def run(session, plan) -> int:
                      "its Budget is the average kept per head")
     session.write_csv("tasks.csv", summary)
     session.write_csv("tasks_cases.csv", rows)
-    session.write_json("tasks.json", protocol=args.protocol, summary=summary, cases=rows, notes=notes)
+    session.write_csv("tasks_paired.csv", paired)
+    session.write_json("tasks.json", protocol=args.protocol, summary=summary, paired=paired, cases=rows, notes=notes)
     title = f"{session.info['name']}, {protocol}"
     session.plot("tasks_kept_share.png", plot_kept_share(summary, title))
     if "passkey" in args.tasks:
         session.plot("tasks_passkey_grid.png", plot_grid([r for r in rows if r["task"] == "passkey"], title))
-    return session.finish([report.format_table(summary, COLUMNS)], notes)
+    tables = [report.format_table(summary, COLUMNS)]
+    if paired:
+        tables.append("paired (McNemar exact):\n" + report.format_table(paired, PAIRED_COLUMNS))
+    return session.finish(tables, notes)
 
 
 # --- plots ---------------------------------------------------------------------------------------------
 
 def plot_kept_share(summary: list[dict], title: str):
+    """Kept share vs budget per task, pooled over the phrasings (the one phrasing when only one ran), with the
+    Wilson 95% interval as error bars."""
     plt = report.pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in summary))
+    pooled = {t: any(r["phrasing"] == POOLED for r in summary if r["task"] == t) for t in tasks}
+    summary = [r for r in summary if not pooled[r["task"]] or r["phrasing"] == POOLED]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in summary if r["task"] == task and r["policy"] != "full"]
         full = next(r for r in summary if r["task"] == task and r["policy"] == "full")
         for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
-            pts = sorted((r["budget_share"], r["kept_share"]) for r in rows
+            pts = sorted((r["budget_share"], r["kept_share"], r["kept_low"], r["kept_high"]) for r in rows
                          if r["policy"] == policy and r["kept_share"] is not None)
             if pts:
-                ax.plot(*zip(*pts), "os^D"[i % 4] + "-", color=f"C{i}", label=policy)
+                x, y, low, high = zip(*pts)
+                ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, low)], [b - a for a, b in zip(y, high)]],
+                            fmt="os^D"[i % 4] + "-", color=f"C{i}", label=policy, capsize=3)
         if all(r["kept_share"] is None for r in rows):
             ax.text(0.5, 0.5, f"not scored: the full cache solved\n{full['full_solved']} of {full['cases']} cases",
                     ha="center", va="center", transform=ax.transAxes, color="gray")
@@ -162,7 +185,7 @@ def plot_kept_share(summary: list[dict], title: str):
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(f"Retrieval kept vs budget: {title}", fontsize=9)
+    fig.suptitle(f"Retrieval kept vs budget (95% Wilson intervals; phrasings pooled): {title}", fontsize=9)
     return fig
 
 
