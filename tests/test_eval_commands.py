@@ -339,3 +339,20 @@ def test_sweep_merges_families_that_give_the_same_policy_and_rows_say_how(tmp_pa
     assert "give the same policy h2o_4_2_16_mean: it runs once" in capsys.readouterr().out
     assert {(r["ppl_mode"], r["ppl_tokens"], r["positions"], r["buffer"]) for r in rows} == {
         ("chunked, 4 tokens per forward", "48", "original", "0")}
+
+
+def test_gap_closed_by_genre_and_the_sign_test_over_texts():
+    rows = [{"text": t, "genre": g, "budget": 64, "family": f, "gap_closed": gap, "gap_high": high, "ppl": ppl}
+            for t, g, f, gap, high, ppl in [
+                ("pg19:1", "prose", "h2o", 0.6, 0.7, 10.0), ("pg19:2", "prose", "h2o", 0.4, 0.5, 11.0),
+                ("licence:python", "legal", "h2o", -0.5, -0.2, 9.0),
+                ("pg19:1", "prose", "tova", 0.2, 0.3, 10.5), ("pg19:2", "prose", "tova", 0.1, 0.2, 11.5),
+                ("licence:python", "legal", "tova", -0.1, 0.1, 8.5)]]
+    by = {(r["genre"], r["family"]): r for r in sweep.gap_by_genre(rows)}
+    assert by["prose", "h2o"]["mean_gap_closed"] == pytest.approx(0.5) and by["prose", "h2o"]["lowest_gap_closed"] == 0.4
+    assert (by["legal", "h2o"]["below_streaming"], by["legal", "h2o"]["surely_below"]) == (1, 1)
+    assert (by["legal", "tova"]["below_streaming"], by["legal", "tova"]["surely_below"]) == (1, 0)
+    (pair,) = sweep.compare_over_texts(rows + [{"text": "x", "genre": None, "budget": None, "family": "full",
+                                                 "gap_closed": None, "gap_high": None, "ppl": 5.0}])
+    assert (pair["family_a"], pair["family_b"], pair["a_lower"], pair["b_lower"]) == ("h2o", "tova", 2, 1)
+    assert pair["verdict"] == "not separated" and pair["p_value"] == 1.0

@@ -142,3 +142,22 @@ def test_random_ids():
     assert not torch.equal(ids, data.random_ids(100, 50, batch=3, seed=2))
     with pytest.raises(ValueError, match="must be positive"):
         data.random_ids(100, 0)
+
+
+def test_text_specs_of_every_genre_are_read_through_the_data_layer():
+    import sysconfig
+
+    label, text, source, genre = data.load_spec("code:argparse")
+    assert (label, genre) == ("code:argparse", "code") and "class ArgumentParser" in text
+    assert source.startswith("stdlib:") and source.endswith("argparse.py")
+    assert data.load_spec("code:email.message")[1].count("class Message") >= 1
+    label, text, source, genre = data.load_spec("licence:python")
+    assert genre == "legal" and "PYTHON SOFTWARE FOUNDATION LICENSE" in text
+    assert source == f"licence:{sysconfig.get_paths()['stdlib']}/LICENSE.txt"
+    assert data.load_spec("wikitext")[3] == "encyclopaedic" and data.load_spec("pg19:10146")[3] == "prose"
+    for bad, message in [("code:no_such_module", "no standard-library module"),
+                         ("code:pytest", "no standard-library module"),  # a third-party package is not stdlib
+                         ("code:sys", "no standard-library module"),  # built in: no Python source
+                         ("licence:gpl", "unknown; choose from python")]:
+        with pytest.raises(ValueError, match=message):
+            data.load_spec(bad)

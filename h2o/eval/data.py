@@ -1,12 +1,24 @@
-"""Evaluation text: WikiText-2 and PG-19 from a local data dir or the hub, user files, token ids.
+"""Evaluation text: WikiText-2 and PG-19 from a local data dir or the hub, the Python standard library's own source
+and licence (on every machine), user files, token ids.
 
 Local layout (CI: H2O_DATA_DIR=../shared/data; the corpora never live in this repo):
 
     <data dir>/wikitext-2-raw/wiki.test.raw     the raw file, read byte for byte
     <data dir>/pg19/test/<book id>.txt          one PG-19 book per file
+
+Text specs (`load_spec`, `h2o sweep --texts`) and their genres (`GENRES`):
+
+    wikitext          encyclopaedic   WikiText-2 raw test
+    pg19:<book id>    prose           a PG-19 test book
+    code:<module>     code            the source of a standard-library module of this Python (code:argparse,
+                                      code:email.message), from sysconfig's stdlib folder
+    licence:python    legal           this Python's LICENSE.txt (the PSF licence and its history)
+    <path>            file            a UTF-8 text file
 """
 
+import importlib.util
 import os
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -63,6 +75,49 @@ def load_document(corpus: str, doc: str | None = None, data_dir: str | Path | No
             return docs[doc], f"{source} book {doc}"
         ids = list(docs)
     raise ValueError(f"no PG-19 test book {doc!r} in {source}; it has {len(ids)} books, e.g. {', '.join(ids[:8])}")
+
+
+GENRES = {"wikitext": "encyclopaedic", "pg19": "prose", "code": "code", "licence": "legal", "file": "file"}
+LICENCES = ("python",)
+
+
+def load_stdlib_source(module: str) -> tuple[str, str]:
+    """The source of a module of this Python's standard library (not a third-party package), and where it is."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+    if origin is None or stdlib not in origin.parents or "site-packages" in origin.parts:
+        raise ValueError(f"code:{module}: no standard-library module of that name with Python source in {stdlib} "
+                         "(e.g. code:argparse, code:difflib, code:email.message)")
+    return _read(origin), f"stdlib:{origin}"
+
+
+def load_licence(name: str) -> tuple[str, str]:
+    """A licence text on every machine: 'python' is this Python's LICENSE.txt."""
+    if name not in LICENCES:
+        raise ValueError(f"licence:{name}: unknown; choose from {', '.join(LICENCES)}")
+    path = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"this Python has no licence file at {path}")
+    return _read(path), f"licence:{path}"
+
+
+def load_spec(spec: str, data_dir: str | Path | None = None) -> tuple[str, str, str, str]:
+    """(label, text, source, genre) of a text spec (module docstring): wikitext, pg19:<id>, code:<module>,
+    licence:python, or a file path."""
+    kind, _, arg = spec.partition(":")
+    if spec == "wikitext":
+        return (spec, *load_document("wikitext", None, data_dir), GENRES["wikitext"])
+    if kind == "pg19" and arg:
+        return (spec, *load_document("pg19", arg, data_dir), GENRES["pg19"])
+    if kind == "code" and arg:
+        return (spec, *load_stdlib_source(arg), GENRES["code"])
+    if kind == "licence" and arg:
+        return (spec, *load_licence(arg), GENRES["licence"])
+    return (Path(spec).name, *load_text_file(spec), GENRES["file"])
 
 
 def load_text_file(path: str | Path) -> tuple[str, str]:

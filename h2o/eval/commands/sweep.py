@@ -37,9 +37,12 @@ PARTS = ("ppl", "throughput")
 MAX_BATCH = {"cpu": 8, "cuda": 1024}
 DEFAULT_CONTEXT = {"cpu": 512, "cuda": 1024}
 DEFAULT_NEW_TOKENS = {"cpu": 8, "cuda": 32}
-PPL_COLUMNS = {"text": "Text", "family": "Family", "budget": "Budget", "policy": "Policy", "ppl": "PPL",
+PPL_COLUMNS = {"text": "Text", "genre": "Genre", "family": "Family", "budget": "Budget", "policy": "Policy", "ppl": "PPL",
                "ppl_after_eviction": "PPL after 1st eviction", "full_ppl_after_eviction": "Full, same tokens",
                "gap_closed": "Gap closed", "gap_interval": "[95%]", "kv_mib": "KV MiB", "passkey_kept": "Passkey kept"}
+GENRE_COLUMNS = {"genre": "Genre", "budget": "Budget", "family": "Family", "texts": "Texts",
+                 "mean_gap_closed": "Mean gap closed", "lowest_gap_closed": "Lowest", "below_streaming": "Below SLLM",
+                 "surely_below": "Below (95%)"}
 PAIRED_COLUMNS = {"budget": "Budget", "family_a": "A", "family_b": "B", "texts": "Texts", "a_lower": "A lower",
                   "b_lower": "B lower", "ties": "Ties", "p_value": "p (sign)", "verdict": "Verdict"}
 SPEED_COLUMNS = {"batch": "Batch", "policy": "Policy", "status": "Status", "tpot_median_ms": "TPOT med (ms)",
@@ -67,8 +70,10 @@ def add_arguments(p) -> None:
     p.add_argument("--recent-share", type=float, default=0.125,
                    help="recent window of every family but streaming, as a share of the budget")
     p.add_argument("--texts", nargs="+", default=None, metavar="TEXT",
-                   help="PPL on several texts, each (policy, text) a unit of its own at batch 1: wikitext, pg19:<book id> or a text file "
-                        "(default: the one text of --corpus / --pg19-book / --text-file)")
+                   help="PPL on several texts, each (policy, text) a unit of its own at batch 1: wikitext (encyclopaedic), "
+                        "pg19:<book id> (prose), code:<stdlib module> (code, e.g. code:argparse), licence:python "
+                        "(legal) or a text file; a table of the gap closed by genre follows (default: the one text "
+                        "of --corpus / --pg19-book / --text-file)")
     units.add_arguments(p)
     g = p.add_argument_group("throughput")
     g.add_argument("--batches", nargs="+", type=int, default=None,
@@ -144,16 +149,19 @@ def check(args) -> dict:
 
 
 def load_texts(specs: list[str], data_dir) -> dict[str, tuple[str, str]]:
-    """{label: (text, source)} for wikitext, pg19:<book id> or a file path; a missing one is an error."""
+    """{label: (text, source)} for each text spec (h2o.eval.data.load_spec: wikitext, pg19:<book id>,
+    code:<stdlib module>, licence:python or a file path); a missing one is an error."""
     texts = {}
     for spec in dict.fromkeys(specs):
-        if spec == "wikitext":
-            texts[spec] = data.load_document("wikitext", None, data_dir)
-        elif spec.startswith("pg19:"):
-            texts[spec] = data.load_document("pg19", spec.partition(":")[2], data_dir)
-        else:
-            texts[Path(spec).name] = data.load_text_file(spec)
+        label, text, source, _ = data.load_spec(spec, data_dir)
+        texts[label] = (text, source)
     return texts
+
+
+def genre(label: str) -> str:
+    """The genre of a --texts label (h2o.eval.data.GENRES)."""
+    kind = label.partition(":")[0] if ":" in label else label
+    return data.GENRES.get(kind, data.GENRES["file"])
 
 
 def run(session, plan) -> int:
@@ -174,6 +182,12 @@ def run(session, plan) -> int:
         session.write_csv("sweep_ppl.csv", ppl_rows)
         session.plot("sweep_ppl.png", plot_ppl(ppl_rows, f"{title}\n{what}"))
         tables.append(report.format_table(ppl_rows, PPL_COLUMNS))
+        by_genre = gap_by_genre(ppl_rows)
+        if by_genre:
+            results["ppl_by_genre"] = by_genre
+            session.write_csv("sweep_ppl_genres.csv", by_genre)
+            tables.append("gap closed by genre (mean and lowest over the genre's texts):\n"
+                          + report.format_table(by_genre, GENRE_COLUMNS))
         if paired:
             session.write_csv("sweep_ppl_paired.csv", paired)
             tables.append("paired over texts (exact sign test on which PPL is lower, same budget):\n"
@@ -237,7 +251,7 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
     _gap_intervals(rows, losses)
     mode = "token by token" if args.chunk == 1 else f"chunked, {args.chunk} tokens per forward"
     for r in rows:  # every row says how it was measured
-        r.update(ppl_mode=mode, ppl_tokens=args.ppl_tokens, positions=args.positions, buffer=args.buffer)
+        r.update(genre=genre(r["text"]) if plan["texts"] else None, ppl_mode=mode, ppl_tokens=args.ppl_tokens, positions=args.positions, buffer=args.buffer)
     if args.passkey_cases:
         from ..answers import kept_text, passkey_kept
         texts = plan["texts"] or {"text": plan["text"]}
@@ -266,6 +280,21 @@ def _gap_intervals(rows: list[dict], losses: dict) -> None:
                                        losses[r["text"], "full"])
         r["gap_low"], r["gap_high"] = ci if ci else (None, None)
         r["gap_interval"] = stats.interval_text(ci)
+
+
+def gap_by_genre(rows: list[dict]) -> list[dict]:
+    """Per genre, budget and family: the mean and the lowest gap closed over the genre's texts, and on how many
+    texts the family is below StreamingLLM (a gap closed < 0, its whole interval below 0)."""
+    out = []
+    scored = [r for r in rows if r["gap_closed"] is not None and r.get("genre")]
+    for key in dict.fromkeys((r["genre"], r["budget"], r["family"]) for r in scored):
+        group = [r for r in scored if (r["genre"], r["budget"], r["family"]) == key]
+        gaps = [r["gap_closed"] for r in group]
+        out.append({"genre": key[0], "budget": key[1], "family": key[2], "texts": len(group),
+                    "mean_gap_closed": sum(gaps) / len(gaps), "lowest_gap_closed": min(gaps),
+                    "below_streaming": sum(g < 0 for g in gaps),
+                    "surely_below": sum(r["gap_high"] is not None and r["gap_high"] < 0 for r in group)})
+    return out
 
 
 def compare_over_texts(rows: list[dict]) -> list[dict]:
