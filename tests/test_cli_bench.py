@@ -57,20 +57,32 @@ def test_bench_on_the_embedded_model(tmp_path, capsys):
     out = tmp_path / "r"
     code = main(["bench", "--policies", "streaming_4_60", "h2o_4_8_64", "--buffer", "8", "--ppl-tokens", "160",
                  "--chunk", "16", "--context", "96", "--new-tokens", "3", "--repeats", "1", "--out", str(out),
-                 "--passkey-cases", "2", "--passkey-length", "400", "--no-progress"])
+                 "--passkey-cases", "2", "--passkey-length", "400", "--phrasings", "restate", "completion",
+                 "--no-progress"])
     assert code == 0
     rows = {r["configuration"]: r for r in csv.DictReader(open(out / "bench.csv"))}
-    # the retrieval column: the full cache's solved cases, and each policy's among them (the control)
-    solved, cases = map(int, rows["full"]["passkey_kept"].split("/"))
-    assert cases == 2 and 0 <= solved <= 2
+
+    def kept_cell(cell):  # "k/n [low, high]": solved, cases, and the Wilson interval of k / n
+        count, interval = cell.split(" ", 1)
+        k, n = map(int, count.split("/"))
+        low, high = map(float, interval.strip("[]").split(", "))
+        assert low <= k / n <= high
+        return k, n
+
+    # the retrieval column, pooled over both phrasings: the full cache's solved cases, and each policy's among them
+    solved, cases = kept_cell(rows["full"]["passkey_kept"])
+    assert cases == 4 and 0 <= solved <= 4
     for name in ("streaming_4_60", "h2o_4_8_64_mean"):
-        kept, control = map(int, rows[name]["passkey_kept"].split("/"))
+        kept, control = kept_cell(rows[name]["passkey_kept"])
         assert control == solved and 0 <= kept <= control
+        if control:
+            assert float(rows[name]["passkey_kept_low"]) <= kept / control <= float(rows[name]["passkey_kept_high"])
     assert set(rows) == {"full", "streaming_4_60", "h2o_4_8_64_mean"}
     for r in rows.values():
         assert 1 < float(r["wikitext_ppl"]) < 200 and 1 < float(r["pg19_ppl"]) < 200
     assert float(rows["h2o_4_8_64_mean"]["wikitext_ppl_after_eviction"]) > 1
     notes = json.loads((out / "bench.json").read_text())["notes"]
     assert any("chunked, 16 tokens per forward" in n and "10146.txt" in n for n in notes)
-    assert any(n.startswith("Passkey kept: 2 passkey cases of 400 tokens") for n in notes)
+    assert any(n.startswith("Passkey kept: 2 passkey cases of 400 tokens per phrasing") and "restate, completion" in n
+               and "paired (McNemar exact, 5%)" in n for n in notes)
     assert "| Passkey kept" in capsys.readouterr().out
