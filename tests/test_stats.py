@@ -89,3 +89,16 @@ def test_interval_text():
     assert stats.interval_text((0.1234, 0.9)) == "[0.12, 0.90]"
     assert stats.interval_text((0.1234, 0.9), percent=True) == "[12%, 90%]"
     assert stats.interval_text(None) == "–"
+
+
+def test_a_gap_within_the_bootstrap_noise_is_no_gap_to_close():
+    full = _losses(0)
+    assert stats.gap_supported(full + 0.3, full)
+    assert not stats.gap_supported(full, full)
+    noise = np.random.default_rng(3).normal(0, 1.0, len(full))
+    wobble = full + noise - noise.mean() + 1e-3  # above the full cache on average, by far less than its noise
+    assert not stats.gap_supported(wobble, full)
+    rule = full + 0.1
+    assert stats.gap_closed_interval(rule, wobble, full) is None  # a ratio over no gap would mean nothing
+    few = _losses(0, stats.BLOCK * (stats.MIN_BLOCKS - 1))
+    assert stats.gap_closed_interval(few + 0.05, few + 0.3, few) is None

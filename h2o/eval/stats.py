@@ -26,6 +26,7 @@ from scipy.stats import binomtest
 LEVEL = 0.95
 ALPHA = 0.05
 BLOCK = 64  # tokens per bootstrap block
+MIN_BLOCKS = 8  # fewer blocks than this: no interval (a bootstrap over a handful of blocks says little)
 RESAMPLES = 2000
 SEED = 0
 
@@ -72,25 +73,39 @@ def _block_sums(losses) -> tuple[np.ndarray, np.ndarray]:
 def gap_closed_interval(rule, streaming, full, level: float = LEVEL, resamples: int = RESAMPLES,
                         seed: int = SEED) -> tuple[float, float] | None:
     """The paired block-bootstrap interval of the gap closed on one text, from the three runs' per-token losses
-    (the same tokens in the same order); None when the text has fewer than 2 blocks or the gap is 0."""
+    (the same tokens in the same order); None when the text has fewer than MIN_BLOCKS blocks or when StreamingLLM's
+    gap to the full cache is not itself supported (its own interval reaches 0: no gap to close, and a ratio over
+    it would mean nothing)."""
     runs = [np.asarray(x, dtype=np.float64).reshape(-1) for x in (rule, streaming, full)]
     if len({len(x) for x in runs}) != 1:
         raise ValueError(f"the three runs must score the same tokens, got {[len(x) for x in runs]}")
     (r, counts), (s, _), (f, _) = (_block_sums(x) for x in runs)
-    if len(counts) < 2:
+    if len(counts) < MIN_BLOCKS:
         return None
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(counts), size=(resamples, len(counts)))
     n = counts[pick].sum(1)
     ppl = [np.exp(x[pick].sum(1) / n) for x in (r, s, f)]
     gap = ppl[1] - ppl[2]
-    ok = np.abs(gap) > 1e-12
-    if not ok.any():
-        return None
-    closed = (ppl[1][ok] - ppl[0][ok]) / gap[ok]
     tail = (1 - level) / 2
+    if np.quantile(gap, tail) <= 0:
+        return None
+    ok = gap > 0
+    closed = (ppl[1][ok] - ppl[0][ok]) / gap[ok]
     low, high = np.quantile(closed, [tail, 1 - tail])
     return float(low), float(high)
+
+
+def gap_supported(streaming, full, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED) -> bool:
+    """Whether StreamingLLM's perplexity is above the full cache's on this text by more than the block bootstrap's
+    noise (the lower end of the paired interval of PPL streaming - PPL full is above 0)."""
+    (s, counts), (f, _) = (_block_sums(np.asarray(x, dtype=np.float64).reshape(-1)) for x in (streaming, full))
+    if len(counts) < MIN_BLOCKS:
+        return float(np.exp(s.sum() / counts.sum())) > float(np.exp(f.sum() / counts.sum()))
+    pick = np.random.default_rng(seed).integers(0, len(counts), size=(resamples, len(counts)))
+    n = counts[pick].sum(1)
+    gap = np.exp(s[pick].sum(1) / n) - np.exp(f[pick].sum(1) / n)
+    return bool(np.quantile(gap, (1 - level) / 2) > 0)
 
 
 def interval_text(interval: tuple[float, float] | None, percent: bool = False) -> str:
