@@ -17,7 +17,7 @@ HAS_RAY = importlib.util.find_spec("ray") is not None
 # a tiny tasks run: 2 cases x (full + 2 policies) = 6 units, a few seconds in one process
 TASKS = ["tasks", "--tasks", "passkey", "--lengths", "300", "--depths", "0.3", "0.7", "--cases", "1",
          "--policies", "streaming", "h2o_mean", "--budget-ratio", "0.2", "--buffer", "0", "--min-solved", "1",
-         "--threads", "1", "--no-progress"]
+         "--phrasings", "restate", "--threads", "1", "--no-progress"]
 SWEEP = ["sweep", "--parts", "ppl", "--texts", "wikitext", "pg19:10146", "--ppl-tokens", "160", "--budgets", "32",
          "--rules", "streaming", "h2o_mean", "--chunk", "16", "--buffer", "8", "--threads", "1", "--no-progress"]
 
