@@ -274,7 +274,8 @@ def compare(rows: list[dict]) -> list[dict]:
     keyed: dict[tuple, dict] = {}
     for r in rows:
         keyed[r["task"], r["phrasing"], r["length"], r["depth"], r["index"], r["policy"], r["budget"]] = r
-    phrasings = {t: sorted({r["phrasing"] for r in rows if r["task"] == t}) for t in {r["task"] for r in rows}}
+    phrasings = {t: sorted({r["phrasing"] for r in rows if r["task"] == t}, key=retrieval.PHRASINGS.index)
+                 for t in {r["task"] for r in rows}}
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         sets = [[p] for p in phrasings[task]] + ([phrasings[task]] if len(phrasings[task]) > 1 else [])
