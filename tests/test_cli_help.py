@@ -48,6 +48,13 @@ def test_the_static_command_table_matches_each_module():
     for name in cli.COMMANDS:
         module = importlib.import_module(f"h2o.eval.commands.{name}")
         assert module.NAME == name and cli.HELPS[name] == module.HELP
+        assert getattr(module, "USES_MODEL", True) == (name not in cli.NO_MODEL)
+
+
+def test_a_command_that_runs_no_model_has_no_model_options():
+    for name in cli.NO_MODEL:
+        options = {o for a in command_parser(name)._actions for o in a.option_strings}
+        assert {"--out", "--no-progress"} <= options and not options & {"--model", "--device", "--buffer", "--threads"}
 
 
 @pytest.mark.parametrize("command", cli.COMMANDS)
@@ -186,7 +193,7 @@ def online(monkeypatch):
     monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
-@pytest.mark.parametrize("command", cli.COMMANDS)
+@pytest.mark.parametrize("command", [c for c in cli.COMMANDS if c not in cli.NO_MODEL])
 def test_a_hub_id_offline_is_refused_at_once(command, online, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(checkpoints, "_unreachable", lambda endpoint: pytest.fail("probed the network while offline"))

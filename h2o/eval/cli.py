@@ -1,4 +1,4 @@
-"""The `h2o` command: bench (the results table), tasks, stress, sweep, heatmap, perf.
+"""The `h2o` command: bench (the results table), tasks, stress, sweep, heatmap, perf, heads, choose.
 
 Each command is a module of `h2o.eval.commands` on the skeleton of `h2o.eval.session`; this file only wires them up:
 it checks that the `[eval]` extras are installed (before anything else is imported), builds the
@@ -26,8 +26,10 @@ HELPS = {
     "heatmap": "attention heatmaps (log scale) of chosen layers over a short text: sinks and heavy hitters",
     "perf": "bookkeeping cost: decode-step and prefill time ratios against their floors, KV bytes vs tokens",
     "heads": "training-free KV-head scores: induction and echo on repeated random tokens, retrieval on calibration needles",
+    "choose": "the joint criterion over sweep and tasks results: the rule never below StreamingLLM, best worst-case gap",
 }
 COMMANDS = tuple(HELPS)
+NO_MODEL = ("choose",)  # commands that read results and run no model: no model, data or cache options
 DESCRIPTION = "KV-cache compression benchmarks (StreamingLLM, H2O)"
 # import name -> the package that provides it (all in the [eval] extra)
 EXTRAS = {"matplotlib": "matplotlib", "tqdm": "tqdm", "psutil": "psutil", "datasets": "datasets",
@@ -99,6 +101,8 @@ EXAMPLES = {
     "heatmap": ["h2o heatmap --layers 0 -1 --tokens 96"],
     "perf": ["h2o perf", "h2o perf --steps 32 --rounds 3 --kv-lengths 1024 4096"],
     "heads": ["h2o heads", "h2o heads --model random:tiny-llama --random-tokens 64 --recompute"],
+    "choose": ["h2o choose --sweep results/sweep.json --tasks qa/tasks.json st/tasks.json --tuning-texts wikitext "
+               "pg19:10146"],
 }
 
 
@@ -144,7 +148,7 @@ def build_parser(command: str | None = None, full: bool = True) -> argparse.Argu
 
             module = importlib.import_module(f"h2o.eval.commands.{name}")
             module.add_arguments(p)
-            add_shared_options(p)
+            add_shared_options(p, model=name not in NO_MODEL)
             p.set_defaults(module=module)
     return parser
 
@@ -170,16 +174,17 @@ def main(argv=None) -> int:
     module = args.module
     session = None
     try:
-        if args.threads is not None and args.threads < 1:
+        if getattr(args, "threads", None) is not None and args.threads < 1:
             raise ValueError("--threads must be >= 1")
-        if args.buffer < 0:
+        if getattr(args, "buffer", 0) < 0:
             raise ValueError(f"--buffer must be >= 0, got {args.buffer}")
-        checkpoints.check_name(args.model)  # a bad name, or a hub id while offline: refused before any work
+        if hasattr(args, "model"):  # a bad name, or a hub id while offline: refused before any work
+            checkpoints.check_name(args.model)
         plan = module.check(args)
         if hasattr(args, "resume"):  # commands whose work is units (h2o.eval.units): --ray, --workers, --resume
             from . import units
             units.check_args(args, args.command)
-        if args.threads is not None:
+        if getattr(args, "threads", None) is not None:
             torch.set_num_threads(args.threads)
         existed = _exists(args.out)
         session = Session(args.command, args)

@@ -29,7 +29,16 @@ from h2o.policies import DEFAULT_SCORE
 from . import checkpoints, data, report
 
 
-def add_shared_options(p: argparse.ArgumentParser) -> None:
+def add_shared_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """The options every command shares; a command that runs no model (`model=False`) gets the output ones only."""
+    if model:
+        _add_model_options(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="results", help="output directory")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=checkpoints.EMBEDDED,
                    help=f"built-in name ({', '.join(checkpoints.list_models())}), hub id or local directory")
@@ -56,9 +65,6 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score", default=None, choices=["mean", "sum"],
                    help=f"H2O scoring rule for names without one (default: h2o.DEFAULT_SCORE = {DEFAULT_SCORE})")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="results", help="output directory")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def add_text_options(p: argparse.ArgumentParser, corpus: str) -> None:

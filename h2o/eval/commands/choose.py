@@ -1,0 +1,138 @@
+"""`h2o choose`: the joint criterion (`h2o.eval.selection`) over measured perplexity and retrieval runs.
+
+It runs no model: it reads one `h2o sweep --parts ppl --texts ...` run (sweep.json) and `h2o tasks` runs (tasks.json,
+one per protocol; tuning cases, and apart held-out ones), checks that they measured one model and the same
+candidates beside the reference, and prints every candidate's cells below the reference, its worst-case gap closed
+and its pooled kept shares with their intervals, ranked by the criterion:
+
+    h2o choose --sweep results/sweep/sweep.json --tasks results/qa/tasks.json results/st/tasks.json \\
+        --held-out-tasks results/qa-held/tasks.json --tuning-texts wikitext pg19:10146 pg19:10321 code:argparse
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import report, selection
+
+NAME = "choose"
+HELP = "the joint criterion over sweep and tasks results: the rule never below StreamingLLM, best worst-case gap"
+USES_MODEL = False  # reads results only: the model and cache options do not apply
+COLUMNS = {"rank": "Rank", "candidate": "Candidate", "verdict": "Verdict", "tuning_cells": "Tuning cells",
+           "below": "Below ref.", "surely_below": "Surely below", "worst_gap": "Worst gap (tuning)",
+           "mean_gap": "Mean gap (tuning)", "mean_pooled_kept": "Mean pooled kept (tuning)",
+           "held_out_cells": "Held-out cells", "held_out_below": "Held-out below",
+           "held_out_worst_gap": "Held-out worst gap"}
+CELL_COLUMNS = {"candidate": "Candidate", "split": "Split", "where": "Where", "shown": "Candidate vs reference",
+                "interval": "[95%]", "surely_below": "Surely below"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--sweep", required=True, metavar="SWEEP_JSON",
+                   help="sweep.json of `h2o sweep --parts ppl --texts ...` (or its output directory)")
+    p.add_argument("--tasks", nargs="+", required=True, metavar="TASKS_JSON",
+                   help="tasks.json of `h2o tasks` runs on the tuning cases, one per protocol (or their directories)")
+    p.add_argument("--held-out-tasks", nargs="+", default=[], metavar="TASKS_JSON",
+                   help="tasks.json of runs on held-out cases: reported, never used to choose")
+    p.add_argument("--tuning-texts", nargs="+", required=True, metavar="TEXT",
+                   help="the sweep's texts the criterion uses (its --texts labels); the others are held out")
+    p.add_argument("--reference", default="streaming", help="the rule no candidate may fall below")
+    p.add_argument("--candidates", nargs="+", default=None,
+                   help="rule families / policies to choose among (default: every one measured in all the inputs)")
+
+
+def _load(path: str, command: str) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / f"{command}.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no {command}.json there (the output of `h2o {command}`)")
+    try:
+        record = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p}: not JSON ({err})") from None
+    if record.get("command") != command:
+        raise ValueError(f"{p}: written by `h2o {record.get('command')}`, not `h2o {command}`")
+    return {**record, "path": str(p)}
+
+
+def check(args) -> dict:
+    sweep = _load(args.sweep, "sweep")
+    if not sweep.get("ppl_rows"):
+        raise ValueError(f"{sweep['path']}: no perplexity rows (run `h2o sweep --parts ppl --texts ...`)")
+    tuning = [_load(path, "tasks") for path in args.tasks]
+    held = [_load(path, "tasks") for path in args.held_out_tasks]
+    models = {r["path"]: (r.get("model") or {}).get("name") for r in [sweep, *tuning, *held]}
+    if len(set(models.values())) > 1:
+        raise ValueError("the inputs measured different models: "
+                         + "; ".join(f"{path}: {name}" for path, name in models.items()))
+    texts = list(dict.fromkeys(r["text"] for r in sweep["ppl_rows"]))
+    unknown = [t for t in args.tuning_texts if t not in texts]
+    if unknown:
+        raise ValueError(f"--tuning-texts {unknown[0]}: not a text of {sweep['path']} ({', '.join(texts)})")
+    measured = [set(r["family"] for r in sweep["ppl_rows"])] + [{r["policy"] for r in t["summary"]} for t in tuning + held]
+    for where, names in zip([sweep, *tuning, *held], measured):
+        if args.reference not in names:
+            raise ValueError(f"{where['path']}: the reference {args.reference!r} was not measured there")
+    common = [c for c in dict.fromkeys(r["family"] for r in sweep["ppl_rows"])
+              if c not in (args.reference, "full") and all(c in names for names in measured)]
+    candidates = args.candidates or common
+    for c in candidates:
+        missing = [w["path"] for w, names in zip([sweep, *tuning, *held], measured) if c not in names]
+        if missing:
+            raise ValueError(f"candidate {c!r} was not measured in {missing[0]}: every candidate needs every input")
+    if not candidates:
+        raise ValueError("no candidate was measured in every input beside the reference")
+    return {"sweep": sweep, "tuning": tuning, "held": held, "candidates": candidates, "model": next(iter(models.values()))}
+
+
+def run(session, plan) -> int:
+    args = session.args
+    candidates, reference = plan["candidates"], args.reference
+    cells = selection.ppl_cells(plan["sweep"]["ppl_rows"], candidates, reference, set(args.tuning_texts))
+    for split, runs in ((selection.TUNING, plan["tuning"]), (selection.HELD_OUT, plan["held"])):
+        for t in runs:
+            cells += selection.task_cells(t["summary"], t["paired"], t["protocol"], split, candidates, reference)
+    rows, chosen, notes = selection.choose(cells, candidates)
+    protocols = sorted({t["protocol"] for t in plan["tuning"]})
+    notes = [f"model {plan['model']}; reference {reference}; tuning texts {', '.join(args.tuning_texts)}; tuning "
+             f"tasks in protocol(s) {', '.join(protocols)}; inputs: {plan['sweep']['path']}, "
+             + ", ".join(t["path"] for t in plan["tuning"] + plan["held"]),
+             "a cell: one text at one budget (perplexity), or one task in one protocol, phrasing (each and 'all', "
+             "pooled) and budget (kept share of the full cache's solved cases); below: worse than the reference there "
+             "(point estimates); surely below: a gap interval wholly under 0, or McNemar p < 0.05 for the reference",
+             *notes]
+    if len(protocols) < 2:
+        notes.append(f"the tuning tasks ran in one protocol only ({protocols[0]}): the criterion covers that one")
+    notes.append(f"chosen: {chosen}" if chosen else "chosen: none")
+    session.write_csv("choose.csv", rows)
+    session.write_csv("choose_cells.csv", cells)
+    session.write_json("choose.json", chosen=chosen, candidates=rows, cells=cells, notes=notes)
+    session.plot("choose.png", plot_cells(cells, candidates, reference))
+    below = [c for c in cells if c["below"]]
+    tables = [report.format_table(rows, COLUMNS)]
+    if below:
+        tables.append("cells below the reference (tuning and held-out):\n" + report.format_table(below, CELL_COLUMNS))
+    return session.finish(tables, notes)
+
+
+def plot_cells(cells: list[dict], candidates: list[str], reference: str):
+    """Per candidate, every cell's margin over the reference: the gap closed (perplexity; 0 is the reference) and
+    the kept share minus the reference's (retrieval); tuning filled, held-out hollow; below 0 is below it."""
+    plt = report.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(candidates) + 2.5), layout="constrained", squeeze=False)
+    for ax, kind, label in zip(axes[0], ("ppl", "tasks"), ("gap closed (perplexity)", "kept share - reference's")):
+        for i, c in enumerate(candidates):
+            for split, face in ((selection.TUNING, f"C{i}"), (selection.HELD_OUT, "none")):
+                xs = [x["value"] - (0 if kind == "ppl" else x["reference_value"]) for x in cells
+                      if x["candidate"] == c and x["kind"] == kind and x["split"] == split and x["value"] is not None]
+                ax.scatter(xs, [i] * len(xs), facecolors=face, edgecolors=f"C{i}", alpha=0.7,
+                           label=split if i == 0 else None)
+        ax.axvline(0, color="k", lw=1)
+        ax.set_yticks(range(len(candidates)), candidates, fontsize=7)
+        ax.set_xlabel(f"{label}; left of 0: below {reference}")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Every cell of the joint criterion against {reference} (filled: tuning, hollow: held-out)", fontsize=9)
+    return fig
