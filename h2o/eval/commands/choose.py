@@ -71,15 +71,16 @@ def check(args) -> dict:
     unknown = [t for t in args.tuning_texts if t not in texts]
     if unknown:
         raise ValueError(f"--tuning-texts {unknown[0]}: not a text of {sweep['path']} ({', '.join(texts)})")
-    measured = [set(r["family"] for r in sweep["ppl_rows"])] + [{r["policy"] for r in t["summary"]} for t in tuning + held]
-    for where, names in zip([sweep, *tuning, *held], measured):
+    measured = {sweep["path"]: {r["family"] for r in sweep["ppl_rows"]},
+                **{t["path"]: {r["policy"] for r in t["summary"]} for t in tuning + held}}
+    for path, names in measured.items():
         if args.reference not in names:
-            raise ValueError(f"{where['path']}: the reference {args.reference!r} was not measured there")
+            raise ValueError(f"{path}: the reference {args.reference!r} was not measured there")
     common = [c for c in dict.fromkeys(r["family"] for r in sweep["ppl_rows"])
-              if c not in (args.reference, "full") and all(c in names for names in measured)]
+              if c not in (args.reference, "full") and all(c in names for names in measured.values())]
     candidates = args.candidates or common
     for c in candidates:
-        missing = [w["path"] for w, names in zip([sweep, *tuning, *held], measured) if c not in names]
+        missing = [path for path, names in measured.items() if c not in names]
         if missing:
             raise ValueError(f"candidate {c!r} was not measured in {missing[0]}: every candidate needs every input")
     if not candidates:
