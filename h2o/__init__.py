@@ -13,7 +13,7 @@ import importlib
 
 _EXPORTS = {
     "make_cache": "models", "restore": "models", "SUPPORTED_FAMILIES": "models",
-    "CompressedCache": "cache", "CompressedLayer": "cache", "UnobservedError": "cache",
+    "CompressedCache": "cache", "CompressedLayer": "compressed_layer", "UnobservedError": "compressed_layer",
     "head_scores": "head_probes", "HeadScores": "head_probes",
     **{name: "policies" for name in (
         "parse", "resolve", "keep_indices", "register_policy", "policy_names", "Policy", "Observation",

@@ -31,7 +31,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .cache import HeadGroupLayer, RowsLayer, take_pending
+from .attention_kernels import decode_step, vlen_share
+from .cache import HeadGroupLayer, RowsLayer
+from .handover import take_pending
 from .policies import Observation
 
 # Attention-probability block materialised per step of a long forward's blocked attention (float32
@@ -113,17 +115,8 @@ def value_weighted_mass(query, key, value, mask, scaling, query_valid=None, bloc
     norms = value.to(torch.float32).norm(dim=-1)  # [B, Hkv, L]
     out = torch.zeros_like(norms)
     for start, stop, visible, probs in _probability_blocks(query, key, mask, scaling, block_elements):
-        out[..., :visible] += _vlen_share(probs, norms[..., :visible], query_valid, start, stop)
+        out[..., :visible] += vlen_share(probs, norms[..., :visible], query_valid, start, stop)
     return out
-
-
-def _vlen_share(probs, norms, query_valid, start, stop):
-    """probs [B, Hkv, G, n, V], norms [B, Hkv, V] -> [B, Hkv, V]: h2o-vlen's per-query shares, summed."""
-    weighted = probs.mean(dim=2) * norms.unsqueeze(2)  # [B, Hkv, n, V]
-    weighted = weighted / weighted.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    if query_valid is not None:
-        weighted = weighted * query_valid[:, None, start:stop, None]
-    return weighted.sum(dim=2)
 
 
 def query_counts(key, mask, q, query_valid):
@@ -155,8 +148,8 @@ def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=fr
     half = key.dtype != torch.float32
     vnorms = value.to(torch.float32).norm(dim=-1) if "vmass" in wants else None
     if q == 1:
-        out, mass, last, probs = _decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half)
-        vmass = _vlen_share(probs.unsqueeze(3), vnorms, query_valid, 0, 1) if vnorms is not None else None
+        out, mass, last, probs = decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half)
+        vmass = vlen_share(probs.unsqueeze(3), vnorms, query_valid, 0, 1) if vnorms is not None else None
         return (out, mass, last, vmass) if with_vmass else (out, mass, last)
     vmass = torch.zeros_like(vnorms) if vnorms is not None else None
     grouped = query.view(b, hkv, groups, q, d)
@@ -185,7 +178,7 @@ def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=fr
         if "last" in wants and stop == q:  # the newest query sees every kept key (visible == length)
             last = probs[:, :, :, -1].mean(dim=2)
         if vmass is not None:
-            vmass[..., :visible] += _vlen_share(probs, vnorms[..., :visible], query_valid, start, stop)
+            vmass[..., :visible] += vlen_share(probs, vnorms[..., :visible], query_valid, start, stop)
         if mass is not None:
             if query_valid is not None:
                 probs = probs * query_valid[:, None, None, start:stop, None]
@@ -194,36 +187,6 @@ def fused_attention(query, key, value, mask, scaling, query_valid=None, wants=fr
             mass[..., :visible] += probs.sum(dim=(2, 3))
     out = out.reshape(b, hq, q, dv).transpose(1, 2).contiguous()
     return (out, mass, last, vmass) if with_vmass else (out, mass, last)
-
-
-def _decode_step(query, key, value, mask, scaling, wants, query_valid, query_weights, half):
-    """fused_attention for one new query, as few kernels as it takes: (B x Hkv) batched matmuls over the
-    group's query heads, no block loop, no layout copy of the output. Returns (output [B, 1, Hq, Dv], mass,
-    last, probabilities [B, Hkv, G, L])."""
-    b, hq, _, d = query.shape
-    hkv, length, dv = key.shape[1], key.shape[2], value.shape[-1]
-    groups = hq // hkv
-    grouped = query.reshape(b * hkv, groups, d)
-    keys = key.reshape(b * hkv, length, d)  # a view: the slot-slice of the layer's buffer merges B and H
-    if half:
-        grouped, keys = grouped.to(torch.float32), keys.to(torch.float32)
-    grouped = grouped * scaling
-    logits = torch.bmm(grouped, keys.transpose(1, 2))  # [B*Hkv, G, L]
-    if mask is not None:  # [B, 1, 1, L] (one mask for the row) or [B, Hkv, L] (one per KV head: h2o.static)
-        logits.view(b, hkv, groups, length).masked_fill_(~mask.view(b, -1, 1, length), -torch.inf)
-    probs = logits.softmax(dim=-1)
-    out = torch.bmm(probs.to(value.dtype), value.reshape(b * hkv, length, dv))  # [B*Hkv, G, Dv] = [B, 1, Hq, Dv]
-    probs = probs.view(b, hkv, groups, length)
-    mass = last = None
-    if "mass" in wants:
-        mass = probs.sum(dim=2)
-        if query_valid is not None:  # a padding token's query adds nothing
-            mass *= query_valid.view(b, 1, 1)
-        if query_weights is not None:
-            mass *= query_weights[-1].to(torch.float32)
-    if "last" in wants:
-        last = probs.mean(dim=2)
-    return out.view(b, 1, hq, dv), mass, last, probs
 
 
 def plain_softmax(module, kwargs) -> bool:

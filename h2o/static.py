@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from .attention import _decode_step, _vlen_share
-from .cache import CompressedLayer, leave_pending
+from .attention_kernels import decode_step, vlen_share
+from .compressed_layer import CompressedLayer
+from .handover import leave_pending
 from .policies import Observation, priorities
 
 
@@ -268,7 +269,7 @@ class StaticLayer(CompressedLayer):
         slot = self._new_slot()
         self.slot_valid.scatter_(2, slot, True)  # the new token sees itself
         weights = policy.query_weights(1, key.device) if "mass" in wants else None
-        out, mass, last, probs = _decode_step(query, key, value, self.slot_valid, scaling, wants, real, weights,
+        out, mass, last, probs = decode_step(query, key, value, self.slot_valid, scaling, wants, real, weights,
                                               key.dtype != torch.float32)
         count = vmass = None
         if "count" in wants:  # the one query saw every slot its head holds (a free slot's state is reset when written)
@@ -276,7 +277,7 @@ class StaticLayer(CompressedLayer):
             if real is not None:
                 count *= real.view(b, 1, 1)
         if "vmass" in wants:
-            vmass = _vlen_share(probs.unsqueeze(3), value.to(torch.float32).norm(dim=-1),
+            vmass = vlen_share(probs.unsqueeze(3), value.to(torch.float32).norm(dim=-1),
                                 None if real is None else real.view(b, 1), 0, 1)
         if policy.state:
             policy.update(self.state, Observation(queries=1, mass=mass, last=last, count=count, vmass=vmass),
