@@ -18,6 +18,9 @@ the layer that just ran `update` is one of ours, the wrapper (the contract is wr
      with the exact mask, then the observations in a second, equally blocked pass;
 3. hands the observation to the layer, which updates the policy's state and evicts.
 
+The layer says how its heads or rows map onto such runs: the wrapper calls its `attend` with the call
+(`h2o.handover.AttentionCall`), and imports no layer class.
+
 Any other call (no compressed layer, e.g. a `full` cache) passes straight through.
 """
 
@@ -32,7 +35,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .attention_kernels import decode_step, vlen_share
-from .cache import HeadGroupLayer, RowsLayer
 from .handover import take_pending
 from .policies import Observation
 
@@ -116,6 +118,32 @@ def value_weighted_mass(query, key, value, mask, scaling, query_valid=None, bloc
     out = torch.zeros_like(norms)
     for start, stop, visible, probs in _probability_blocks(query, key, mask, scaling, block_elements):
         out[..., :visible] += vlen_share(probs, norms[..., :visible], query_valid, start, stop)
+    return out
+
+
+def replay_attention(query, key, chosen, scaling, block_elements=None):
+    """KVzip's score of one replay forward: per key, the largest attention probability any replay query of its KV
+    head's group gives it, the softmax taken over the `chosen` keys only [B, Hkv, L] (the sinks, the chunk being
+    reconstructed, the replay's own keys: the last q, causal). float32 [B, Hkv, L], 0 where not chosen; computed
+    block by block of queries (about `block_elements` probabilities a block)."""
+    b, hq, q, d = query.shape
+    hkv, length = key.shape[1], key.shape[2]
+    groups = hq // hkv
+    grouped = query.view(b, hkv, groups, q, d)
+    keys_t = key.to(torch.float32).transpose(-1, -2)
+    out = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device)
+    step = max(1, (block_elements or score_block_elements(key.device)) // max(1, b * hq * length))
+    for start in range(0, q, step):
+        stop = min(q, start + step)
+        n, visible = stop - start, length - q + stop
+        block = grouped[:, :, :, start:stop].reshape(b, hkv, groups * n, d).to(torch.float32) * scaling
+        logits = torch.matmul(block, keys_t[..., :visible]).view(b, hkv, groups, n, visible)
+        logits.masked_fill_(~chosen[:, :, None, None, :visible], -torch.inf)
+        if n > 1:  # the block's own later keys are in its queries' future
+            logits[..., visible - n:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=key.device).triu_(1),
+                                                   -torch.inf)
+        best = logits.softmax(dim=-1).amax(dim=(2, 3))
+        torch.maximum(out[..., :visible], best, out=out[..., :visible])
     return out
 
 
@@ -232,51 +260,51 @@ def _compressed_attention(inner, module, query, key, value, attention_mask, scal
     layer = take_pending(key)
     if layer is None:
         return inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    if getattr(layer, "static", False):  # a decode step of the compile-friendly layout (h2o.static)
-        if not plain_softmax(module, kwargs):
-            raise ValueError("the static (compile-friendly) cache computes plain softmax attention; this model's "
-                             "attention has options it does not reproduce (dropout, softcapping, position bias or "
-                             "attention sinks): use static=False")
-        return layer.attend_static(query, scaling if scaling is not None else query.shape[-1] ** -0.5,
-                                   attention_mask), None
-    if isinstance(layer, RowsLayer):  # a joint (Ada-KV) layer of a batch: each row splits its own budget
-        rows = layer.rows
-        parts = [_attend_groups(inner, module, row, *_row(b, len(rows), query, attention_mask, kwargs), scaling)
-                 for b, row in enumerate(rows)]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)), None
-    if isinstance(layer, HeadGroupLayer):  # heads holding different numbers of tokens: one call per head group
-        return _attend_groups(inner, module, layer, query, attention_mask, kwargs, scaling), None
-    return _attend(inner, module, layer, query, key, value, attention_mask, scaling, kwargs)
+    call = _Call(inner, module, scaling, kwargs)
+    out = layer.attend(call, query, attention_mask)
+    return out, (call.weights if call.runs == 1 else None)
 
 
-def _attend_groups(inner, module, layer, query, attention_mask, kwargs, scaling):
-    """A `HeadGroupLayer`'s attention: one call per head group on its keys and its query heads, written back in head
-    order; then the layer's joint split, if any."""
-    out = None
-    for (_, heads), sub in zip(layer.index(query.device, query.shape[1] // layer.heads), layer.sublayers):
-        part = _attend(inner, module, sub, query.index_select(1, heads), sub.keys, sub.values, attention_mask,
-                       scaling, kwargs)[0]  # [B, q, heads of the group, Dv]
-        if out is None:
-            out = part.new_empty(*part.shape[:2], query.shape[1], part.shape[-1])
-        out.index_copy_(2, heads, part)
-    layer.observed()
-    return out
+class _Call:
+    """One call of the attention function (`h2o.handover.AttentionCall`): the stock attention `inner`, its module,
+    scaling and options, handed to the layer's `attend`."""
 
+    def __init__(self, inner, module, scaling, kwargs):
+        self.inner, self.module, self.scaling, self.kwargs = inner, module, scaling, kwargs
+        self.runs, self.weights = 0, None  # compressed runs made; the stock attention's weights of the last one
 
-def _row(b: int, rows: int, query, attention_mask, kwargs):
-    """Row b of a forward's query, mask and per-row arguments (position ids), for a layer holding rows apart."""
-    def pick(t):
-        return t[b:b + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows > 1 else t
-    return pick(query), pick(attention_mask), {k: pick(v) if k == "position_ids" else v for k, v in kwargs.items()}
+    def compressed(self, layer, query, attention_mask):
+        out, self.weights = _attend(self.inner, self.module, layer, query, layer.keys, layer.values, attention_mask,
+                                    self.scaling, self.kwargs)
+        self.runs += 1
+        return out
+
+    def row(self, b, rows, query, attention_mask):
+        def pick(t):
+            return t[b:b + 1] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows > 1 else t
+        kwargs = {k: pick(v) if k == "position_ids" else v for k, v in self.kwargs.items()}
+        return _Call(self.inner, self.module, self.scaling, kwargs), pick(query), pick(attention_mask)
+
+    def plain_softmax(self):
+        return plain_softmax(self.module, self.kwargs)
+
+    def scale(self, query):
+        return self.scaling if self.scaling is not None else query.shape[-1] ** -0.5
 
 
 def _attend(inner, module, layer, query, key, value, attention_mask, scaling, kwargs):
-    """One compressed layer's attention: prepare, attention with what the policy observes, observe (and evict)."""
+    """One compressed layer's attention: prepare, attention with what the policy observes, observe (and evict).
+    Returns (output, the stock attention's weights or None)."""
     query, mask, new_valid = layer.prepare(query, attention_mask, kwargs.get("position_ids"),
                                            causal_by_default=inner is sdpa_attention_forward)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     policy = layer.policy
     wants = policy.observes
+    if layer.replay is not None:  # a replay forward (KVzip): the model's own attention, and the replay's scores
+        out, weights = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
+        layer.observe(Observation(queries=query.shape[-2], replay=replay_attention(query, key, layer.replay_keys(),
+                                                                                   scale)))
+        return out, weights
     if wants & {"mass", "last", "vmass"} and fusable(inner, module, kwargs):
         q = query.shape[-2]
         out, mass, last, vmass = fused_attention(query, key, value, mask, scale, new_valid, wants,
@@ -285,9 +313,9 @@ def _attend(inner, module, layer, query, key, value, attention_mask, scaling, kw
         count = query_counts(key, mask, q, new_valid) if "count" in wants else None
         layer.observe(Observation(queries=q, mass=mass, last=last, count=count, vmass=vmass))
         return out, None
-    out = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
+    out, weights = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
     layer.observe(observe(policy, query, key, value, mask, scale, new_valid))
-    return out
+    return out, weights
 
 
 # `dropout` may come positionally (kvpress's attention patch wraps every registered function that way).

@@ -61,6 +61,10 @@ class CompressedLayer(DynamicLayer):
         # tokens the layer may gain before it next evicts: its buffer, or a joint head's share of what its layer's
         # total + buffers leave after a split (`HeadGroupLayer.observed`)
         self.room = self.buffer
+        # a replaying policy (KVzip, `h2o.replay`): `held` while a forward's tokens wait for their replay (no
+        # eviction); `replay` (start, stop) the arrival indices of the chunk a replay forward reconstructs
+        self.held = False
+        self.replay = None
 
     # Views of the first `length` slots. `keys` and `values` are attributes (set by `update` and evictions:
     # transformers reads them, and the attention function checks it got them); the rest are made on access.
@@ -165,6 +169,10 @@ class CompressedLayer(DynamicLayer):
         leave_pending(self)
         return self.keys, self.values
 
+    def attend(self, call, query: torch.Tensor, attention_mask) -> torch.Tensor:
+        """The layer kind's side of the attention protocol (`h2o.handover.AttendingLayer`): one compressed run."""
+        return call.compressed(self, query, attention_mask)
+
     # --- called by the attention function, in this order: prepare, then observe -------------
 
     def prepare(self, query: torch.Tensor, attention_mask: torch.Tensor | None, position_ids,
@@ -195,7 +203,28 @@ class CompressedLayer(DynamicLayer):
         else:  # a rule without per-slot state (StreamingLLM): no views to make
             self.policy.update({}, observation, self.seen)
         self.unobserved = False
-        return False if self.joint else self.evict_if_needed()
+        if self.replay is not None:  # the replay's own keys and values never stay
+            self._drop_newest(self.last_forward)
+            return False
+        return False if self.joint or self.held else self.evict_if_needed()
+
+    def replay_keys(self) -> torch.Tensor:
+        """A replay forward: bool [B, H, length], the keys its attention scores are taken over (the sinks, the chunk
+        being reconstructed, the replay's own keys: the last `last_forward` slots)."""
+        start, stop = self.replay
+        times = self.times
+        chosen = ((times >= start) & (times < stop)) | (times - self.pads.view(-1, 1, 1) < self.policy.sinks)
+        chosen[..., self.length - self.last_forward:] = True
+        return chosen & self.valid.unsqueeze(1)
+
+    def _drop_newest(self, q: int) -> None:
+        """Forget the last q tokens appended (a replay's): slots, arrival count and padding count as before them."""
+        self.pads -= (~self.valid[:, self.length - q:]).sum(-1)
+        self.length -= q
+        self.seen -= q
+        self.model_ready = min(self.model_ready, self.length)
+        self._view()
+        self._reset_free_slots()
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
         """Record which of the tokens just appended are (left) padding: new_valid [B, q].

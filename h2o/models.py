@@ -8,6 +8,7 @@ import torch
 
 from . import attention
 from .cache import CompressedCache
+from .replay import Replay
 from .policies import Policy, parse
 
 # Decoder-only families whose attention goes through transformers' attention registry, applies
@@ -66,7 +67,7 @@ def check_model(model) -> None:
 
 
 def make_cache(model, policy: str | Policy, positions: str = "original", buffer: int = 64,
-               score: str | None = None, head_scores=None, static: bool = False) -> CompressedCache:
+               score: str | None = None, head_scores=None, static: bool = False, tokenizer=None) -> CompressedCache:
     """A `transformers` Cache applying `policy` to `model`, for `generate` or manual forward loops.
 
     policy: "full", "streaming_<sinks>_<window>", "h2o_<sinks>_<recent>_<budget>[_mean|_sum]".
@@ -81,6 +82,8 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         without recompiling (`model.generate(..., past_key_values=cache, compile_config=...)`), keeping the same
         tokens as the eager cache (chunks, left padding and a new batch size per cache included). A uniform rule
         and original positions.
+    tokenizer: the model's tokenizer, which a replaying rule (KVzip: "kvzip_<sinks>_<recent>_<budget>[+<rule>]")
+        needs for its replay prompts (`h2o.replay`); ignored by the others.
 
     For evicting policies the model's attention implementation is switched to the matching
     ``h2o_*`` function, and with positions="reindex" a forward pre-hook on the base model passes slot
@@ -100,6 +103,11 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         raise TypeError(f"static must be a bool, got {static!r}")
     cache = CompressedCache(policy, model.config.num_hidden_layers, positions, buffer, rope,
                             kv_heads=kv_heads(model.config), head_scores=head_scores, static=static)
+    if cache.replays:
+        if tokenizer is None:
+            raise ValueError(f"{policy.name} scores the context by replaying it, which needs the model's tokenizer "
+                             "for its replay prompts: h2o.make_cache(model, policy, tokenizer=tokenizer)")
+        cache.replayer = Replay(tokenizer)
     if policy.evicts:
         current = _STOCK.get(_attn_implementation(model), _attn_implementation(model))
         if current not in attention.NAMES:
@@ -112,7 +120,54 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         _install_hook(model, _generation_mode_hook)
         if positions == "reindex":
             _install_hook(model, _slot_positions_hook)
+        if cache.replays:
+            _install_hook(model, _replay_hold_hook)
+            base = model.base_model
+            if not [key for key, h in base._forward_hooks.items() if h is _replay_hook]:
+                base.register_forward_hook(_replay_hook, with_kwargs=True)
     return cache
+
+
+def _forward_tokens(cache, args, kwargs) -> torch.Tensor:
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    if ids is None:
+        raise ValueError(f"{cache.policy.name} replays the context's token ids: pass input_ids, not inputs_embeds")
+    return ids
+
+
+def _replay_hold_hook(module, args, kwargs):
+    """Forward pre-hook of the base model, for a replaying rule (KVzip): a forward of several tokens is held (no layer
+    evicts) until its replay has scored it; what the replay cannot serve is refused before anything runs."""
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, CompressedCache) or not cache.replays or cache.replaying:
+        return None
+    ids = _forward_tokens(cache, args, kwargs)
+    mask = kwargs.get("attention_mask")
+    if ids.shape[1] > 1:
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError(f"{cache.policy.name} replays rows without padding: run prompts of different lengths "
+                             "one at a time")
+        cache.hold()
+    elif cache.held:
+        cache.hold()  # raises: the previous forward was never replayed
+    return None
+
+
+def _replay_hook(module, args, kwargs, output):
+    """Forward hook of the base model: after a held forward, replay its tokens (`h2o.replay`), then release."""
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, CompressedCache) or not cache.replays or cache.replaying:
+        return None
+    ids = _forward_tokens(cache, args, kwargs)
+    tail = getattr(cache, "replay_tail", None)
+    if cache.held:
+        cache.replayer.run(module, cache, ids, tail)
+    both = ids if tail is None or tail.shape[0] != ids.shape[0] else torch.cat([tail, ids], dim=1)
+    overlap = cache.replayer.overlap  # the last tokens fed: the next replay's "starting with"
+    cache.replay_tail = both[:, both.shape[1] - overlap:] if overlap else None
+    return None
 
 
 def kv_heads(config) -> int:
@@ -187,11 +242,14 @@ def _install_hook(model, hook) -> None:
 
 def restore(model) -> None:
     """Give the model back its own attention implementation and remove h2o's forward pre-hooks (the generation
-    mode check, the reindex positions; a no-op if `make_cache` changed nothing)."""
+    mode check, the reindex positions, a replaying rule's hold and replay; a no-op if `make_cache` changed nothing)."""
     original = _STOCK.get(_attn_implementation(model))
     if original is not None:
         _set_attn_implementation(model, original)
     base = model.base_model
-    for key in _hooks(base, _slot_positions_hook) + _hooks(base, _generation_mode_hook):
+    for key in _hooks(base, _slot_positions_hook) + _hooks(base, _generation_mode_hook) + _hooks(base, _replay_hold_hook):
         del base._forward_pre_hooks[key]
         base._forward_pre_hooks_with_kwargs.pop(key, None)
+    for key in [key for key, h in base._forward_hooks.items() if h is _replay_hook]:
+        del base._forward_hooks[key]
+        base._forward_hooks_with_kwargs.pop(key, None)

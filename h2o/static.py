@@ -251,6 +251,16 @@ class StaticLayer(CompressedLayer):
 
     # --- the decode step's attention and eviction -------------------------------------------------------
 
+    def attend(self, call, query: torch.Tensor, attention_mask) -> torch.Tensor:
+        """A forward of several tokens runs as in the eager cache; a decode step in the static layout."""
+        if not self.static:
+            return call.compressed(self, query, attention_mask)
+        if not call.plain_softmax():
+            raise ValueError("the static (compile-friendly) cache computes plain softmax attention; this model's "
+                             "attention has options it does not reproduce (dropout, softcapping, position bias or "
+                             "attention sinks): use static=False")
+        return self.attend_static(query, call.scale(query), attention_mask)
+
     def attend_static(self, query: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None = None):
         """One new query per row: attention over every slot with the validity mask, the policy's observations
         from the same probabilities, its state update, and the eviction graph when a row is full.

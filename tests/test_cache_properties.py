@@ -241,3 +241,81 @@ def test_head_group_invariants(cls):
             assert layer.get_seq_length() == seen
 
     check()
+
+
+# --- a budget shared across layers (global_<floor>): every layer evicted together after a forward -----------------
+
+from h2o.rows_layer import RowsLayer  # noqa: E402
+from h2o.shared_budget import SharedBudget  # noqa: E402
+
+SHARED_LAYERS = 2
+
+
+@pytest.mark.parametrize("cls", EVICTING, ids=[getattr(c, "NAME", c.__name__) for c in EVICTING])
+def test_shared_budget_invariants(cls):
+    """Layers sharing one budget (`SharedBudget`, one joint split over every layer's heads after each forward): no
+    layer evicts before the last one is observed; after every forward each row holds at most the shared total +
+    the buffers over all layers and heads, each head its own bound; in order, keys/values/state aligned with their
+    tokens (against never-evicting twins), sinks and recent kept, padded rows judged alone."""
+    @settings(max_examples=30, deadline=None)
+    @given(layer_run(cls), st.integers(0, 2))
+    def check(run, extra_floor):
+        policy, buffer, pads, chunks, seed = run
+        g = torch.Generator().manual_seed(seed)
+        batch = len(pads)
+        floor = policy.sinks + policy.recent + extra_floor
+        per_layer = GROUP_HEADS * max(policy.budget, floor)
+        plan = LayerPlan(tuple(((h,), policy.budget) for h in range(GROUP_HEADS)), joint=True, total=per_layer,
+                         floor=floor)
+        shared = SharedBudget(SHARED_LAYERS * per_layer, floor, buffer)
+        layers = [RowsLayer(plan, policy, buffer, reindex=False) for _ in range(SHARED_LAYERS)]
+        for layer in layers:
+            shared.join(layer)
+        twins = {}
+        seen = 0
+        for step, q in enumerate(chunks):
+            arrival = torch.arange(seen, seen + q, dtype=torch.float32)
+            payload = arrival.view(1, 1, q, 1).expand(batch, GROUP_HEADS, q, DIM).contiguous()
+            for li, layer in enumerate(layers):
+                keys, _ = layer.update(payload.clone(), -payload.clone())
+                assert take_pending(keys) is layer
+                before = [sub.length for sub in layer.sublayers]
+                for b, row in enumerate(layer.rows):
+                    for h, sub in enumerate(row.sublayers):
+                        twin = twins.setdefault((li, b, h), CompressedLayer(sub.policy, 10**9, reindex=False))
+                        twin.update(payload[b:b + 1, h:h + 1].clone(), -payload[b:b + 1, h:h + 1].clone())
+                        if step == 0:
+                            sub.mark_padding(torch.arange(q).unsqueeze(0) >= pads[b])
+                        obs = random_observation(policy, 1, sub.keys.shape[-2], g, q, heads=1)
+                        twin.observe(at_tokens(obs, sub.times, seen + q))
+                        sub.observe(obs)
+                layer.observed()
+                if li < SHARED_LAYERS - 1:  # not the last layer: nothing evicted yet
+                    assert [sub.length for sub in layer.sublayers] == before
+            seen += q
+            for b in range(batch):
+                heads = [sub for layer in layers for sub in layer.rows[b].sublayers]
+                real = sum(int(sub.valid.sum()) for sub in heads)
+                assert real <= shared.total + len(heads) * buffer
+                for sub in heads:
+                    assert sub.length <= sub.budget + sub.room
+            for (li, b, h), twin in twins.items():
+                sub = layers[li].rows[b].sublayers[h]
+                times, valid = sub.times, sub.valid
+                assert torch.equal(sub.keys[..., 0], times.float())  # K/V alignment
+                assert torch.equal(sub.values[..., 0], -times.float())
+                for name, tensor in sub.state.items():
+                    expect = twin.state[name].gather(2, times)
+                    mask = valid[:, None, :].expand_as(times)
+                    torch.testing.assert_close(tensor[mask], expect[mask], rtol=1e-5, atol=1e-5)
+                assert (valid[0].int().diff() >= 0).all()
+                assert (times[0][:, valid[0]].diff(dim=-1) > 0).all()
+                kept = set(times[0, 0][valid[0]].tolist())
+                real_times = list(range(pads[b], seen))
+                assert all(t >= pads[b] for t in kept)
+                assert set(real_times[: policy.sinks]) <= kept
+                assert set(real_times[max(0, len(real_times) - policy.recent):]) <= kept
+                assert len(kept) >= min(floor, len(real_times))  # every head its floor (or all its real tokens)
+            assert all(layer.get_seq_length() == seen for layer in layers)
+
+    check()

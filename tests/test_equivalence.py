@@ -17,7 +17,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import h2o
-from tiny import tiny_model, token_ids
+from tiny import TOKENIZER, tiny_model, token_ids
 
 FAMILIES = ["llama", "gpt_neox", "qwen2", "qwen3", "mistral"]
 # every registered evicting rule, at tiny sizes: a new rule gets these oracles by being registered
@@ -47,7 +47,7 @@ def test_budget_above_length_equals_dynamic_cache(family, attn, policy):
     model = tiny_model(family, attn)
     ids = token_ids(40)
     reference, _ = run_steps(model, DynamicCache(), ids, prefill=24)
-    cache = h2o.make_cache(model, policy, buffer=0)
+    cache = h2o.make_cache(model, policy, buffer=0, tokenizer=TOKENIZER)
     ours, _ = run_steps(model, cache, ids, prefill=24)
     h2o.restore(model)
     torch.testing.assert_close(ours, reference, **TOL)
@@ -58,7 +58,7 @@ def test_full_policy_leaves_the_model_alone_and_matches_generate():
     model = tiny_model("llama")
     ids = token_ids(12)
     expect = model.generate(ids, max_new_tokens=10, do_sample=False)
-    cache = h2o.make_cache(model, "full")
+    cache = h2o.make_cache(model, "full", tokenizer=TOKENIZER)
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False), expect)
     assert cache.kept_lengths() == [21, 21]
@@ -120,7 +120,7 @@ def masked_oracle_logits(model, ids, prefill, kept):
 def test_eviction_equals_full_attention_with_evicted_tokens_masked(family, attn, policy, buffer):
     model = tiny_model(family, attn)
     ids = token_ids(48, batch=2)
-    cache = h2o.make_cache(model, policy, buffer=buffer)
+    cache = h2o.make_cache(model, policy, buffer=buffer, tokenizer=TOKENIZER)
     ours, kept = run_steps(model, cache, ids, prefill=20)
     h2o.restore(model)
     evictions = sum(1 for step in kept if step[0][0].shape[-1] < 20 + len(kept))
@@ -140,7 +140,7 @@ def test_eviction_equals_full_attention_with_evicted_tokens_masked(family, attn,
 def test_streaming_reindex_equals_recompute_on_kept_tokens(family, attn, buffer):
     model = tiny_model(family, attn, layers=1)
     ids = token_ids(40)
-    cache = h2o.make_cache(model, "streaming_2_8", positions="reindex", buffer=buffer)
+    cache = h2o.make_cache(model, "streaming_2_8", positions="reindex", buffer=buffer, tokenizer=TOKENIZER)
     ours, kept = run_steps(model, cache, ids, prefill=16)
     h2o.restore(model)
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_reindex_streams_past_the_trained_context():
     """A reindexed cache never presents a position beyond budget + buffer to the model's keys."""
     model = tiny_model("gpt_neox", layers=1)
     ids = token_ids(300)  # > max_position_embeddings (256)
-    cache = h2o.make_cache(model, "streaming_2_14", positions="reindex", buffer=4)
+    cache = h2o.make_cache(model, "streaming_2_14", positions="reindex", buffer=4, tokenizer=TOKENIZER)
     ours, kept = run_steps(model, cache, ids, prefill=8)
     h2o.restore(model)
     times = kept[-1][0][0][0, 0]
@@ -186,11 +186,11 @@ def test_padded_batch_equals_rows_alone(family, attn, policy, positions):
     rows = [token_ids(30, seed=3)[0], token_ids(13, seed=4)[0]]
     ids, mask = left_pad(rows)
     settings = dict(max_new_tokens=25, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    batch_cache = h2o.make_cache(model, policy, positions=positions, buffer=5)
+    batch_cache = h2o.make_cache(model, policy, positions=positions, buffer=5, tokenizer=TOKENIZER)
     batch = model.generate(ids, attention_mask=mask, past_key_values=batch_cache, **settings)
     for i, row in enumerate(rows):
         alone = model.generate(row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long),
-                               past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5),
+                               past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5, tokenizer=TOKENIZER),
                                **settings)
         assert torch.equal(batch.sequences[i, ids.shape[1]:], alone.sequences[0, len(row):])
         torch.testing.assert_close(torch.stack(batch.logits)[:, i], torch.stack(alone.logits)[:, 0], **TOL)
@@ -207,7 +207,7 @@ def test_h2o_scores_are_attention_received_per_kv_head(family, attn):
     and over the query heads of each KV head (no eviction yet, so nothing is hidden)."""
     model = tiny_model(family, attn)
     ids = token_ids(30, batch=2)
-    cache = h2o.make_cache(model, "h2o_2_4_64", buffer=0)
+    cache = h2o.make_cache(model, "h2o_2_4_64", buffer=0, tokenizer=TOKENIZER)
     run_steps(model, cache, ids, prefill=22)
     h2o.restore(model)
     model.set_attn_implementation("eager")
@@ -277,7 +277,8 @@ def head_scores_for(model, seed=0):
 # every registered rule with its budget split across heads at each eviction; head groups and layer budgets
 ALLOCATED = ([f"adakv+{cls.sized(2, 4, 12).name}" for cls in RULES]
              + ["adakv_0.5+snapkv_2_4_12_4+tova", "retrieval_0.3_2+h2o_2_4_12_sum", "induction_0.3_2+tova_2_4_12",
-                "retrieval_0.3_2+streaming_2_10", "pyramid_4+h2o_2_4_12", "pyramid_4+a2sf_2_4_12_0.9"])
+                "retrieval_0.3_2+streaming_2_10", "pyramid_4+h2o_2_4_12", "pyramid_4+a2sf_2_4_12_0.9",
+                "global+h2o_2_4_12", "global_0.5+tova_2_4_12", "global+snapkv_2_4_12_4+h2o_mean"])
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -286,7 +287,7 @@ ALLOCATED = ([f"adakv+{cls.sized(2, 4, 12).name}" for cls in RULES]
 def test_allocated_eviction_equals_full_attention_with_each_heads_evicted_tokens_masked(family, attn, policy):
     model = tiny_model(family, attn)
     ids = token_ids(48, batch=2)
-    cache = h2o.make_cache(model, policy, buffer=1, head_scores=head_scores_for(model))
+    cache = h2o.make_cache(model, policy, buffer=1, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
     ours, kept = run_steps_per_head(model, cache, ids, prefill=20)
     h2o.restore(model)
     lengths = cache.head_lengths()
@@ -296,7 +297,8 @@ def test_allocated_eviction_equals_full_attention_with_each_heads_evicted_tokens
     torch.testing.assert_close(ours, masked_oracle_per_head(model, ids, 20, kept), **TOL)
 
 
-@pytest.mark.parametrize("policy", ["adakv+h2o_2_4_16", "retrieval_0.3_2+h2o_2_4_16", "pyramid_4+h2o_2_4_16"])
+@pytest.mark.parametrize("policy", ["adakv+h2o_2_4_16", "retrieval_0.3_2+h2o_2_4_16", "global+h2o_2_4_16",
+                                    "pyramid_4+h2o_2_4_16"])
 @pytest.mark.parametrize("positions", ["original", "reindex"])
 def test_allocated_padded_batch_equals_rows_alone(policy, positions):
     model = tiny_model("llama", "sdpa")
@@ -305,23 +307,24 @@ def test_allocated_padded_batch_equals_rows_alone(policy, positions):
     ids, mask = left_pad(rows)
     settings = dict(max_new_tokens=25, do_sample=False, output_logits=True, return_dict_in_generate=True)
     batch = model.generate(ids, attention_mask=mask, **settings,
-                           past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5, head_scores=scores))
+                           past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5, head_scores=scores, tokenizer=TOKENIZER))
     for i, row in enumerate(rows):
         alone = model.generate(row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), **settings,
                                past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5,
-                                                              head_scores=scores))
+                                                              head_scores=scores, tokenizer=TOKENIZER))
         assert torch.equal(batch.sequences[i, ids.shape[1]:], alone.sequences[0, len(row):])
         torch.testing.assert_close(torch.stack(batch.logits)[:, i], torch.stack(alone.logits)[:, 0], **TOL)
     h2o.restore(model)
 
 
-@pytest.mark.parametrize("policy", ["adakv+h2o_2_4_12", "retrieval_0.3_2+h2o_2_4_12", "pyramid_4+h2o_2_4_12"])
+@pytest.mark.parametrize("policy", ["adakv+h2o_2_4_12", "retrieval_0.3_2+h2o_2_4_12", "global+h2o_2_4_12",
+                                    "pyramid_4+h2o_2_4_12"])
 def test_allocated_kv_bytes_never_exceed_the_uniform_rule(policy):
     model = tiny_model("llama", "sdpa", layers=3)
     ids = token_ids(60)
-    uniform = h2o.make_cache(model, h2o.parse(policy).rule, buffer=4)
+    uniform = h2o.make_cache(model, h2o.parse(policy).rule, buffer=4, tokenizer=TOKENIZER)
     run_steps(model, uniform, ids, prefill=30)
-    allocated = h2o.make_cache(model, policy, buffer=4, head_scores=head_scores_for(model))
+    allocated = h2o.make_cache(model, policy, buffer=4, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
     run_steps_per_head(model, allocated, ids, prefill=30)
     h2o.restore(model)
     assert allocated.evicted() and uniform.evicted()
@@ -337,7 +340,7 @@ def test_allocated_kv_bytes_never_exceed_the_uniform_rule(policy):
 def bytes_per_forward(model, policy, ids, mask, chunks, new_tokens, beams, scores):
     """Feed the prompt in `chunks`, then `generate` `new_tokens` with `beams` (the cache's rows repeated for them):
     per forward, (its rows, its tokens, the cache's KV bytes after it)."""
-    cache = h2o.make_cache(model, policy, buffer=4, head_scores=scores)
+    cache = h2o.make_cache(model, policy, buffer=4, head_scores=scores, tokenizer=TOKENIZER)
     held = []
 
     def record(module, args, kwargs, out):
@@ -374,7 +377,7 @@ def uniform_ceiling(forwards, layers=3, kv_heads=2):
 
 @settings(max_examples=12, deadline=None)
 @given(policy=st.sampled_from(["adakv+h2o_2_4_12", "adakv_0.5+tova_2_4_12", "retrieval_0.3_2+h2o_2_4_12",
-                               "pyramid_4+h2o_2_4_12"]),
+                               "pyramid_4+h2o_2_4_12", "global+h2o_2_4_12", "global_0.5+tova_2_4_12"]),
        batch=st.integers(1, 3), pads=st.lists(st.integers(0, 6), min_size=3, max_size=3),
        chunks=st.lists(st.integers(1, 24), min_size=1, max_size=3), new_tokens=st.integers(1, 12),
        beams=st.sampled_from([1, 2]))
@@ -400,7 +403,8 @@ def test_allocated_kv_bytes_never_exceed_the_uniform_ceiling_at_any_forward(poli
     assert not over, over
 
 
-@pytest.mark.parametrize("policy", ["adakv+h2o_2_4_12", "retrieval_0.3_2+h2o_2_4_12", "pyramid_4+h2o_2_4_12"])
+@pytest.mark.parametrize("policy", ["adakv+h2o_2_4_12", "retrieval_0.3_2+h2o_2_4_12", "global+h2o_2_4_12",
+                                    "pyramid_4+h2o_2_4_12"])
 @pytest.mark.parametrize("batch, beams", [(1, 1), (4, 1), (2, 2)])
 def test_allocated_decode_holds_at_most_the_uniform_rule_at_every_step(policy, batch, beams):
     """Issue 26's case: one prefill, then decoding (batch 4: Ada-KV held 1.06-1.09x the uniform rule's bytes)."""
@@ -417,15 +421,15 @@ def test_allocated_decode_holds_at_most_the_uniform_rule_at_every_step(policy, b
 def test_allocations_refuse_missing_or_misshapen_head_scores_before_touching_the_model():
     model = tiny_model("llama", "sdpa")
     with pytest.raises(ValueError, match="needs head scores"):
-        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12")
+        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12", tokenizer=TOKENIZER)
     with pytest.raises(ValueError, match="do not fit this model"):
-        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12", head_scores={"retrieval": torch.rand(5, 2)})
+        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12", head_scores={"retrieval": torch.rand(5, 2)}, tokenizer=TOKENIZER)
     with pytest.raises(ValueError, match="leave"):
-        h2o.make_cache(model, "retrieval_0.5_4+h2o_2_4_12", head_scores=head_scores_for(model))
+        h2o.make_cache(model, "retrieval_0.5_4+h2o_2_4_12", head_scores=head_scores_for(model), tokenizer=TOKENIZER)
     assert model.config._attn_implementation == "sdpa"
 
 
 def test_a_head_score_the_scores_lack_is_a_clear_error():
     model = tiny_model("llama", "sdpa")
     with pytest.raises(ValueError, match="only induction"):
-        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12", head_scores={"induction": torch.rand(2, 2)})
+        h2o.make_cache(model, "retrieval_0.3_2+h2o_2_4_12", head_scores={"induction": torch.rand(2, 2)}, tokenizer=TOKENIZER)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import h2o
-from tiny import tiny_model, token_ids
+from tiny import TOKENIZER, tiny_model, token_ids
 
 LIBRARY = Path(h2o.__file__).parent
 READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
@@ -62,7 +62,7 @@ def decode(model, cache, steps, counter, ids=None, mask=None):
 @pytest.mark.parametrize("policy", RULES)
 def test_decode_steps_read_nothing_back(monkeypatch, policy, positions, dtype):
     model = tiny_model("llama").to(dtype)
-    cache = h2o.make_cache(model, policy, positions=positions, buffer=2)
+    cache = h2o.make_cache(model, policy, positions=positions, buffer=2, tokenizer=TOKENIZER)
     counter = ReadCounter(monkeypatch)
     decode(model, cache, 9, counter)  # buffer 2: three evictions among the counted steps
     h2o.restore(model)
@@ -73,7 +73,7 @@ def test_decode_steps_read_nothing_back(monkeypatch, policy, positions, dtype):
 def test_generate_style_mask_reads_nothing_back(monkeypatch):
     """generate passes an all-ones attention mask at every step: still no read of ours."""
     model = tiny_model("llama")
-    cache = h2o.make_cache(model, "h2o_2_2_8", buffer=2)
+    cache = h2o.make_cache(model, "h2o_2_2_8", buffer=2, tokenizer=TOKENIZER)
     counter = ReadCounter(monkeypatch)
     decode(model, cache, 9, counter, mask=torch.ones(1, 12, dtype=torch.long))
     h2o.restore(model)
@@ -84,7 +84,7 @@ def test_padded_batch_reads_only_when_it_evicts(monkeypatch):
     """With left padding, rows keep different counts, so an eviction reads the largest (one read per
     eviction, every `buffer` steps); the steps in between read nothing."""
     model = tiny_model("llama")
-    cache = h2o.make_cache(model, "h2o_2_2_8", buffer=8)
+    cache = h2o.make_cache(model, "h2o_2_2_8", buffer=8, tokenizer=TOKENIZER)
     counter = ReadCounter(monkeypatch)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :3] = 0

@@ -88,11 +88,31 @@ def test_the_harness_has_no_import_circle():
 
 def test_the_library_has_no_import_circle():
     """The library below the harness: each module imports only what stands below it (attention -> cache -> static ->
-    compressed_layer, with the hand-over and the shared attention math beneath them all)."""
+    the layer kinds -> compressed_layer, with the hand-over and the shared attention math beneath them all)."""
     graph = _graph(lambda m: m.startswith("h2o") and not m.startswith("h2o.eval"))
     assert {"h2o.attention", "h2o.cache", "h2o.static", "h2o.handover", "h2o.attention_kernels"} <= set(graph)
     _assert_no_circle(graph)
     assert not graph["h2o.static"] & {"h2o.cache", "h2o.attention"}
+
+
+LAYER_KINDS = {"h2o.cache", "h2o.compressed_layer", "h2o.head_group_layer", "h2o.rows_layer", "h2o.static",
+               "h2o.shared_budget"}
+
+
+def test_the_attention_function_imports_no_layer_kind():
+    """Issue 29: the attention function calls each layer kind through one protocol (`h2o.handover.AttendingLayer`);
+    it imports none of them, and every layer kind gives that protocol."""
+    graph = _graph(lambda m: m.startswith("h2o") and not m.startswith("h2o.eval"))
+    assert LAYER_KINDS <= set(graph)
+    assert not graph["h2o.attention"] & LAYER_KINDS, graph["h2o.attention"]
+    from h2o.compressed_layer import CompressedLayer
+    from h2o.handover import AttendingLayer
+    from h2o.head_group_layer import HeadGroupLayer
+    from h2o.rows_layer import RowsLayer
+    from h2o.static import StaticLayer
+    for kind in (CompressedLayer, HeadGroupLayer, RowsLayer, StaticLayer):
+        assert "attend" in vars(kind), kind
+        assert issubclass(kind, AttendingLayer)
 
 
 def test_no_two_modules_of_one_name_at_two_levels():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import h2o
-from tiny import tiny_model, token_ids
+from tiny import TOKENIZER, tiny_model, token_ids
 
 T, SINKS, RECENT, BUDGET = 24, 2, 3, 10
 
@@ -62,7 +62,27 @@ CASES = {"h2o_sum": f"h2o_{SINKS}_{RECENT}_{BUDGET}_sum", "h2o_mean": f"h2o_{SIN
          "vatp_sum": f"vatp_{SINKS}_{RECENT}_{BUDGET}_sum", "vatp_mean": f"vatp_{SINKS}_{RECENT}_{BUDGET}_mean",
          "knorm": f"knorm_{SINKS}_{RECENT}_{BUDGET}", "keydiff": f"keydiff_{SINKS}_{RECENT}_{BUDGET}",
          "snapkv": f"snapkv_{SINKS}_{RECENT}_{BUDGET}_4", "caote": f"caote_{SINKS}_{RECENT}_{BUDGET}",
-         "vlen_sum": f"vlen_{SINKS}_{RECENT}_{BUDGET}_sum", "vlen_mean": f"vlen_{SINKS}_{RECENT}_{BUDGET}_mean"}
+         "vlen_sum": f"vlen_{SINKS}_{RECENT}_{BUDGET}_sum", "vlen_mean": f"vlen_{SINKS}_{RECENT}_{BUDGET}_mean",
+         "kvzip": f"kvzip_{SINKS}_{RECENT}_{BUDGET}"}
+
+
+def naive_kvzip(model, ids, full):
+    """KVzip's score from its definition: after the prefill (in `full`, a DynamicCache), the replay (the instruction,
+    the assistant's start, the context) fed over a copy of it with eager attention; per prefill token, the largest
+    probability any replay query of its group gives it once each query's row is renormalised over the sinks, the
+    context (one chunk: T tokens) and the replay's own keys (all of them here)."""
+    from copy import deepcopy
+
+    from h2o.replay import Replay
+    replay = Replay(TOKENIZER).inputs(ids, None)
+    assert len(replay) == 1
+    with torch.no_grad():
+        probs = model(replay[0][2], past_key_values=deepcopy(full), use_cache=True, output_attentions=True).attentions
+    scores = []
+    for p in probs:  # [B, Hq, r, T + r]; every key chosen (sinks within the context): the renormalisation is exact
+        p = p.float() / p.float().sum(-1, keepdim=True)
+        scores.append(grouped(p, full.layers[0].keys.shape[1])[..., :T].amax(dim=(2, 3)))
+    return scores
 
 
 def test_every_registered_rule_has_a_naive_reference():
@@ -79,12 +99,13 @@ def test_rule_keeps_what_its_definition_says(rule, family):
     full = DynamicCache()
     with torch.no_grad():
         probs = model(ids, past_key_values=full, use_cache=True, output_attentions=True).attentions
-    cache = h2o.make_cache(model, CASES[rule], buffer=0)
+    cache = h2o.make_cache(model, CASES[rule], buffer=0, tokenizer=TOKENIZER)
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
     h2o.restore(model)
-    for layer, p, reference in zip(cache.layers, probs, full.layers):
-        score = naive_scores(rule, p.float(), reference.keys.float(), reference.values.float())
+    replayed = naive_kvzip(model, ids, full) if rule == "kvzip" else None
+    for i, (layer, p, reference) in enumerate(zip(cache.layers, probs, full.layers)):
+        score = replayed[i] if replayed else naive_scores(rule, p.float(), reference.keys.float(), reference.values.float())
         middle = torch.arange(SINKS, T - RECENT)
         chosen = score[..., middle].topk(BUDGET - SINKS - RECENT, dim=-1).indices + SINKS
         expect = torch.cat([torch.arange(SINKS).expand(*chosen.shape[:2], -1), chosen,
@@ -129,7 +150,7 @@ def test_the_attention_function_computes_only_what_the_rule_observes(monkeypatch
                            ("tova_2_2_8", ["fused:last"] if one_pass else ["last_query_row"]),
                            ("h2o_2_2_8", ["fused:mass"] if one_pass else ["attention_mass"])]:
         calls.clear()
-        cache = h2o.make_cache(model, policy, buffer=0)
+        cache = h2o.make_cache(model, policy, buffer=0, tokenizer=TOKENIZER)
         with torch.no_grad():
             model(token_ids(12), past_key_values=cache, use_cache=True)
             model(token_ids(1), past_key_values=cache, use_cache=True)

@@ -35,3 +35,16 @@ def tiny_model(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):
 
 def token_ids(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+class TinyTokenizer:
+    """A stand-in tokenizer for the tiny models (what a replaying rule's prompts need): text -> its UTF-8 bytes, as
+    ids modulo the vocabulary; no chat template."""
+
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [b % VOCAB for b in text.encode()]
+
+
+TOKENIZER = TinyTokenizer()

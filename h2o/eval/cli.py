@@ -73,6 +73,10 @@ policy families and budgets):
   caote_<sinks>_<recent>_<budget>
                                 CAOTE: keep the tokens whose eviction would move the newest
                                 query's attention output most, e.g. caote_4_32_256
+  kvzip_<sinks>_<recent>_<budget>[+<rule>]
+                                KVzip: keys scored by a replay of the context (the model asked to
+                                repeat it) before any question; e.g. kvzip_4_32_256,
+                                global+kvzip_4_32_256 (one top-k over every layer and head)
   recommended_<budget>          h2o.recommended(budget): the measured choice, e.g. recommended_256
   <allocation>+<rule>           head and layer budgets around any rule above; the rule's budget is
                                 the AVERAGE per KV head (never more KV bytes than the rule uniform):
@@ -81,6 +85,9 @@ policy families and budgets):
                                 induction_<share>_<factor>  the same, heads ranked by induction score
                                 adakv_<floor>  Ada-KV: a layer's budget split across its heads at
                                   every eviction by the rule's own scores, >= <floor> x budget each
+                                global_<floor>  one budget for the whole cache: every layer's and
+                                  KV head's slots ranked together after each forward, the cache's
+                                  layers evicted together, >= <floor> x budget each head
                                 pyramid_<beta>  PyramidKV: budgets fall linearly with depth
                                 e.g. adakv+h2o_4_32_256, retrieval_0.1_4+h2o_4_32_256,
                                 pyramid_20+tova_4_32_256; families too: --policies adakv+h2o_mean

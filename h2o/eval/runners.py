@@ -250,14 +250,32 @@ def head_scores(model, name: str):
     return entry[1]
 
 
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its tokenizer (or None)
+
+
+def provide_tokenizer(model, tokenizer) -> None:
+    """`model`'s tokenizer, for a rule that replays the context (KVzip's replay prompts); the commands provide it."""
+    _TOKENIZERS[model] = tokenizer
+
+
+def tokenizer_for(model, name: str):
+    tokenizer = _TOKENIZERS.get(model)
+    if tokenizer is None:
+        raise ValueError(f"{name}: replays the context (KVzip), which needs the model's tokenizer, and this model has "
+                         "none (a random-weight model: use a real model, e.g. --model smollm2-135m)")
+    return tokenizer
+
+
 class CacheRunner:
     """One of our policies: a `CompressedCache` (bound: each KV head's budget + buffer after every forward)."""
 
     def __init__(self, model, name: str, positions: str = "original", buffer: int = 64):
         policy = h2o.parse(name)
         scores = head_scores(model, name) if getattr(getattr(policy, "allocation", None), "score", None) else None
+        tokenizer = tokenizer_for(model, name) if getattr(policy, "replays", False) else None
         self.model = model
-        self.cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer, head_scores=scores)
+        self.cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer, head_scores=scores,
+                                    tokenizer=tokenizer)
         self.policy = self.cache.policy
         self.name, self.evicts = self.policy.name, self.policy.evicts
 

@@ -134,6 +134,7 @@ class Session:
             return head_score_cache.scores_for(model, tokenizer, a.model, a.data_dir)
 
         runners.provide_head_scores(model, head_scores)
+        runners.provide_tokenizer(model, tokenizer)
         return self.model, self.tokenizer
 
     @property

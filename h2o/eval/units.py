@@ -233,6 +233,7 @@ class _Worker:
         model, tokenizer = self.model, self.tokenizer
         runners.provide_head_scores(model, lambda: head_score_cache.scores_for(model, tokenizer, setup["model"],
                                                                      setup["data_dir"]))
+        runners.provide_tokenizer(model, tokenizer)
 
     def info(self) -> dict:
         from . import checkpoints

@@ -152,9 +152,10 @@ from .keydiff import KeyDiff  # noqa: E402
 from .snapkv import SnapKV  # noqa: E402
 from .caote import CAOTE  # noqa: E402
 from .vlen import VLen  # noqa: E402
+from .kvzip import KVzip  # noqa: E402
 from .recommendation import recommended  # noqa: E402
 
 __all__ = ["Policy", "Observation", "OBSERVATIONS", "register_policy", "registered", "policy_names", "parse",
            "families", "at_budget",
-           "resolve", "keep_indices", "priorities", "Allocated", "parse_allocation", "is_family", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "recommended",
+           "resolve", "keep_indices", "priorities", "Allocated", "parse_allocation", "is_family", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "KVzip", "recommended",
            "DEFAULT_SCORE", "SCORE_RULES"]

@@ -14,11 +14,16 @@ window (the rule's, clamped to its own budget) and ranks the rest by the rule, w
 - ``adakv_<floor>`` (Ada-KV): at each eviction a layer's budget (its heads x budget) is split across its KV
   heads by one top-k over the rule's priorities of all its heads' slots together (`h2o.policies.base.priorities`);
   each head keeps at least max(sinks + recent, ceil(<floor> x budget)) tokens.
+- ``global_<floor>`` (one budget for the whole cache): the cache's budget (layers x heads x budget) is split
+  across every layer's KV heads together, after every forward that takes the cache past it (the cache evicts all
+  its layers together, `h2o.shared_budget`), by one top-k over the rule's priorities of all their slots; each head
+  keeps at least max(sinks + recent, ceil(<floor> x budget)) tokens. The rule's priorities must be comparable
+  across layers (attention mass and its averages are; a rule whose scale differs by layer ranks layers too).
 - ``pyramid_<beta>`` (PyramidKV): layer budgets fall linearly with depth from 2 x budget - b_min at the first
   layer to b_min = max(budget // <beta>, sinks + recent + 1) at the last (rounded down: the mean is at most the
   budget); every head of a layer holds its layer's budget.
 
-A bare allocation name takes its defaults (`DEFAULTS`): adakv = adakv_0.2, pyramid = pyramid_20, retrieval =
+A bare allocation name takes its defaults (`DEFAULTS`): adakv = adakv_0.2, global = global_0.2, pyramid = pyramid_20, retrieval =
 retrieval_0.1_4, induction = induction_0.1_4.
 """
 
@@ -55,6 +60,7 @@ class Allocation:
 
     NAME: ClassVar[str]
     score: ClassVar[str | None] = None  # the head score it needs (`h2o.head_scores`), if any
+    across_layers: ClassVar[bool] = False  # one budget shared by every layer: the cache evicts them all together
 
     @property
     def name(self) -> str:
@@ -148,6 +154,29 @@ class AdaKV(Allocation):
 
 
 @dataclass(frozen=True)
+class Global(Allocation):
+    """One budget for the whole cache: every layer's and KV head's slots ranked together, a floor per head."""
+
+    NAME = "global"
+    floor: float = 0.2
+    across_layers: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"global_<floor>: floor must lie in [0, 1], got {self.floor}")
+
+    @property
+    def name(self) -> str:
+        return f"global_{self.floor:g}"
+
+    def plan(self, rule, layers, heads, scores=None):
+        """Every layer joint over its heads; the layers' totals add up to the shared budget (the cache's)."""
+        floor = max(rule.sinks + rule.recent, math.ceil(self.floor * rule.budget))
+        groups = tuple(((h,), rule.budget) for h in range(heads))
+        return [LayerPlan(groups, joint=True, total=heads * rule.budget, floor=floor) for _ in range(layers)]
+
+
+@dataclass(frozen=True)
 class Pyramid(Allocation):
     """PyramidKV: budgets fall linearly with depth, mean at most the budget."""
 
@@ -175,8 +204,8 @@ class Pyramid(Allocation):
 
 
 DEFAULTS = {"retrieval": HeadShare("retrieval"), "induction": HeadShare("induction"), "adakv": AdaKV(),
-            "pyramid": Pyramid()}
-_NAME = re.compile(r"(retrieval|induction|adakv|pyramid)((?:_[0-9.]+)*)")
+            "global": Global(), "pyramid": Pyramid()}
+_NAME = re.compile(r"(retrieval|induction|adakv|global|pyramid)((?:_[0-9.]+)*)")
 
 
 def head_tables(scores) -> dict[str, torch.Tensor]:
@@ -240,8 +269,8 @@ def parse_allocation(text: str) -> Allocation | None:
             raise ValueError(f"{text!r}: write {kind}_<share>_<factor>, e.g. {kind}_0.1_4")
         return HeadShare(kind, *values)
     if len(values) != 1:
-        raise ValueError(f"{text!r}: write {kind}_<{'floor' if kind == 'adakv' else 'beta'}>")
-    return AdaKV(values[0]) if kind == "adakv" else Pyramid(values[0])
+        raise ValueError(f"{text!r}: write {kind}_<{'beta' if kind == 'pyramid' else 'floor'}>")
+    return {"adakv": AdaKV, "global": Global, "pyramid": Pyramid}[kind](values[0])
 
 
 def split(prefixed: str) -> tuple[str, str] | None:
@@ -284,6 +313,14 @@ class Allocated:
     @property
     def observes(self):
         return self.rule.observes
+
+    @property
+    def replays(self) -> bool:
+        return self.rule.replays
+
+    @property
+    def across_layers(self) -> bool:
+        return self.allocation.across_layers
 
     @property
     def state(self):

@@ -18,6 +18,10 @@ The contract between attention, cache and policy, for one forward of one compres
    - ``vmass`` [B, Hkv, L]: each key's share of each new query's value-weighted attention (the group-
      averaged attention times the value's L2 norm, renormalised per query: keys_values' h2o-vlen),
      summed over the new real queries;
+   - ``replay`` [B, Hkv, L]: only in a context-reconstruction replay (a policy that `replays`, KVzip: the cache
+     feeds the model an instruction to repeat the context, then the context, `h2o.replay`): per kept key, the
+     largest probability any replay query of its group gave it, the softmax taken over the sinks, the chunk of
+     context being reconstructed and the replay's own keys;
    and always ``queries``, the number of new queries.
    Key and value norms are not observations: a policy reads them from the new keys and values in
    `initial_state`, once per token.
@@ -40,7 +44,7 @@ from typing import ClassVar
 
 import torch
 
-OBSERVATIONS = ("mass", "last", "count", "vmass")
+OBSERVATIONS = ("mass", "last", "count", "vmass", "replay")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Observation:
     last: torch.Tensor | None = None
     count: torch.Tensor | None = None
     vmass: torch.Tensor | None = None
+    replay: torch.Tensor | None = None
 
 
 class Policy:
@@ -66,6 +71,9 @@ class Policy:
     state: ClassVar[tuple[str, ...]] = ()
     evicts: ClassVar[bool] = True
     has_score: ClassVar[bool] = False  # takes a scoring rule (`score=` / `--score`), like H2O's mean | sum
+    # scores the context by replaying it (KVzip): the cache holds each forward of several tokens until the replay
+    # has scored it (`h2o.replay`), which needs the tokenizer (`h2o.make_cache(..., tokenizer=)`)
+    replays: ClassVar[bool] = False
     # Every evicting policy also has `sinks`, `recent` and `budget` (ints: fields or properties).
 
     @classmethod

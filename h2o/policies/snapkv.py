@@ -59,7 +59,7 @@ class SnapKV(Sized):
             return cls(*sizes)
         from . import parse, registered
 
-        rules = [n for n, c in registered().items() if c.evicts and n not in ("snapkv", "streaming")]
+        rules = [n for n, c in registered().items() if c.evicts and not c.replays and n not in ("snapkv", "streaming")]
         if m[5] not in rules:
             raise ValueError(f"{name}: after '+' name a decode-time rule that ranks tokens ({', '.join(rules)}), "
                              "e.g. snapkv_4_32_256_16+tova")

@@ -27,7 +27,7 @@ import torch
 import h2o
 from h2o.policies import parse, resolve
 
-from .. import memory, report
+from .. import memory, report, runners
 from ..memory import MEMORY_SHARE, OK, OOM, SKIPPED, is_oom
 from ..session import add_text_options, load_text, unique_policies
 from ..ppl import PPLResult, ValidityError, check_bound, check_eviction_in_force, next_token_losses, trained_context
@@ -157,7 +157,8 @@ def run(session, plan) -> int:
     ids = ids.to(device)
     runs = []
     for name in policies:
-        cache = h2o.make_cache(model, name, positions=args.positions, buffer=args.buffer)
+        cache = h2o.make_cache(model, name, positions=args.positions, buffer=args.buffer,
+                               tokenizer=runners.tokenizer_for(model, name) if parse(name).replays else None)
         budget = parse(name).budget
         runs.append(Run(name, cache, None if budget is None else budget + args.buffer))
     context = trained_context(model)
