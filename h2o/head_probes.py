@@ -24,6 +24,14 @@ retrieval (Retrieval Head, Wu et al. 2024)
     needle position), a query head scores a hit when its attention argmax, at the query that predicts that
     token, is a needle position holding that token. retrieval = hits / copied tokens over all cases.
 
+ablation (heads found by ablation, as in "Not all heads matter", Tang et al. 2024; opt-in: `ablation_cases`)
+    The first `ablation_cases` calibration needle cases, each fed once as it is and once per KV head with that
+    head (every query head of its group) restricted to its first `ABLATION_WINDOW[0]` keys and the last
+    `ABLATION_WINDOW[1]` before each query (what a cache that evicted everything else from that head would
+    leave it); the answer's log-probability, teacher-forced, is read each time. A head's drop = the mean over the
+    cases of max(0, log p(answer) - log p(answer | head restricted)); ablation = drop / the largest drop of any
+    head (0 everywhere if no restriction lowers it). Raw drops are kept in `method["ablation_drops"]`.
+
 The attention probabilities come from a probe attention function registered with transformers (the model's
 own eager attention, per layer, reduced at once: no layer's [heads, queries, keys] map outlives its layer);
 the model's attention implementation and train/eval mode are restored afterwards. No gradients, no cache.
@@ -54,7 +62,8 @@ from .policies.allocation import head_tables
 FORMAT = "h2o-head-scores"
 FORMAT_VERSION = 1
 ALGORITHM = 1  # bump when a score's definition changes: cached scores with another value are recomputed
-NAMES = ("induction", "echo", "retrieval")
+NAMES = ("induction", "echo", "retrieval", "ablation")
+ABLATION_WINDOW = (4, 32)  # (sinks, recent) an ablated head keeps: h2o_4_32_256's
 PROBE = "h2o_head_probe"
 
 INSTRUCTION = ("There is a secret code hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -332,7 +341,28 @@ def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
+_restricted: dict = {}  # the ablation's restricted head: {"layer", "heads": (first, stop) query heads, "window"}
+
+
+def restrict_mask(attention_mask, query, key, heads: tuple[int, int], window: tuple[int, int]):
+    """The eager additive mask [B, Hq, q, k] with query heads heads[0]..heads[1]-1 seeing only the first window[0]
+    keys and the last window[1] keys before each query (the rest of the causal mask as given)."""
+    b, hq, q, _ = query.shape
+    k = key.shape[-2]
+    rows = torch.arange(q, device=query.device).unsqueeze(1) + (k - q)
+    cols = torch.arange(k, device=query.device).unsqueeze(0)
+    keep = (cols < window[0]) | (rows - cols < window[1])
+    if attention_mask is None:
+        attention_mask = torch.zeros(b, 1, q, k, dtype=query.dtype, device=query.device).masked_fill_(
+            cols > rows, torch.finfo(query.dtype).min)
+    mask = attention_mask[..., :k].expand(b, hq, q, k).clone()
+    mask[:, heads[0]:heads[1]] = mask[:, heads[0]:heads[1]].masked_fill(~keep, torch.finfo(mask.dtype).min)
+    return mask
+
+
 def _probe_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    if _restricted and getattr(module, "layer_idx", None) == _restricted["layer"]:
+        attention_mask = restrict_mask(attention_mask, query, key, _restricted["heads"], _restricted["window"])
     out, probs = _stock_eager(module)(module, query, key, value, attention_mask, *args, **kwargs)
     if _collectors:
         _collectors[-1](module, probs)
@@ -398,6 +428,34 @@ def _forward(model, ids: list[int] | torch.Tensor, reduce: Callable[[int, torch.
 
 # --- the scores ------------------------------------------------------------------------------------
 
+def answer_logprob(model, case, layers: int, trims: bool) -> float:
+    """log p(the case's answer tokens | the prompt), teacher-forced, under the probe (and any restriction)."""
+    keep = len(case.ids) - case.answer.start + 1
+    out = _forward(model, case.ids, lambda layer, probs: None, layers, **({"logits_to_keep": keep} if trims else {}))
+    logp = out.logits[0, -keep:-1].float().log_softmax(-1)[: len(case.answer)]
+    targets = torch.tensor(case.ids[case.answer.start:case.answer.stop], device=logp.device)
+    return float(logp.gather(-1, targets.unsqueeze(-1)).sum())
+
+
+def ablation_drops(model, cases, layers: int, q_heads: int, kv_heads: int, trims: bool, progress=None) -> torch.Tensor:
+    """[layers, KV heads] float64: the mean over `cases` of the answer's log-probability drop when that KV head keeps
+    only its `ABLATION_WINDOW` (clamped at 0). Runs under `probed(model)`."""
+    group = q_heads // kv_heads
+    drops = torch.zeros(layers, kv_heads, dtype=torch.float64)
+    for case in cases:
+        base = answer_logprob(model, case, layers, trims)
+        for layer in range(layers):
+            for h in range(kv_heads):
+                _restricted.update(layer=layer, heads=(h * group, (h + 1) * group), window=ABLATION_WINDOW)
+                try:
+                    drops[layer, h] += max(0.0, base - answer_logprob(model, case, layers, trims))
+                finally:
+                    _restricted.clear()
+                if progress is not None:
+                    progress.update(1)
+    return drops / max(1, len(cases))
+
+
 def shape_of(config) -> tuple[int, int, int]:
     """(layers, query heads, KV heads) of a model config (GPT-NeoX has no num_key_value_heads: one per head)."""
     q_heads = config.num_attention_heads
@@ -433,7 +491,8 @@ def weights_fingerprint(model) -> str:
 
 
 def method_inputs(model, tokenizer=None, texts: Sequence[str] | None = None, *, seed: int = 0,
-                  random_tokens: int = 256, repeats: int = 4, cases: int = 8, context_tokens: int = 768) -> dict:
+                  random_tokens: int = 256, repeats: int = 4, cases: int = 8, context_tokens: int = 768,
+                  ablation_cases: int = 0) -> dict:
     """Everything the scores depend on (JSON-able): equal inputs give equal scores. Caches compare this."""
     from . import __version__
 
@@ -446,7 +505,9 @@ def method_inputs(model, tokenizer=None, texts: Sequence[str] | None = None, *, 
             "random_tokens": random_tokens, "repeats": repeats,
             "cases": cases if retrieval else 0, "context_tokens": context_tokens if retrieval else 0,
             "texts_sha256": [_sha256(t) for t in texts] if retrieval else [],
-            "tokenizer": (type(tokenizer).__name__, len(tokenizer)) if retrieval else None}
+            "tokenizer": (type(tokenizer).__name__, len(tokenizer)) if retrieval else None,
+            **({"ablation_cases": min(ablation_cases, cases), "ablation_window": list(ABLATION_WINDOW)}
+               if retrieval and ablation_cases else {})}
 
 
 def random_sequences(vocab_size: int, length: int, repeats: int, seed: int = 0,
@@ -472,19 +533,22 @@ def random_sequences(vocab_size: int, length: int, repeats: int, seed: int = 0,
 
 def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, seed: int = 0, random_tokens: int = 256,
                 repeats: int = 4, cases: int = 8, context_tokens: int = 768, progress=None,
-                text_names: Sequence[str] | None = None) -> HeadScores:
+                text_names: Sequence[str] | None = None, ablation_cases: int = 0) -> HeadScores:
     """Induction and echo scores of every KV head (from the model alone), and retrieval scores when a tokenizer and
     calibration `texts` (haystack strings) are given; see the module docstring for the definitions.
 
     progress: an optional tqdm-like object; `.update(1)` is called after each forward (`repeats` random
-    sequences, then `cases` needle cases). text_names: labels of the texts, recorded in `method`.
+    sequences, then `cases` needle cases, then one per ablated head and case). text_names: labels of the texts,
+    recorded in `method`. ablation_cases: the needle cases the ablation score is measured on (0: no ablation score;
+    it costs 1 + layers x KV heads forwards per case).
     Deterministic given the seed; the model is left exactly as it was (attention implementation, mode).
     """
     for name, value in (("random_tokens", random_tokens), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if isinstance(cases, bool) or not isinstance(cases, int) or cases < 0:
-        raise ValueError(f"cases must be an int >= 0, got {cases!r}")
+    for name, value in (("cases", cases), ("ablation_cases", ablation_cases)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     config = model.config
     layers, q_heads, kv_heads = shape_of(config)
     limit = getattr(config, "max_position_embeddings", None)
@@ -495,7 +559,7 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
     if texts and tokenizer is None:
         raise ValueError("texts given without a tokenizer: the retrieval score needs both")
     inputs = method_inputs(model, tokenizer, texts, seed=seed, random_tokens=random_tokens, repeats=repeats,
-                           cases=cases, context_tokens=context_tokens)
+                           cases=cases, context_tokens=context_tokens, ablation_cases=ablation_cases)
     needles = []
     if retrieval:
         if context_tokens < 16:
@@ -546,6 +610,9 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
                              "best_head_hits": int(case_hits.max()) if queries else 0})
             if progress is not None:
                 progress.update(1)
+        drops = None
+        if retrieval and ablation_cases:
+            drops = ablation_drops(model, needles[:ablation_cases], layers, q_heads, kv_heads, trims, progress)
 
     scores = {"induction": group_max((induction / repeats).float(), kv_heads).clamp(0, 1),
               "echo": group_max((echo / repeats).float(), kv_heads).clamp(0, 1)}
@@ -574,6 +641,13 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
         method["cases"] = per_case
     elif retrieval:
         method["retrieval"] = "omitted: no answer token was copied from a needle"
+    if drops is not None:
+        top = float(drops.max())
+        scores["ablation"] = (drops / top if top > 0 else torch.zeros_like(drops)).float().clamp(0, 1)
+        method["ablation"] = (f"{min(ablation_cases, cases)} needle cases, each KV head in turn restricted to its first "
+                              f"{ABLATION_WINDOW[0]} and last {ABLATION_WINDOW[1]} keys: the mean drop of the answer's "
+                              "log-probability (teacher-forced, clamped at 0), over the largest drop of any head")
+        method["ablation_drops"] = [[round(float(x), 6) for x in row] for row in drops]
     else:
         method["retrieval"] = ("omitted: no tokenizer" if tokenizer is None else "omitted: no calibration texts"
                                if not texts else "omitted: cases = 0")

@@ -15,6 +15,8 @@ from h2o.policies.allocation import AdaKV, Allocated, HeadShare, Pyramid, split_
     ("retrieval+tova_4_32_256", "retrieval_0.1_4+tova_4_32_256"),
     ("induction_0.05_6+streaming_4_252", "induction_0.05_6+streaming_4_252"),
     ("pyramid_8+snapkv_4_32_256_16+tova", "pyramid_8+snapkv_4_32_256_16+tova"),
+    ("headkv+h2o_4_32_256", "headkv_0.2+h2o_4_32_256_mean"), ("global+tova_4_32_256", "global_0.2+tova_4_32_256"),
+    ("global_0.1+kvzip_4_32_256", "global_0.1+kvzip_4_32_256"),
 ])
 def test_names_parse_to_their_canonical_form(name, expect):
     policy = h2o.parse(name)
@@ -26,6 +28,7 @@ def test_names_parse_to_their_canonical_form(name, expect):
     ("adakv_2+h2o_4_32_256", "floor must lie in"), ("retrieval_0.1+h2o_4_32_256", "retrieval_<share>_<factor>"),
     ("retrieval_1.5_4+h2o_4_32_256", "share must lie"), ("pyramid_0.5+h2o_4_32_256", "beta must be"),
     ("adakv+full", "evicting rule"), ("adakv+nonsense_1_2_3", "unknown policy"),
+    ("headkv_1.5+h2o_4_32_256", "floor must lie in"), ("global_2+h2o_4_32_256", "floor must lie in"),
 ])
 def test_bad_names_are_clear_errors(name, message):
     with pytest.raises(ValueError, match=message):
@@ -170,3 +173,25 @@ def test_well_formed_tables_in_any_container_plan_the_same_heads(container):
 def test_a_share_that_rounds_to_every_head_is_a_clear_error(share, heads):
     with pytest.raises(ValueError, match="rounds to .*every head"):
         HeadShare("retrieval", share, 1.1).sizes(h2o.parse("h2o_2_4_12"), heads)
+
+
+def test_headkv_gives_each_head_its_floor_and_the_rest_in_proportion_to_its_score():
+    """HeadKV from its definition: floor = max(sinks + recent, ceil(0.25 x 64)) = 36, the pool N x (64 - 36)
+    shared by retrieval score, rounded down; never more than N x 64 in all; equal shares where every score is 0."""
+    rule = h2o.parse("h2o_4_32_64")
+    table = torch.tensor([[0.0, 0.5], [0.25, 0.25], [1.0, 0.0]])  # exact in float32: the sum is 2
+    plans = h2o.parse("headkv_0.25+h2o_4_32_64").plan(3, 2, {"retrieval": table})
+    budgets = [[0] * 2 for _ in range(3)]
+    for layer, plan in enumerate(plans):
+        for heads, budget in plan.groups:
+            for h in heads:
+                budgets[layer][h] = budget
+    pool = 6 * (64 - 36)
+    expect = [[36 + int(pool * float(s) / 2.0) for s in row] for row in table]
+    assert budgets == expect and sum(map(sum, budgets)) <= 6 * 64
+    assert min(map(min, budgets)) == 36
+    zero = h2o.parse("headkv_0.25+h2o_4_32_64").plan(3, 2, {"retrieval": torch.zeros(3, 2)})
+    assert all(plan.uniform and plan.groups[0][1] == 64 for plan in zero)
+    assert rule.budget == 64
+    with pytest.raises(ValueError, match="needs head scores"):
+        h2o.parse("headkv+h2o_4_32_64").plan(3, 2)

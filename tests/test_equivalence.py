@@ -278,7 +278,8 @@ def head_scores_for(model, seed=0):
 ALLOCATED = ([f"adakv+{cls.sized(2, 4, 12).name}" for cls in RULES]
              + ["adakv_0.5+snapkv_2_4_12_4+tova", "retrieval_0.3_2+h2o_2_4_12_sum", "induction_0.3_2+tova_2_4_12",
                 "retrieval_0.3_2+streaming_2_10", "pyramid_4+h2o_2_4_12", "pyramid_4+a2sf_2_4_12_0.9",
-                "global+h2o_2_4_12", "global_0.5+tova_2_4_12", "global+snapkv_2_4_12_4+h2o_mean"])
+                "global+h2o_2_4_12", "global_0.5+tova_2_4_12", "global+snapkv_2_4_12_4+h2o_mean",
+                "headkv+h2o_2_4_12", "headkv_0.5+tova_2_4_12"])
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -318,7 +319,7 @@ def test_allocated_padded_batch_equals_rows_alone(policy, positions):
 
 
 @pytest.mark.parametrize("policy", ["adakv+h2o_2_4_12", "retrieval_0.3_2+h2o_2_4_12", "global+h2o_2_4_12",
-                                    "pyramid_4+h2o_2_4_12"])
+                                    "headkv+h2o_2_4_12", "pyramid_4+h2o_2_4_12"])
 def test_allocated_kv_bytes_never_exceed_the_uniform_rule(policy):
     model = tiny_model("llama", "sdpa", layers=3)
     ids = token_ids(60)
@@ -377,7 +378,8 @@ def uniform_ceiling(forwards, layers=3, kv_heads=2):
 
 @settings(max_examples=12, deadline=None)
 @given(policy=st.sampled_from(["adakv+h2o_2_4_12", "adakv_0.5+tova_2_4_12", "retrieval_0.3_2+h2o_2_4_12",
-                               "pyramid_4+h2o_2_4_12", "global+h2o_2_4_12", "global_0.5+tova_2_4_12"]),
+                               "pyramid_4+h2o_2_4_12", "global+h2o_2_4_12", "global_0.5+tova_2_4_12",
+                               "headkv+h2o_2_4_12"]),
        batch=st.integers(1, 3), pads=st.lists(st.integers(0, 6), min_size=3, max_size=3),
        chunks=st.lists(st.integers(1, 24), min_size=1, max_size=3), new_tokens=st.integers(1, 12),
        beams=st.sampled_from([1, 2]))
@@ -404,7 +406,7 @@ def test_allocated_kv_bytes_never_exceed_the_uniform_ceiling_at_any_forward(poli
 
 
 @pytest.mark.parametrize("policy", ["adakv+h2o_2_4_12", "retrieval_0.3_2+h2o_2_4_12", "global+h2o_2_4_12",
-                                    "pyramid_4+h2o_2_4_12"])
+                                    "headkv+h2o_2_4_12", "pyramid_4+h2o_2_4_12"])
 @pytest.mark.parametrize("batch, beams", [(1, 1), (4, 1), (2, 2)])
 def test_allocated_decode_holds_at_most_the_uniform_rule_at_every_step(policy, batch, beams):
     """Issue 26's case: one prefill, then decoding (batch 4: Ada-KV held 1.06-1.09x the uniform rule's bytes)."""

@@ -373,3 +373,51 @@ def test_h2o_heads_on_the_embedded_model_finds_its_copying_heads(tmp_path, monke
     assert {(17, 1), (18, 2)} & set(scores.top("retrieval", 3))
     assert scores.method["calibration_text"]["name"] == "pg19:3129"
     assert (tmp_path / "cache" / "head_scores.json").is_file()
+
+
+# --- ablation: the answer's loss when one KV head keeps only its sinks and recent keys -----------------------
+
+def test_restrict_mask_hides_all_but_sinks_and_recent_from_the_chosen_heads_only():
+    query, key = torch.zeros(1, 4, 6, 2), torch.zeros(1, 2, 6, 2)
+    mask = H.restrict_mask(None, query, key, heads=(2, 4), window=(1, 2))
+    allowed = mask == 0
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert torch.equal(allowed[0, 0], causal) and torch.equal(allowed[0, 1], causal)  # the other group unchanged
+    window = causal & ((torch.arange(6) == 0) | (torch.arange(6).unsqueeze(1) - torch.arange(6) < 2))
+    assert torch.equal(allowed[0, 2], window) and torch.equal(allowed[0, 3], window)
+
+
+def test_ablation_scores_the_heads_whose_restriction_costs_the_answer(tok, monkeypatch):
+    model = tiny_llama_for(tok)
+    cases = H.needle_cases(tok, [HAYSTACK], 2, 80, seed=0)
+    bar = type("Bar", (), {"n": 0, "update": lambda self, k: setattr(self, "n", self.n + k)})()
+    scores = H.head_scores(model, tok, [HAYSTACK], random_tokens=16, repeats=1, cases=2, context_tokens=80,
+                           ablation_cases=2, progress=bar)
+    assert bar.n == 1 + 2 + 2 * 4  # random sequence, needle cases, one per KV head and ablation case
+    drops = torch.tensor(scores.method["ablation_drops"])
+    assert drops.shape == (2, 2) and bool((drops >= 0).all()) and float(drops.max()) > 0
+    torch.testing.assert_close(scores["ablation"], (drops / drops.max()).float(), rtol=1e-3, atol=1e-4)  # drops: 6 places
+    assert scores.method["inputs"]["ablation_cases"] == 2
+    # by hand, for one head: the answer's log-probability with and without the restriction
+    with H.probed(model):
+        base = H.answer_logprob(model, cases[0], 2, True)
+        H._restricted.update(layer=1, heads=(2, 4), window=H.ABLATION_WINDOW)
+        try:
+            cut = H.answer_logprob(model, cases[0], 2, True)
+        finally:
+            H._restricted.clear()
+    assert cut != base
+    # a window covering the whole prompt restricts nothing: no head's drop
+    monkeypatch.setattr(H, "ABLATION_WINDOW", (0, 10_000))
+    same = H.head_scores(model, tok, [HAYSTACK], random_tokens=16, repeats=1, cases=2, context_tokens=80,
+                         ablation_cases=1)
+    assert same.method["ablation_drops"] == [[0.0, 0.0], [0.0, 0.0]] and float(same["ablation"].max()) == 0.0
+
+
+def test_the_ablation_allocation_ranks_heads_by_it():
+    policy = h2o.parse("ablation_0.25_2+h2o_2_4_12")
+    assert policy.name == "ablation_0.25_2+h2o_2_4_12_mean" and policy.allocation.score == "ablation"
+    plans = policy.plan(2, 2, {"ablation": torch.tensor([[0.1, 0.2], [1.0, 0.3]])})
+    assert plans[1].groups[0] == ((0,), 24)  # the top quarter of 4 heads: layer 1, KV head 0, at 2 x 12
+    with pytest.raises(ValueError, match="'ablation' score"):
+        policy.plan(2, 2, {"retrieval": torch.rand(2, 2)})

@@ -235,9 +235,10 @@ _HEAD_SCORES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model
 
 
 def provide_head_scores(model, compute) -> None:
-    """Where an allocation that ranks heads (retrieval_..., induction_...) gets `model`'s head scores: `compute()`,
-    called once, on first need (the session registers `h2o.eval.head_score_cache.scores_for`, which caches them on disk)."""
-    _HEAD_SCORES[model] = [compute, None]
+    """Where an allocation that ranks heads (retrieval_..., induction_..., ablation_..., headkv_...) gets `model`'s head
+    scores: `compute(**options)`, called once per options, on first need (the session registers
+    `h2o.eval.head_score_cache.scores_for`, which caches them on disk)."""
+    _HEAD_SCORES[model] = [compute, {}]
 
 
 def head_scores(model, name: str):
@@ -245,9 +246,14 @@ def head_scores(model, name: str):
     if entry is None:
         raise ValueError(f"{name}: ranks KV heads by a head score, and none is known for this model "
                          "(h2o.eval.runners.provide_head_scores; the h2o commands provide them)")
-    if entry[1] is None:
-        entry[1] = entry[0]()
-    return entry[1]
+    from .head_score_cache import ABLATION_CASES
+
+    needs = h2o.parse(name).allocation.score
+    options = {"ablation_cases": ABLATION_CASES} if needs == "ablation" else {}
+    key = tuple(sorted(options.items()))
+    if key not in entry[1]:
+        entry[1][key] = entry[0](**options)
+    return entry[1][key]
 
 
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its tokenizer (or None)

@@ -129,9 +129,9 @@ class Session:
 
         model, tokenizer = self.model, self.tokenizer
 
-        def head_scores():  # for allocations that rank heads: computed on first need, cached beside the model
+        def head_scores(**options):  # for allocations that rank heads: computed on first need, cached beside the model
             from . import head_score_cache
-            return head_score_cache.scores_for(model, tokenizer, a.model, a.data_dir)
+            return head_score_cache.scores_for(model, tokenizer, a.model, a.data_dir, **options)
 
         runners.provide_head_scores(model, head_scores)
         runners.provide_tokenizer(model, tokenizer)

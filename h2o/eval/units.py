@@ -231,8 +231,8 @@ class _Worker:
         self.model, self.tokenizer = checkpoints.load_model(setup["model"], setup["device"], setup["dtype"],
                                                        setup["attn"], setup["device_map"])
         model, tokenizer = self.model, self.tokenizer
-        runners.provide_head_scores(model, lambda: head_score_cache.scores_for(model, tokenizer, setup["model"],
-                                                                     setup["data_dir"]))
+        runners.provide_head_scores(model, lambda **options: head_score_cache.scores_for(
+            model, tokenizer, setup["model"], setup["data_dir"], **options))
         runners.provide_tokenizer(model, tokenizer)
 
     def info(self) -> dict:

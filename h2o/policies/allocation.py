@@ -8,7 +8,8 @@ window (the rule's, clamped to its own budget) and ranks the rest by the rule, w
 
 - ``retrieval_<share>_<factor>`` and ``induction_<share>_<factor>`` (retrieval heads, RazorAttention /
   DuoAttention without training): the top <share> of the model's KV heads by a head score
-  (`h2o.head_scores`: "retrieval" from calibration needles, or "induction" on repeated random tokens) hold up
+  (`h2o.head_scores`: "retrieval" from calibration needles, "induction" on repeated random tokens, or
+  ``ablation_<share>_<factor>``: "ablation", the answer's loss when the head keeps only sinks and recent) hold up
   to <factor> x budget tokens (the whole context when that is longer than the prompt); every other head holds
   floor((N x budget - n x cap) / (N - n)) (N heads in all, n of them retrieval heads).
 - ``adakv_<floor>`` (Ada-KV): at each eviction a layer's budget (its heads x budget) is split across its KV
@@ -19,11 +20,14 @@ window (the rule's, clamped to its own budget) and ranks the rest by the rule, w
   its layers together, `h2o.shared_budget`), by one top-k over the rule's priorities of all their slots; each head
   keeps at least max(sinks + recent, ceil(<floor> x budget)) tokens. The rule's priorities must be comparable
   across layers (attention mass and its averages are; a rule whose scale differs by layer ranks layers too).
+- ``headkv_<floor>`` (HeadKV): every KV head keeps max(sinks + recent, ceil(<floor> x budget)) tokens, and the
+  rest of the cache's N x budget is shared among all heads in proportion to their retrieval score (rounded down;
+  equal shares where every score is 0).
 - ``pyramid_<beta>`` (PyramidKV): layer budgets fall linearly with depth from 2 x budget - b_min at the first
   layer to b_min = max(budget // <beta>, sinks + recent + 1) at the last (rounded down: the mean is at most the
   budget); every head of a layer holds its layer's budget.
 
-A bare allocation name takes its defaults (`DEFAULTS`): adakv = adakv_0.2, global = global_0.2, pyramid = pyramid_20, retrieval =
+A bare allocation name takes its defaults (`DEFAULTS`): adakv = adakv_0.2, global = global_0.2, headkv = headkv_0.2, pyramid = pyramid_20, retrieval =
 retrieval_0.1_4, induction = induction_0.1_4.
 """
 
@@ -154,6 +158,52 @@ class AdaKV(Allocation):
 
 
 @dataclass(frozen=True)
+class HeadKV(Allocation):
+    """HeadKV: a floor per head, the rest of the cache's budget in proportion to each head's retrieval score."""
+
+    NAME = "headkv"
+    score: ClassVar[str] = "retrieval"
+    floor: float = 0.2
+
+    def __post_init__(self):
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"headkv_<floor>: floor must lie in [0, 1], got {self.floor}")
+
+    @property
+    def name(self) -> str:
+        return f"headkv_{self.floor:g}"
+
+    def budgets(self, rule: Policy, table: torch.Tensor) -> torch.Tensor:
+        """[layers, heads] tokens per head: the floor + a share of the pool proportional to the head's score."""
+        n = table.numel()
+        floor = min(rule.budget, max(rule.sinks + rule.recent, math.ceil(self.floor * rule.budget)))
+        pool = n * (rule.budget - floor)
+        weights = table.to(torch.float64)
+        total = float(weights.sum())
+        share = weights / total if total > 0 else torch.full_like(weights, 1 / n)
+        return floor + torch.floor(pool * share).to(torch.int64)
+
+    def plan(self, rule, layers, heads, scores=None):
+        if scores is None:
+            raise ValueError(f"{self.name}: needs head scores ('retrieval'): pass head_scores=h2o.head_scores(model, "
+                             "...) to h2o.make_cache")
+        tables = head_tables(scores)
+        if "retrieval" not in tables:
+            raise ValueError(f"{self.name}: shares the budget by the 'retrieval' score, and the head scores given have "
+                             f"only {', '.join(sorted(tables)) or 'none'}")
+        table = tables["retrieval"]
+        if tuple(table.shape) != (layers, heads):
+            raise ValueError(f"{self.name}: head scores of shape {tuple(table.shape)} do not fit this model "
+                             f"({layers} layers x {heads} KV heads)")
+        budgets = self.budgets(rule, table).tolist()
+        out = []
+        for row in budgets:
+            sizes = sorted(set(row), reverse=True)
+            out.append(LayerPlan(tuple((tuple(h for h in range(heads) if row[h] == b), b) for b in sizes)))
+        return out
+
+
+@dataclass(frozen=True)
 class Global(Allocation):
     """One budget for the whole cache: every layer's and KV head's slots ranked together, a floor per head."""
 
@@ -203,9 +253,10 @@ class Pyramid(Allocation):
         return [LayerPlan(((tuple(range(heads)), b),)) for b in self.budgets(rule, layers)]
 
 
-DEFAULTS = {"retrieval": HeadShare("retrieval"), "induction": HeadShare("induction"), "adakv": AdaKV(),
-            "global": Global(), "pyramid": Pyramid()}
-_NAME = re.compile(r"(retrieval|induction|adakv|global|pyramid)((?:_[0-9.]+)*)")
+DEFAULTS = {"retrieval": HeadShare("retrieval"), "induction": HeadShare("induction"),
+            "ablation": HeadShare("ablation"), "adakv": AdaKV(),
+            "global": Global(), "headkv": HeadKV(), "pyramid": Pyramid()}
+_NAME = re.compile(r"(retrieval|induction|ablation|adakv|global|headkv|pyramid)((?:_[0-9.]+)*)")
 
 
 def head_tables(scores) -> dict[str, torch.Tensor]:
@@ -264,13 +315,13 @@ def parse_allocation(text: str) -> Allocation | None:
         raise ValueError(f"bad allocation {text!r}: its parameters must be numbers") from None
     if not values:
         return DEFAULTS[kind]
-    if kind in ("retrieval", "induction"):
+    if kind in ("retrieval", "induction", "ablation"):
         if len(values) != 2:
             raise ValueError(f"{text!r}: write {kind}_<share>_<factor>, e.g. {kind}_0.1_4")
         return HeadShare(kind, *values)
     if len(values) != 1:
         raise ValueError(f"{text!r}: write {kind}_<{'beta' if kind == 'pyramid' else 'floor'}>")
-    return {"adakv": AdaKV, "global": Global, "pyramid": Pyramid}[kind](values[0])
+    return {"adakv": AdaKV, "global": Global, "headkv": HeadKV, "pyramid": Pyramid}[kind](values[0])
 
 
 def split(prefixed: str) -> tuple[str, str] | None:

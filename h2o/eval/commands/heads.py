@@ -13,13 +13,15 @@ also read); a cached file is reused only when its inputs equal this run's. --rec
 
 from __future__ import annotations
 
+from h2o.models import kv_heads as h2o_kv_heads
+
 from .. import data, report
 from ..head_score_cache import CALIBRATION_BOOK, DEFAULTS, lookup
 
 NAME = "heads"
 HELP = "training-free KV-head scores: induction and echo on repeated random tokens, retrieval on calibration needles"
 COLUMNS = {"rank": "Rank", "layer": "Layer", "kv_head": "KV head", "induction": "Induction", "echo": "Echo",
-           "retrieval": "Retrieval"}
+           "retrieval": "Retrieval", "ablation": "Ablation"}
 
 
 def add_arguments(p) -> None:
@@ -28,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="random sequences averaged over")
     p.add_argument("--cases", type=int, default=DEFAULTS["cases"],
                    help="calibration needle cases for the retrieval score (0: no retrieval score)")
+    p.add_argument("--ablation-cases", type=int, default=DEFAULTS["ablation_cases"],
+                   help="needle cases of the ablation score (each KV head restricted to sinks + recent in turn: "
+                        "1 + layers x KV heads forwards per case; 0: no ablation score)")
     p.add_argument("--context-tokens", type=int, default=DEFAULTS["context_tokens"],
                    help="haystack tokens per needle case")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the random tokens and the needles")
@@ -43,6 +48,8 @@ def check(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.cases < 0:
         raise ValueError(f"--cases must be >= 0, got {args.cases}")
+    if not 0 <= args.ablation_cases <= args.cases:
+        raise ValueError(f"--ablation-cases must lie in [0, --cases = {args.cases}], got {args.ablation_cases}")
     if args.cases and args.context_tokens < 16:
         raise ValueError(f"--context-tokens must be >= 16, got {args.context_tokens}")
     retrieval = args.cases > 0 and not args.model.startswith("random:")
@@ -57,9 +64,11 @@ def run(session, plan) -> int:
     model, tokenizer = session.load_model()
     info = session.info
     options = {"seed": args.seed, "random_tokens": args.random_tokens, "repeats": args.repeats,
-               "cases": args.cases, "context_tokens": args.context_tokens}
+               "cases": args.cases, "context_tokens": args.context_tokens, "ablation_cases": args.ablation_cases}
     retrieval = tokenizer is not None and args.cases > 0
-    bar = session.progress(total=args.repeats + (args.cases if retrieval else 0), desc="head scores")
+    layers_heads = model.config.num_hidden_layers * h2o_kv_heads(model.config)
+    ablated = args.ablation_cases * layers_heads if retrieval else 0
+    bar = session.progress(total=args.repeats + (args.cases if retrieval else 0) + ablated, desc="head scores")
     try:
         scores, path, reused = lookup(model, tokenizer, args.model, args.data_dir, bar, book=args.calibration_book,
                                       text=plan["text"], recompute=args.recompute, **options)
@@ -97,6 +106,10 @@ def run(session, plan) -> int:
                      "text); induction and echo only, and on random weights they are not expected to single out heads")
     else:
         notes.append("no retrieval score: --cases 0")
+    if "ablation" in names:
+        notes.append(f"ablation: {args.ablation_cases} of the needle cases, each KV head in turn keeping only its first "
+                     "4 and last 32 keys; the answer's mean log-probability drop, over the largest drop "
+                     f"(the largest: {max(map(max, method['ablation_drops'])):.3f} nats)")
     session.write_csv("heads.csv", rows)
     session.write_json("heads.json", head_scores=scores.to_json(), top=top,
                        cache={"path": str(path), "reused": reused}, notes=notes)
