@@ -56,7 +56,14 @@ def score_block_elements(device: torch.device | str) -> int:
     return SCORE_BLOCK_ELEMENTS.get(torch.device(device).type, SCORE_BLOCK_ELEMENTS["cpu"])
 
 
-def _probability_blocks(query, key, mask, scaling, block_elements=None):
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """The model's soft-capped logits (Gemma 2: softcap * tanh(logits / softcap)), in place; as they are without."""
+    if softcap:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+def _probability_blocks(query, key, mask, scaling, block_elements=None, softcap=None):
     """The float32 attention probabilities of the queries, block by block: (start, stop, visible, probs
     [B, Hkv, G, stop - start, visible]). Blocks hold about `block_elements` probabilities, and each reads only
     the keys its queries can see (the last q keys belong to the queries)."""
@@ -72,6 +79,7 @@ def _probability_blocks(query, key, mask, scaling, block_elements=None):
         block = grouped[:, :, :, start:stop].reshape(b, hkv, groups * (stop - start), d).to(torch.float32)
         logits = torch.matmul(block, keys_t[..., :visible]).view(b, hkv, groups, stop - start, visible)
         logits *= scaling
+        _capped(logits, softcap)
         if mask is not None:
             logits.masked_fill_(~mask[:, :, start:stop, :visible].unsqueeze(2), -torch.inf)
         elif stop - start > 1:
@@ -80,7 +88,8 @@ def _probability_blocks(query, key, mask, scaling, block_elements=None):
         yield start, stop, visible, logits.softmax(dim=-1)
 
 
-def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=None, query_weights=None):
+def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=None, query_weights=None,
+                   softcap=None):
     """Attention each key received, summed over queries and over the query heads of its KV head.
 
     query [B, Hq, q, D], key [B, Hkv, L, D] (the last q keys belong to the queries),
@@ -89,7 +98,7 @@ def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=N
     Returns float32 [B, Hkv, L], computed block by block (`_probability_blocks`).
     """
     mass = torch.zeros(key.shape[0], key.shape[1], key.shape[2], dtype=torch.float32, device=key.device)
-    for start, stop, visible, probs in _probability_blocks(query, key, mask, scaling, block_elements):
+    for start, stop, visible, probs in _probability_blocks(query, key, mask, scaling, block_elements, softcap):
         if query_valid is not None:
             probs *= query_valid[:, None, None, start:stop, None]
         if query_weights is not None:
@@ -98,30 +107,30 @@ def attention_mass(query, key, mask, scaling, query_valid=None, block_elements=N
     return mass
 
 
-def last_query_row(query, key, mask, scaling):
+def last_query_row(query, key, mask, scaling, softcap=None):
     """The newest query's attention over the kept keys, averaged over the query heads of each KV head:
     float32 [B, Hkv, L] (the newest query is always real and sees every kept key but padding)."""
     b, hq, _, d = query.shape
     hkv = key.shape[1]
     last = query[:, :, -1:].reshape(b, hkv, hq // hkv, d).to(torch.float32)
-    logits = torch.matmul(last, key.to(torch.float32).transpose(-1, -2)) * scaling  # [B, Hkv, G, L]
+    logits = _capped(torch.matmul(last, key.to(torch.float32).transpose(-1, -2)) * scaling, softcap)  # [B, Hkv, G, L]
     if mask is not None:
         logits.masked_fill_(~mask[:, :, -1:, :], -torch.inf)
     return logits.softmax(dim=-1).mean(dim=2)
 
 
-def value_weighted_mass(query, key, value, mask, scaling, query_valid=None, block_elements=None):
+def value_weighted_mass(query, key, value, mask, scaling, query_valid=None, block_elements=None, softcap=None):
     """Each key's share of each query's value-weighted attention, summed over the real queries (keys_values'
     h2o-vlen): per query, the group-averaged attention row times ||v||_2, renormalised to sum to one.
     float32 [B, Hkv, L], computed block by block (`_probability_blocks`)."""
     norms = value.to(torch.float32).norm(dim=-1)  # [B, Hkv, L]
     out = torch.zeros_like(norms)
-    for start, stop, visible, probs in _probability_blocks(query, key, mask, scaling, block_elements):
+    for start, stop, visible, probs in _probability_blocks(query, key, mask, scaling, block_elements, softcap):
         out[..., :visible] += vlen_share(probs, norms[..., :visible], query_valid, start, stop)
     return out
 
 
-def replay_attention(query, key, chosen, scaling, block_elements=None):
+def replay_attention(query, key, chosen, scaling, block_elements=None, softcap=None):
     """KVzip's score of one replay forward: per key, the largest attention probability any replay query of its KV
     head's group gives it, the softmax taken over the `chosen` keys only [B, Hkv, L] (the sinks, the chunk being
     reconstructed, the replay's own keys: the last q, causal). float32 [B, Hkv, L], 0 where not chosen; computed
@@ -137,7 +146,7 @@ def replay_attention(query, key, chosen, scaling, block_elements=None):
         stop = min(q, start + step)
         n, visible = stop - start, length - q + stop
         block = grouped[:, :, :, start:stop].reshape(b, hkv, groups * n, d).to(torch.float32) * scaling
-        logits = torch.matmul(block, keys_t[..., :visible]).view(b, hkv, groups, n, visible)
+        logits = _capped(torch.matmul(block, keys_t[..., :visible]).view(b, hkv, groups, n, visible), softcap)
         logits.masked_fill_(~chosen[:, :, None, None, :visible], -torch.inf)
         if n > 1:  # the block's own later keys are in its queries' future
             logits[..., visible - n:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=key.device).triu_(1),
@@ -231,19 +240,21 @@ def fusable(inner, module, kwargs) -> bool:
             and kwargs.get("cache") is None and not kwargs.get("output_attentions"))
 
 
-def observe(policy, query, key, value, mask, scaling, query_valid) -> Observation:
-    """Exactly the observations `policy.observes` asks for (nothing else is computed)."""
+def observe(policy, query, key, value, mask, scaling, query_valid, softcap=None) -> Observation:
+    """Exactly the observations `policy.observes` asks for (nothing else is computed), from the model's own
+    probabilities (its logits soft-capped where the model caps them)."""
     wants = policy.observes
     q = query.shape[-2]
     if not wants:
         return Observation(queries=q)
     return Observation(
         queries=q,
-        mass=attention_mass(query, key, mask, scaling, query_valid, query_weights=policy.query_weights(q, key.device))
-        if "mass" in wants else None,
-        last=last_query_row(query, key, mask, scaling) if "last" in wants else None,
+        mass=attention_mass(query, key, mask, scaling, query_valid, query_weights=policy.query_weights(q, key.device),
+                            softcap=softcap) if "mass" in wants else None,
+        last=last_query_row(query, key, mask, scaling, softcap) if "last" in wants else None,
         count=query_counts(key, mask, q, query_valid) if "count" in wants else None,
-        vmass=value_weighted_mass(query, key, value, mask, scaling, query_valid) if "vmass" in wants else None,
+        vmass=value_weighted_mass(query, key, value, mask, scaling, query_valid, softcap=softcap)
+        if "vmass" in wants else None,
     )
 
 
@@ -302,8 +313,8 @@ def _attend(inner, module, layer, query, key, value, attention_mask, scaling, kw
     wants = policy.observes
     if layer.replay is not None:  # a replay forward (KVzip): the model's own attention, and the replay's scores
         out, weights = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
-        layer.observe(Observation(queries=query.shape[-2], replay=replay_attention(query, key, layer.replay_keys(),
-                                                                                   scale)))
+        layer.observe(Observation(queries=query.shape[-2], replay=replay_attention(
+            query, key, layer.replay_keys(), scale, softcap=kwargs.get("softcap"))))
         return out, weights
     if wants & {"mass", "last", "vmass"} and fusable(inner, module, kwargs):
         q = query.shape[-2]
@@ -314,7 +325,7 @@ def _attend(inner, module, layer, query, key, value, attention_mask, scaling, kw
         layer.observe(Observation(queries=q, mass=mass, last=last, count=count, vmass=vmass))
         return out, None
     out, weights = inner(module, query, key, value, mask, scaling=scaling, **kwargs)
-    layer.observe(observe(policy, query, key, value, mask, scale, new_valid))
+    layer.observe(observe(policy, query, key, value, mask, scale, new_valid, kwargs.get("softcap")))
     return out, weights
 
 

@@ -14,7 +14,7 @@ without being observed raises, so a compressed cache can never run without its b
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .compressed_layer import CompressedLayer, UnobservedError  # noqa: F401 (UnobservedError: importable here, as before)
 from .handover import take_pending  # noqa: F401 (take_pending: importable here, as before)
@@ -29,34 +29,51 @@ class CompressedCache(Cache):
     """A `Cache` of one layer per model layer; a `full` policy uses plain `DynamicLayer`s."""
 
     def __init__(self, policy: Policy | Allocated, num_layers: int, positions: str = "original", buffer: int = 64,
-                 rope: tuple | None = None, kv_heads: int | None = None, head_scores=None, static: bool = False):
+                 rope: tuple | None = None, kv_heads: int | None = None, head_scores=None, static: bool = False,
+                 windows: list[int | None] | None = None):
         reindex = positions == "reindex"
+        # per model layer, its sliding window (transformers' own layer, which the model bounds: never evicted by a
+        # policy) or None (a layer the policy compresses); a policy's budget is per compressed KV head
+        windows = [None] * num_layers if windows is None else list(windows)
+        if len(windows) != num_layers:
+            raise ValueError(f"windows names {len(windows)} layers, the cache has {num_layers}")
+        compressed = [i for i, w in enumerate(windows) if w is None]
+        if not compressed:
+            raise ValueError("every layer is a sliding-window layer: nothing for a policy to compress")
+        if any(windows) and reindex and policy.evicts:
+            raise ValueError("positions='reindex' with sliding-window layers: use positions='original'")
         if head_scores is not None:  # checked whichever policy: malformed scores are an error, never ignored
             head_scores = head_tables(head_scores)
         if static:  # the compile-friendly layout (h2o.static)
             check_static(policy, positions)
+            if any(windows):
+                raise ValueError(f"{policy.name}: the static (compile-friendly) cache holds every layer in one fixed "
+                                 "layout; a model with sliding-window layers needs static=False")
             from .static import StaticLayer
 
-            layers = [StaticLayer(policy, buffer) for _ in range(num_layers)]
-        elif isinstance(policy, Allocated):  # head and layer budgets: one plan per layer
+            made = [StaticLayer(policy, buffer) for _ in compressed]
+        elif isinstance(policy, Allocated):  # head and layer budgets: one plan per compressed layer
             if kv_heads is None:
                 raise ValueError(f"{policy.name}: an allocation needs the model's number of KV heads (kv_heads=)")
-            plans = policy.plan(num_layers, kv_heads, head_scores)
-            layers = [CompressedLayer(policy.rule.with_budget(plan.groups[0][1]), buffer, reindex, rope,
-                                      rule_budget=policy.rule.budget)
-                      if plan.uniform and not policy.across_layers else
-                      (RowsLayer if plan.joint else HeadGroupLayer)(plan, policy.rule, buffer, reindex, rope)
-                      for plan in plans]
-            if policy.across_layers:  # one budget for every layer: they evict together after each forward
+            plans = policy.plan(len(compressed), kv_heads, head_scores)
+            made = [CompressedLayer(policy.rule.with_budget(plan.groups[0][1]), buffer, reindex, rope,
+                                    rule_budget=policy.rule.budget)
+                    if plan.uniform and not policy.across_layers else
+                    (RowsLayer if plan.joint else HeadGroupLayer)(plan, policy.rule, buffer, reindex, rope)
+                    for plan in plans]
+            if policy.across_layers:  # one budget for every compressed layer: they evict together after each forward
                 shared = SharedBudget(sum(plan.total for plan in plans), plans[0].floor, buffer)
-                for layer in layers:
+                for layer in made:
                     shared.join(layer)
         elif policy.evicts:
-            layers = [CompressedLayer(policy, buffer, reindex, rope) for _ in range(num_layers)]
+            made = [CompressedLayer(policy, buffer, reindex, rope) for _ in compressed]
         else:
-            layers = [DynamicLayer() for _ in range(num_layers)]
+            made = [DynamicLayer() for _ in compressed]
+        it = iter(made)
+        layers = [next(it) if w is None else DynamicSlidingWindowLayer(sliding_window=w) for w in windows]
         super().__init__(layers=layers)
         self.policy, self.positions, self.buffer, self.static = policy, positions, buffer, static
+        self.windows = windows
 
     def __repr__(self) -> str:
         static = ", static" if self.static else ""
@@ -82,22 +99,30 @@ class CompressedCache(Cache):
         return [sub for layer in self.layers for sub in getattr(layer, "sublayers", [layer])
                 if isinstance(sub, CompressedLayer)]
 
+    def policy_layers(self) -> list:
+        """The layers the policy holds (one per full-attention model layer), without the sliding-window layers."""
+        return [layer for layer, w in zip(self.layers, self.windows) if w is None]
+
     def kept_lengths(self) -> list[int]:
-        """Tokens each layer holds now (its longest head's, where heads hold different numbers)."""
-        return [layer.length if isinstance(layer, (CompressedLayer, HeadGroupLayer)) else
-                layer.keys.shape[-2] if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
-                for layer in self.layers]
+        """Tokens each layer the policy holds keeps now (its longest head's, where heads hold different numbers);
+        sliding-window layers, which the model bounds itself, are not in it (`window_lengths`)."""
+        return [_length(layer) for layer in self.policy_layers()]
+
+    def window_lengths(self) -> list[int]:
+        """Tokens each sliding-window layer holds now (at most its window - 1 after a forward)."""
+        return [_length(layer) for layer, w in zip(self.layers, self.windows) if w is not None]
 
     def head_lengths(self) -> list[list[int]]:
-        """Tokens each KV head of each layer holds now."""
-        return [layer.head_lengths() if isinstance(layer, HeadGroupLayer) else
-                [length] * _heads(layer) for layer, length in zip(self.layers, self.kept_lengths())]
+        """Tokens each KV head of each layer the policy holds keeps now."""
+        return [layer.head_lengths() if isinstance(layer, HeadGroupLayer) else [_length(layer)] * _heads(layer)
+                for layer in self.policy_layers()]
 
     def head_bounds(self) -> list[list[int | None]]:
-        """What each KV head may hold after any forward (budget + buffer; None: a full cache's layer)."""
+        """What each KV head of each layer the policy holds may keep after any forward (budget + buffer; None: a
+        full cache's layer)."""
         return [layer.head_bounds() if isinstance(layer, HeadGroupLayer) else
                 [layer.budget + layer.buffer if isinstance(layer, CompressedLayer) else None] * _heads(layer)
-                for layer in self.layers]
+                for layer in self.policy_layers()]
 
     # --- a replaying policy (KVzip): the cache holds a forward's tokens until their replay has scored them --------
 
@@ -130,6 +155,17 @@ class CompressedCache(Cache):
         """The arrival indices [start, stop) of the chunk the next forward (a replay) reconstructs; None after."""
         for layer in self.compressed_layers():
             layer.replay = window
+
+    def window_state(self) -> list[tuple]:
+        """What the sliding-window layers hold (their keys, values and tokens seen): a replay forward adds its own
+        tokens to them as the model runs, and `restore_windows` takes them back out, so a replay leaves no trace."""
+        return [(layer, layer.keys, layer.values, layer.cumulative_length)
+                for layer, w in zip(self.layers, self.windows) if w is not None]
+
+    @staticmethod
+    def restore_windows(state: list[tuple]) -> None:
+        for layer, keys, values, seen in state:
+            layer.keys, layer.values, layer.cumulative_length = keys, values, seen
 
     @property
     def replaying(self) -> bool:
@@ -192,6 +228,13 @@ def check_static(policy, positions: str) -> None:
     if positions != "original":
         raise ValueError("the static (compile-friendly) cache keeps original positions: its slots are not in "
                          "arrival order, so positions='reindex' (keys rotated by slot) needs static=False")
+
+
+def _length(layer) -> int:
+    if isinstance(layer, (CompressedLayer, HeadGroupLayer)):
+        return layer.length
+    keys = getattr(layer, "keys", None)
+    return keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0
 
 
 def _heads(layer) -> int:

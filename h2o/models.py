@@ -11,9 +11,11 @@ from .cache import CompressedCache
 from .replay import Replay
 from .policies import Policy, parse
 
-# Decoder-only families whose attention goes through transformers' attention registry, applies
-# rotate-half RoPE before `cache.update`, and has no sliding-window layers.
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
+# Decoder-only families whose attention goes through transformers' attention registry and applies rotate-half RoPE
+# before `cache.update`. Gemma 2 and 3 mix sliding-window layers (which the model bounds itself: the cache keeps
+# transformers' own layer for them) with full-attention layers (which a policy compresses); each family is admitted
+# because its layers pass the equivalence oracles (tests/test_equivalence.py).
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gemma2", "gemma3_text")
 POSITION_MODES = ("original", "reindex")
 
 # h2o's attention function -> the stock one it wraps: read off the model itself (so a deep copy of a
@@ -51,19 +53,43 @@ def rotary_embedding(model) -> tuple[torch.Tensor, int]:
     )
 
 
+def layer_windows(config) -> list[int | None]:
+    """Per model layer: its sliding window (a layer the model bounds itself), or None (full attention: the layers a
+    policy compresses). Read from `config.layer_types` where the config has it, else from `sliding_window` (and
+    `use_sliding_window`) for every layer; any other layer type is refused."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if not getattr(config, "use_sliding_window", True):
+        window = None
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [window] * n
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(f"{config.model_type!r} model has layers of type {', '.join(unknown)}, which this library "
+                         "does not handle (it handles full_attention and sliding_attention layers)")
+    if len(types) != n:
+        raise ValueError(f"config.layer_types names {len(types)} layers, the model has {n}")
+    if "sliding_attention" in types and not window:
+        raise ValueError("config.layer_types has sliding_attention layers but config.sliding_window is not set")
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def compressed_layers(config) -> list[int]:
+    """The model layers a policy compresses (full attention); the others keep transformers' sliding-window layer."""
+    return [i for i, w in enumerate(layer_windows(config)) if w is None]
+
+
 def check_model(model) -> None:
     config = model.config
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"model family {family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}")
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or (
-        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    ):
+    if not compressed_layers(config):
         raise ValueError(
-            f"{family!r} model uses sliding-window attention layers, which this library does not handle; "
-            "load it with sliding_window=None"
-        )
+            f"every layer of this {family!r} model attends within a sliding window of {config.sliding_window} "
+            "tokens, which the model bounds itself: there is no growing cache to compress. Load it with "
+            "sliding_window=None to compress full attention")
 
 
 def make_cache(model, policy: str | Policy, positions: str = "original", buffer: int = 64,
@@ -96,13 +122,21 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 0:
         raise ValueError(f"buffer must be an int >= 0, got {buffer!r}")
-    rope = rotary_embedding(model) if positions == "reindex" else None
     check_model(model)
+    windows = layer_windows(model.config)
+    if positions == "reindex" and any(windows) and policy.evicts:
+        raise ValueError(
+            f"positions='reindex' on a model with sliding-window layers ({sum(map(bool, windows))} of {len(windows)}): "
+            "the model rotates every layer at the same position ids, and reindex would set them to the compressed "
+            "layers' slots, which the sliding-window layers' keys do not share (Gemma also rotates the two kinds "
+            "with different RoPE bases). Use positions='original'")
+    rope = rotary_embedding(model) if positions == "reindex" else None
     # built first: a bad allocation (head scores missing or of another model) is refused before the model is touched
     if not isinstance(static, bool):
         raise TypeError(f"static must be a bool, got {static!r}")
     cache = CompressedCache(policy, model.config.num_hidden_layers, positions, buffer, rope,
-                            kv_heads=kv_heads(model.config), head_scores=head_scores, static=static)
+                            kv_heads=kv_heads(model.config), head_scores=head_scores, static=static,
+                            windows=windows)
     if cache.replays:
         if tokenizer is None:
             raise ValueError(f"{policy.name} scores the context by replaying it, which needs the model's tokenizer "

@@ -77,7 +77,11 @@ class Replay:
             with torch.no_grad():
                 for start, stop, replay in self.inputs(ids, previous):
                     cache.replay_window((first + start, first + stop))
-                    base_model(input_ids=replay, past_key_values=cache, use_cache=True)
+                    windows = cache.window_state()  # the sliding-window layers, as before the replay
+                    try:
+                        base_model(input_ids=replay, past_key_values=cache, use_cache=True)
+                    finally:
+                        cache.restore_windows(windows)
         finally:
             cache.replay_window(None)
         cache.release()

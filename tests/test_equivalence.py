@@ -17,13 +17,27 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import h2o
+import tiny
 from tiny import TOKENIZER, tiny_model, token_ids
 
-FAMILIES = ["llama", "gpt_neox", "qwen2", "qwen3", "mistral"]
+FAMILIES = ["llama", "gpt_neox", "qwen2", "qwen3", "mistral", "gemma3", "gemma2"]
+# Gemma 3 and 2 mix sliding-window layers (transformers' own, never evicted) with compressed full-attention ones
+HYBRID = ["gemma3", "gemma2"]
 # every registered evicting rule, at tiny sizes: a new rule gets these oracles by being registered
 RULES = [cls for cls in h2o.policies.registered().values() if cls.evicts]
 COMPOSED = ["snapkv_2_4_12_4+tova", "snapkv_2_4_12_4+h2o_mean"]  # SnapKV's prompt rule, then a decode rule
 ATTN = ["sdpa", "eager"]
+# (family, attention) pairs the families run: transformers gives Gemma 2 (soft-capped logits) eager attention only
+FAMILY_ATTN = [(f, a) for f in FAMILIES for a in ATTN if not (f == "gemma2" and a == "sdpa")]
+
+
+def reference_cache(model):
+    """transformers' own cache for the model (its sliding-window layers bounded as the model has them)."""
+    return DynamicCache(config=model.config) if model.config.model_type.startswith("gemma") else DynamicCache()
+
+
+def policy_layer_count(model) -> int:
+    return len(h2o.models.compressed_layers(model.config))
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -40,18 +54,20 @@ def run_steps(model, cache, ids, prefill):
     return torch.cat(logits, dim=1), kept
 
 
-@pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, attn", FAMILY_ATTN)
 @pytest.mark.parametrize("policy", [cls.sized(2, 4, 64).name for cls in RULES])
 def test_budget_above_length_equals_dynamic_cache(family, attn, policy):
     model = tiny_model(family, attn)
     ids = token_ids(40)
-    reference, _ = run_steps(model, DynamicCache(), ids, prefill=24)
+    reference, _ = run_steps(model, reference_cache(model), ids, prefill=24)
     cache = h2o.make_cache(model, policy, buffer=0, tokenizer=TOKENIZER)
     ours, _ = run_steps(model, cache, ids, prefill=24)
     h2o.restore(model)
     torch.testing.assert_close(ours, reference, **TOL)
-    assert cache.kept_lengths() == [40] * model.config.num_hidden_layers
+    assert cache.kept_lengths() == [40] * policy_layer_count(model)
+    if family in HYBRID:  # the sliding-window layers hold their window, as transformers' own cache does
+        assert cache.window_lengths() == [tiny.SLIDING_WINDOW - 1] * (model.config.num_hidden_layers
+                                                                      - policy_layer_count(model))
 
 
 def test_full_policy_leaves_the_model_alone_and_matches_generate():
@@ -75,6 +91,8 @@ def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     allowed = _ORACLE_MASKS[module.layer_idx].repeat_interleave(groups, dim=1)
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = (query @ key.transpose(-1, -2)) * scaling
+    if kwargs.get("softcap"):  # Gemma 2's soft-capped logits
+        scores = torch.tanh(scores / kwargs["softcap"]) * kwargs["softcap"]
     probs = scores.masked_fill(~allowed, -torch.inf).softmax(-1)
     return (probs @ value).transpose(1, 2).contiguous(), probs
 
@@ -94,13 +112,23 @@ def oracle_forward(model, ids):
         model.set_attn_implementation(previous)
 
 
+def base_mask(model, layer, total):
+    """[T, T] what query t of `layer` sees in a full forward: causal, within its window on a sliding-window layer."""
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    window = h2o.models.layer_windows(model.config)[layer]
+    return causal if window is None else causal & ~torch.ones(total, total, dtype=torch.bool).tril(-window)
+
+
 def masked_oracle_logits(model, ids, prefill, kept):
-    """One full forward in which query t (t >= prefill) of layer l sees only what the cache kept."""
+    """One full forward in which query t (t >= prefill) of layer l sees only what the cache kept (a sliding-window
+    layer: its window)."""
     batch, total = ids.shape
     heads = model.config.num_key_value_heads if hasattr(model.config, "num_key_value_heads") else model.config.num_attention_heads
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
     for layer in range(model.config.num_hidden_layers):
-        mask = causal.expand(batch, heads, total, total).clone()
+        mask = base_mask(model, layer, total).expand(batch, heads, total, total).clone()
+        if kept and kept[0][layer] is None:  # transformers' sliding-window layer: the model's own mask
+            _ORACLE_MASKS[layer] = mask
+            continue
         for step, per_layer in enumerate(kept):
             t = prefill + step
             times, valid = per_layer[layer]
@@ -112,8 +140,7 @@ def masked_oracle_logits(model, ids, prefill, kept):
     return oracle_forward(model, ids)
 
 
-@pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, attn", FAMILY_ATTN)
 @pytest.mark.parametrize("policy, buffer", [("h2o_2_4_12_sum", 0), ("h2o_2_4_12_mean", 3), ("streaming_2_10", 2)]
                          + [(cls.sized(2, 4, 12).name, 1) for cls in RULES if cls.NAME not in ("h2o", "streaming")]
                          + [(name, 1) for name in COMPOSED])
@@ -123,19 +150,20 @@ def test_eviction_equals_full_attention_with_evicted_tokens_masked(family, attn,
     cache = h2o.make_cache(model, policy, buffer=buffer, tokenizer=TOKENIZER)
     ours, kept = run_steps(model, cache, ids, prefill=20)
     h2o.restore(model)
-    evictions = sum(1 for step in kept if step[0][0].shape[-1] < 20 + len(kept))
+    first = next(i for i, layer in enumerate(kept[0]) if layer is not None)  # the first compressed layer
+    evictions = sum(1 for step in kept if step[first][0].shape[-1] < 20 + len(kept))
     assert evictions > 0
     assert max(cache.kept_lengths()) <= cache.policy.budget + buffer
     # per-head selection: H2O heads keep different tokens somewhere
     if policy.startswith("h2o"):
-        assert any(not torch.equal(layer[0][:, 0], layer[0][:, 1]) for step in kept for layer in step)
+        assert any(not torch.equal(layer[0][:, 0], layer[0][:, 1]) for step in kept for layer in step
+                   if layer is not None)
     torch.testing.assert_close(ours, masked_oracle_logits(model, ids, 20, kept), **TOL)
 
 
 # --- reindex -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, attn", [(f, a) for f, a in FAMILY_ATTN if f not in HYBRID])
 @pytest.mark.parametrize("buffer", [0, 3])
 def test_streaming_reindex_equals_recompute_on_kept_tokens(family, attn, buffer):
     model = tiny_model(family, attn, layers=1)
@@ -200,11 +228,11 @@ def test_padded_batch_equals_rows_alone(family, attn, policy, positions):
 
 # --- scores ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("family, attn", [(f, a) for f, a in FAMILY_ATTN if f in ("llama", "gpt_neox", *HYBRID)])
 def test_h2o_scores_are_attention_received_per_kv_head(family, attn):
     """Scores = column sums of the eager attention probabilities over every query that saw the key
-    and over the query heads of each KV head (no eviction yet, so nothing is hidden)."""
+    and over the query heads of each KV head (no eviction yet, so nothing is hidden); Gemma 2's probabilities of
+    soft-capped logits, as the model computes them; the compressed layers only."""
     model = tiny_model(family, attn)
     ids = token_ids(30, batch=2)
     cache = h2o.make_cache(model, "h2o_2_4_64", buffer=0, tokenizer=TOKENIZER)
@@ -214,11 +242,27 @@ def test_h2o_scores_are_attention_received_per_kv_head(family, attn):
     with torch.no_grad():
         probs = model(ids, output_attentions=True).attentions  # per layer [B, Hq, T, T]
     model.set_attn_implementation(attn)
+    compared = 0
     for layer, p in zip(cache.layers, probs):
+        if not isinstance(layer, h2o.CompressedLayer):  # a sliding-window layer: transformers' own
+            continue
+        compared += 1
         kv_heads = layer.keys.shape[1]
         expect = p.sum(dim=2).view(2, kv_heads, -1, 30).sum(dim=2)
         assert layer.scores.dtype == torch.float32
         torch.testing.assert_close(layer.scores, expect, rtol=1e-4, atol=1e-4)
+    assert compared == policy_layer_count(model)
+
+
+def test_gemma2_scores_differ_from_uncapped_attention():
+    """The soft cap changes the observations measurably on the tiny Gemma 2 (else the scores oracle above could not
+    tell a capped observation from an uncapped one)."""
+    from h2o.attention import attention_mass
+    g = torch.Generator().manual_seed(0)
+    query, key = 4 * torch.randn(1, 4, 10, 16, generator=g), 4 * torch.randn(1, 2, 10, 16, generator=g)
+    capped = attention_mass(query, key, None, 0.25, softcap=tiny.GEMMA2_SOFTCAP)
+    plain = attention_mass(query, key, None, 0.25)
+    assert (capped - plain).abs().max() > 0.05
 
 
 def test_chunked_scoring_matches_one_block():
@@ -243,7 +287,7 @@ def run_steps_per_head(model, cache, ids, prefill):
     with torch.no_grad():
         logits.append(model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits)
         for t in range(prefill, ids.shape[1]):
-            kept.append([layer.kept_mask().clone() for layer in cache.layers])
+            kept.append([layer.kept_mask().clone() if hasattr(layer, "kept_mask") else None for layer in cache.layers])
             logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
             for lengths, bounds in zip(cache.head_lengths(), cache.head_bounds()):
                 assert all(n <= b for n, b in zip(lengths, bounds)), (lengths, bounds)  # each head's own bound
@@ -254,9 +298,11 @@ def masked_oracle_per_head(model, ids, prefill, kept):
     """One full forward in which query t (t >= prefill) of layer l and KV head h sees only what that head kept."""
     batch, total = ids.shape
     heads = h2o.models.kv_heads(model.config)
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
     for layer in range(model.config.num_hidden_layers):
-        mask = causal.expand(batch, heads, total, total).clone()
+        mask = base_mask(model, layer, total).expand(batch, heads, total, total).clone()
+        if kept and kept[0][layer] is None:  # transformers' sliding-window layer: the model's own mask
+            _ORACLE_MASKS[layer] = mask
+            continue
         for step, per_layer in enumerate(kept):
             t = prefill + step
             row = torch.zeros(batch, heads, total, dtype=torch.bool)
@@ -268,8 +314,8 @@ def masked_oracle_per_head(model, ids, prefill, kept):
 
 
 def head_scores_for(model, seed=0):
-    """Random head scores of the model's shape (the allocations only rank by them)."""
-    shape = (model.config.num_hidden_layers, h2o.models.kv_heads(model.config))
+    """Random head scores of the model's shape (the allocations only rank by them): its compressed layers' KV heads."""
+    shape = (policy_layer_count(model), h2o.models.kv_heads(model.config))
     g = torch.Generator().manual_seed(seed)
     return {"retrieval": torch.rand(shape, generator=g), "induction": torch.rand(shape, generator=g)}
 
@@ -282,8 +328,7 @@ ALLOCATED = ([f"adakv+{cls.sized(2, 4, 12).name}" for cls in RULES]
                 "headkv+h2o_2_4_12", "headkv_0.5+tova_2_4_12"])
 
 
-@pytest.mark.parametrize("attn", ATTN)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, attn", FAMILY_ATTN)
 @pytest.mark.parametrize("policy", ALLOCATED)
 def test_allocated_eviction_equals_full_attention_with_each_heads_evicted_tokens_masked(family, attn, policy):
     model = tiny_model(family, attn)

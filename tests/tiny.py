@@ -1,13 +1,27 @@
 """Tiny random-weight models of each supported family, for the equivalence oracles."""
 
 import torch
-from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 97
+SLIDING_WINDOW = 12  # the tiny Gemmas' window: short, so the oracles' prompts run past it
+# the tiny model's attention logits reach ~13 (initializer_range 0.2): a cap of 8 bends the peaks (tanh far from
+# linear) and keeps them peaks, so scores still tell tokens apart
+GEMMA2_SOFTCAP = 8.0
 
 
-def tiny_model(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):
+def _hybrid(layers: int) -> list[str]:
+    """Gemma's pattern on a few layers: sliding-window layers, every third layer (and the last) full attention."""
+    return ["full_attention" if i % 3 == 2 or i == layers - 1 else "sliding_attention" for i in range(layers)]
+
+
+def tiny_model(family: str, attn: str = "sdpa", layers: int | None = None, seed: int = 0):
+    """layers: 2 by default; 4 for the hybrid Gemmas (2 sliding-window layers, then 2 compressed full-attention
+    ones, so that head and layer budgets have several compressed layers to split over)."""
+    if layers is None:
+        layers = 4 if family.startswith("gemma") else 2
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
                   intermediate_size=128, max_position_embeddings=256,
                   initializer_range=0.2)  # peaky attention, so heads disagree on heavy hitters
@@ -22,6 +36,13 @@ def tiny_model(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0):
         config, cls = Qwen2Config(**common, **gqa, use_sliding_window=False), Qwen2ForCausalLM
     elif family == "qwen3":
         config, cls = Qwen3Config(**common, **gqa, head_dim=16, use_sliding_window=False), Qwen3ForCausalLM
+    elif family == "gemma3":  # hybrid: sliding-window layers around full ones, QK-norm, two RoPE bases
+        config, cls = Gemma3TextConfig(**common, **gqa, head_dim=16, sliding_window=SLIDING_WINDOW,
+                                       layer_types=_hybrid(layers), query_pre_attn_scalar=16), Gemma3ForCausalLM
+    elif family == "gemma2":  # hybrid, with soft-capped attention logits
+        config, cls = Gemma2Config(**common, **gqa, head_dim=16, sliding_window=SLIDING_WINDOW,
+                                   layer_types=_hybrid(layers), query_pre_attn_scalar=16,
+                                   attn_logit_softcapping=GEMMA2_SOFTCAP, final_logit_softcapping=30.0), Gemma2ForCausalLM
     else:
         raise ValueError(family)
     config._attn_implementation = attn

