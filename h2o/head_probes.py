@@ -57,6 +57,7 @@ from typing import Callable, Sequence
 import torch
 import transformers
 
+from .models import compressed_layers
 from .policies.allocation import head_tables
 
 FORMAT = "h2o-head-scores"
@@ -437,18 +438,21 @@ def answer_logprob(model, case, layers: int, trims: bool) -> float:
     return float(logp.gather(-1, targets.unsqueeze(-1)).sum())
 
 
-def ablation_drops(model, cases, layers: int, q_heads: int, kv_heads: int, trims: bool, progress=None) -> torch.Tensor:
-    """[layers, KV heads] float64: the mean over `cases` of the answer's log-probability drop when that KV head keeps
-    only its `ABLATION_WINDOW` (clamped at 0). Runs under `probed(model)`."""
+def ablation_drops(model, cases, layers: int, q_heads: int, kv_heads: int, trims: bool, progress=None,
+                   ablated: Sequence[int] | None = None) -> torch.Tensor:
+    """[len(ablated), KV heads] float64: the mean over `cases` of the answer's log-probability drop when that KV head
+    of each `ablated` layer (default: all `layers`) keeps only its `ABLATION_WINDOW` (clamped at 0). Runs under
+    `probed(model)`."""
     group = q_heads // kv_heads
-    drops = torch.zeros(layers, kv_heads, dtype=torch.float64)
+    ablated = list(range(layers)) if ablated is None else list(ablated)
+    drops = torch.zeros(len(ablated), kv_heads, dtype=torch.float64)
     for case in cases:
         base = answer_logprob(model, case, layers, trims)
-        for layer in range(layers):
+        for row, layer in enumerate(ablated):
             for h in range(kv_heads):
                 _restricted.update(layer=layer, heads=(h * group, (h + 1) * group), window=ABLATION_WINDOW)
                 try:
-                    drops[layer, h] += max(0.0, base - answer_logprob(model, case, layers, trims))
+                    drops[row, h] += max(0.0, base - answer_logprob(model, case, layers, trims))
                 finally:
                     _restricted.clear()
                 if progress is not None:
@@ -551,6 +555,8 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     config = model.config
     layers, q_heads, kv_heads = shape_of(config)
+    # the layers a policy compresses (a hybrid model's sliding-window layers are never evicted: no score for them)
+    compressed = compressed_layers(config)
     limit = getattr(config, "max_position_embeddings", None)
     if limit and 2 * random_tokens > limit:
         raise ValueError(f"random_tokens {random_tokens} repeated twice is {2 * random_tokens} positions, past the "
@@ -612,12 +618,17 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
                 progress.update(1)
         drops = None
         if retrieval and ablation_cases:
-            drops = ablation_drops(model, needles[:ablation_cases], layers, q_heads, kv_heads, trims, progress)
+            drops = ablation_drops(model, needles[:ablation_cases], layers, q_heads, kv_heads, trims, progress,
+                                   ablated=compressed)
 
+    rows = torch.tensor(compressed)
+    induction, echo, hits = induction[rows], echo[rows], hits[rows]
     scores = {"induction": group_max((induction / repeats).float(), kv_heads).clamp(0, 1),
               "echo": group_max((echo / repeats).float(), kv_heads).clamp(0, 1)}
     method = {
         "inputs": inputs,
+        # the model layer of each table row: every layer, or a hybrid model's full-attention layers only
+        "layers": compressed,
         "query_heads_per_kv_head": q_heads // kv_heads,
         "kv_head_score": "max over the query heads of the KV head's group",
         "induction": (f"RazorAttention: {repeats} x {random_tokens} random token ids (torch.Generator seed {seed}), "

@@ -19,14 +19,22 @@ def naive_chunked_scores(model, ids, chunk):
     """Per layer [B, Hkv, T]: for each replay chunk, fed over the context alone (eager, every probability), each
     query's row renormalised over the sinks, the chunk and the replay's own keys; the max over the group, the
     queries and the chunks."""
-    full = DynamicCache()
+    full = DynamicCache(config=model.config) if model.config.model_type.startswith("gemma") else DynamicCache()
     with torch.no_grad():
         model(ids, past_key_values=full, use_cache=True)
     kv = full.layers[0].keys.shape[1]
     scores = None
-    for start, stop, replay in Replay(TOKENIZER, chunk=chunk).inputs(ids, None):
+    attn = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # every probability (sdpa returns none)
+    try:
         with torch.no_grad():
-            probs = model(replay, past_key_values=deepcopy(full), use_cache=True, output_attentions=True).attentions
+            replays = [(start, stop, replay, model(replay, past_key_values=deepcopy(full), use_cache=True,
+                                                   output_attentions=True).attentions)
+                       for start, stop, replay in Replay(TOKENIZER, chunk=chunk).inputs(ids, None)]
+    finally:
+        model.set_attn_implementation(attn)
+    for start, stop, replay, probs in replays:
+        assert len(probs) == model.config.num_hidden_layers
         r = replay.shape[1]
         chosen = torch.zeros(T + r, dtype=torch.bool)
         chosen[:SINKS] = True
@@ -34,15 +42,19 @@ def naive_chunked_scores(model, ids, chunk):
         chosen[T:] = True
         per_layer = []
         for p in probs:
+            if p.shape[-1] != T + r:  # a sliding-window layer (its window's keys only): never scored
+                per_layer.append(None)
+                continue
             p = p.float() * chosen
             p = p / p.sum(-1, keepdim=True)
             b, hq = p.shape[:2]
             per_layer.append(p.view(b, kv, hq // kv, r, T + r)[..., :T].amax(dim=(2, 3)))
-        scores = per_layer if scores is None else [torch.maximum(a, c) for a, c in zip(scores, per_layer)]
+        scores = per_layer if scores is None else [None if a is None else torch.maximum(a, c)
+                                                   for a, c in zip(scores, per_layer)]
     return scores
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen3", "gemma3"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_chunked_replay_scores_equal_their_definition_and_the_replay_never_stays(family, attn):
     model = tiny_model(family, attn)
@@ -53,10 +65,16 @@ def test_chunked_replay_scores_equal_their_definition_and_the_replay_never_stays
         model(ids, past_key_values=cache, use_cache=True)
     h2o.restore(model)
     expect = naive_chunked_scores(model, ids, CHUNK)
+    compared = 0
     for layer, want in zip(cache.layers, expect):
+        if not isinstance(layer, h2o.CompressedLayer):  # a hybrid model's sliding-window layer: the replay left no trace
+            assert layer.cumulative_length == T and layer.keys.shape[-2] == min(T, layer.sliding_window - 1)
+            continue
+        compared += 1
         assert layer.seen == T and layer.length == T  # the replays' tokens are gone
         assert torch.equal(layer.times[0, 0], torch.arange(T))
         torch.testing.assert_close(layer.scores, want, rtol=1e-4, atol=1e-5)
+    assert compared == len(h2o.models.compressed_layers(model.config))
     assert not cache.held and not cache.replaying
 
 

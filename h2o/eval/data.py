@@ -138,6 +138,14 @@ def load_text_file(path: str | Path) -> tuple[str, str]:
     return text, f"file:{path.resolve()}"
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself starts a text with its BOS token (Gemma's does; SmolLM2's does not)."""
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
 def tokenize(tokenizer, text: str, n_tokens: int | None = None, add_bos: bool = False) -> torch.Tensor:
     """Token ids [1, n] of `text` (its first n_tokens if given), BOS prepended only if add_bos.
 

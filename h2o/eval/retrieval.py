@@ -145,8 +145,17 @@ def score(case: Case, answer: str) -> float:
 
 
 def case_token_ids(tokenizer, case: Case) -> tuple[list[int], list[int], list[int]]:
-    """(prefix ids, context ids, suffix ids), each part tokenized on its own without added special tokens."""
-    return tuple(_ids(tokenizer, part) for part in (case.prefix, case.context, case.suffix))  # type: ignore
+    """(prefix ids, context ids, suffix ids), each part tokenized on its own without added special tokens; the
+    prefix starts with the BOS token where the tokenizer itself starts every text with it (Gemma)."""
+    prefix, context, suffix = (_ids(tokenizer, part) for part in (case.prefix, case.context, case.suffix))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not prefix or prefix[0] != bos) and _ids_with_specials(tokenizer, "a")[:1] == [bos]:
+        prefix = [bos] + prefix
+    return prefix, context, suffix
+
+
+def _ids_with_specials(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text)["input_ids"])
 
 
 def _ids(tokenizer, text: str) -> list[int]:

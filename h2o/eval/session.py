@@ -53,7 +53,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help='passed to accelerate, e.g. "auto" for multi-GPU models (default: none, the whole model '
                         'on --device)')
     g.add_argument("--data-dir", default=None, help="local corpora (default: $H2O_DATA_DIR, ../shared/data, else the hub)")
-    g.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token to every text")
+    g.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend (--bos) or not (--no-bos) the tokenizer's BOS token to every text; default: as the "
+                        "tokenizer itself does (Gemma: yes, SmolLM2: no)")
     g = p.add_argument_group("cache")
     g.add_argument("--positions", default="original", choices=["original", "reindex"],
                    help="original: every kept key keeps its absolute position (stay within the model's trained "
@@ -121,9 +123,11 @@ class Session:
             local = getattr(a, "ray", None) is None
         if not local:
             self.tokenizer = checkpoints.load_tokenizer(a.model)
+            self._resolve_bos()
             self.info = next(iter(self._units_executor().infos.values()))["model"]
             return None, self.tokenizer
         self.model, self.tokenizer = checkpoints.load_model(a.model, a.device, a.dtype, attn or a.attn, a.device_map)
+        self._resolve_bos()
         self.info = checkpoints.describe(self.model)
         from . import runners
 
@@ -136,6 +140,11 @@ class Session:
         runners.provide_head_scores(model, head_scores)
         runners.provide_tokenizer(model, tokenizer)
         return self.model, self.tokenizer
+
+    def _resolve_bos(self) -> None:
+        """--bos unset: what the tokenizer does by itself (a random-weight model's random ids: no BOS)."""
+        if getattr(self.args, "bos", False) is None:
+            self.args.bos = data.adds_bos(self.tokenizer)
 
     @property
     def device(self) -> torch.device:

@@ -13,6 +13,7 @@ also read); a cached file is reused only when its inputs equal this run's. --rec
 
 from __future__ import annotations
 
+from h2o.models import compressed_layers
 from h2o.models import kv_heads as h2o_kv_heads
 
 from .. import data, report
@@ -66,7 +67,7 @@ def run(session, plan) -> int:
     options = {"seed": args.seed, "random_tokens": args.random_tokens, "repeats": args.repeats,
                "cases": args.cases, "context_tokens": args.context_tokens, "ablation_cases": args.ablation_cases}
     retrieval = tokenizer is not None and args.cases > 0
-    layers_heads = model.config.num_hidden_layers * h2o_kv_heads(model.config)
+    layers_heads = len(compressed_layers(model.config)) * h2o_kv_heads(model.config)
     ablated = args.ablation_cases * layers_heads if retrieval else 0
     bar = session.progress(total=args.repeats + (args.cases if retrieval else 0) + ablated, desc="head scores")
     try:
@@ -77,10 +78,11 @@ def run(session, plan) -> int:
     method = scores.method
     names = list(scores.scores)
     layers, heads = scores.shape
+    model_layer = method.get("layers") or list(range(layers))  # a hybrid model's tables: its compressed layers
     ranks = {name: {(l, h): i + 1 for i, (l, h, _) in enumerate(scores.ranked(name))} for name in names}
-    rows = [{"layer": l, "kv_head": h, **{name: float(scores[name][l, h]) for name in names},
+    rows = [{"layer": model_layer[l], "kv_head": h, **{name: float(scores[name][l, h]) for name in names},
              **{f"{name}_rank": ranks[name][l, h] for name in names}} for l in range(layers) for h in range(heads)]
-    by_head = {(r["layer"], r["kv_head"]): r for r in rows}
+    by_head = {(l, h): rows[l * heads + h] for l in range(layers) for h in range(heads)}
     tables, top = [], {}
     for name in names:
         best = [{"rank": i + 1, **by_head[l, h]} for i, (l, h) in enumerate(scores.top(name, args.top))]
@@ -89,7 +91,9 @@ def run(session, plan) -> int:
 
     group = method.get("query_heads_per_kv_head")
     notes = [f"model {info['name']} ({info['family']}, {info['dtype']}, {info['device']}), {layers} layers x "
-             f"{heads} KV heads ({group} query heads each; a KV head's score is the max over them)",
+             f"{heads} KV heads ({group} query heads each; a KV head's score is the max over them)"
+             + (f"; only its full-attention layers {model_layer} are scored (its sliding-window layers are never "
+                "compressed)" if len(model_layer) < info["layers"] else ""),
              (f"cached scores reused from {path} (same inputs; --recompute to redo)" if reused else
               f"computed in {method.get('seconds', float('nan')):.0f} s and cached at {path}"),
              f"induction / echo: the attention of the second copy's queries on the token after / at their token's "
@@ -133,7 +137,7 @@ def plot(scores, model_name: str):
         ax.set_xlabel("KV head")
         ax.set_ylabel("layer")
         ax.set_xticks(range(heads))
-        ax.set_yticks(range(layers))
+        ax.set_yticks(range(layers), [str(i) for i in scores.method.get("layers") or range(layers)])
         ax.tick_params(labelsize=7)
         if annotate:
             for l in range(layers):
