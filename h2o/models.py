@@ -122,7 +122,6 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 0:
         raise ValueError(f"buffer must be an int >= 0, got {buffer!r}")
-    check_model(model)
     windows = layer_windows(model.config)
     if positions == "reindex" and any(windows) and policy.evicts:
         raise ValueError(
@@ -131,6 +130,7 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
             "layers' slots, which the sliding-window layers' keys do not share (Gemma also rotates the two kinds "
             "with different RoPE bases). Use positions='original'")
     rope = rotary_embedding(model) if positions == "reindex" else None
+    check_model(model)
     # built first: a bad allocation (head scores missing or of another model) is refused before the model is touched
     if not isinstance(static, bool):
         raise TypeError(f"static must be a bool, got {static!r}")

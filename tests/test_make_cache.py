@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import h2o
 from tiny import tiny_model, token_ids
@@ -84,13 +84,6 @@ def test_unsupported_model_family():
 def test_reindex_needs_rotary_embeddings():
     with pytest.raises(ValueError, match="needs a model with rotary position embeddings; 'gpt2' has none"):
         h2o.make_cache(_gpt2(), "streaming_4_60", positions="reindex")
-
-
-def test_sliding_window_models_are_refused():
-    config = MistralConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=1, intermediate_size=64, sliding_window=16)
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        h2o.make_cache(MistralForCausalLM(config).eval(), "h2o_4_8_32")
 
 
 def test_attention_without_scores_is_refused():

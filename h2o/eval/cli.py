@@ -189,6 +189,11 @@ def main(argv=None) -> int:
             raise ValueError(f"--buffer must be >= 0, got {args.buffer}")
         if hasattr(args, "model"):  # a bad name, or a hub id while offline: refused before any work
             checkpoints.check_name(args.model)
+            if getattr(args, "positions", "original") == "reindex" and not args.model.startswith("random:"):
+                from h2o.models import layer_windows
+                if any(layer_windows(checkpoints.load_config(args.model))):
+                    raise ValueError(f"--positions reindex: {args.model} has sliding-window layers, which the model "
+                                     "rotates at the same positions as its compressed layers; use --positions original")
         plan = module.check(args)
         if hasattr(args, "resume"):  # commands whose work is units (h2o.eval.units): --ray, --workers, --resume
             from . import units

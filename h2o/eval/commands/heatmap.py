@@ -19,7 +19,7 @@ from ..memory import MEMORY_SHARE
 
 NAME = "heatmap"
 HELP = "attention heatmaps (log scale) of chosen layers over a short text: sinks and heavy hitters"
-COLUMNS = {"layer": "Layer", "sink_share": "Sink share", "uniform_sink_share": "Uniform sink share",
+COLUMNS = {"layer": "Layer", "kind": "Kind", "sink_share": "Sink share", "uniform_sink_share": "Uniform sink share",
            "heavy_share": "Heavy-hitter share", "uniform_heavy_share": "Uniform HH share",
            "heavy_hitters": "Heavy hitters"}
 
@@ -73,6 +73,9 @@ def run(session, plan) -> int:
 
     # uniform causal attention: query q gives 1/(q+1) to each of keys 0..q
     uniform = (torch.ones(t, t).tril() / torch.arange(1, t + 1).unsqueeze(1)).sum(0)
+    from h2o.models import layer_windows
+
+    windows = layer_windows(model.config)
     rows, per_layer = [], {}
     for layer in layers:
         probs = attentions[layer][0].float().cpu()  # [heads, q, k]
@@ -82,6 +85,8 @@ def run(session, plan) -> int:
         rest[: args.sinks] = -torch.inf
         heavy = rest.topk(args.top_k).indices.sort().values
         row = {"layer": layer,
+               # a sliding-window layer the model bounds itself (never compressed), or a full-attention one
+               "kind": f"sliding {windows[layer]}" if windows[layer] else "full",
                "sink_share": (received[: args.sinks].sum() / t).item(),
                "uniform_sink_share": (uniform[: args.sinks].sum() / t).item(),
                "heavy_share": (received[heavy].sum() / t).item(),

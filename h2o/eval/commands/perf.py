@@ -99,6 +99,13 @@ def check(args) -> dict:
     if args.compile and args.positions != "original":
         raise ValueError("--compile times the static (compile-friendly) layout, which keeps original positions: "
                          "leave --positions at original")
+    if args.compile:
+        from h2o.models import layer_windows
+
+        from .. import checkpoints
+        if any(layer_windows(checkpoints.load_config(args.model))):
+            raise ValueError(f"--compile times the static (compile-friendly) layout, which holds every layer alike; "
+                             f"{args.model} has sliding-window layers: leave out --compile")
     if (args.compile_mode or args.compile_backend != "inductor") and not args.compile:
         raise ValueError("--compile-mode and --compile-backend apply with --compile")
     needed = max(args.prompt, args.prefill, max(args.kv_lengths))
