@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 
-from .. import answers, data, report, retrieval, units
+import torch
+
+from .. import answers, checkpoints, data, report, retrieval, units
 from ..session import unique_policies
 from ..ppl import check_eviction_in_force, text_losses
 from ..runners import canonical, describe, is_press, ppl_comparable
@@ -63,10 +65,32 @@ def add_arguments(p) -> None:
     units.add_arguments(p)
 
 
+def _fits(policy: str, model: str) -> bool:
+    """Whether a default policy's head and layer budgets can be formed on the model's compressed KV heads (Gemma 3
+    270M has 3: a tenth of them at 4x the budget leaves the others nothing); if not it is left out, and said so."""
+    from h2o.policies.allocation import Allocated
+
+    from h2o.models import compressed_layers, kv_heads
+    from h2o.policies import parse
+
+    rule = parse(policy)
+    if not isinstance(rule, Allocated):
+        return True
+    config = checkpoints.load_config(model)
+    shape = (len(compressed_layers(config)), kv_heads(config))
+    try:
+        rule.plan(*shape, {name: torch.ones(shape) for name in ("retrieval", "induction", "ablation")})
+    except ValueError as e:
+        print(f"note: the default {policy} is left out on {model}: {e}")
+        return False
+    return True
+
+
 def check(args) -> dict:
     if args.policies is DEFAULT_POLICIES:  # not given: on a random-weight model, induction heads for retrieval heads
         args.policies = [RANDOM_MODEL_ALLOCATION if p.startswith("retrieval_") and args.model.startswith("random:")
                          else p for p in DEFAULT_POLICIES]
+        args.policies = [p for p in args.policies if _fits(p, args.model)]
     names = ["full"] + [p for p in args.policies if p != "full"]
     policies = unique_policies(names, canonical(names, args.score))
     if any(is_press(p) for p in policies) and args.positions != "original":
