@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import h2o
 from h2o.cache import CompressedLayer
-from h2o.eval.ppl import PPLResult, ValidityError, check_eviction_in_force, token_losses
+from h2o.eval.ppl import PPLResult, ValidityError, check_bound, check_eviction_in_force, token_losses
 from tiny import tiny_model, token_ids
 
 
@@ -115,3 +115,21 @@ def test_embedded_model_generates_text_after_eviction(smollm2):
         assert len(new) == 24 and len(set(new.tolist())) > 5, tokenizer.decode(new)  # no immediate EOS or loop
         assert max(cache.kept_lengths()) <= 128 + 8
     h2o.restore(model)
+
+
+def test_the_bound_check_holds_each_head_to_its_own_budget_under_a_shared_one():
+    """Under one budget across layers a head may keep more than the uniform rule's budget + buffer (stress checks the
+    cache after every forward): what is held to account is each head's own bound."""
+    from h2o.eval.ppl import ValidityError, check_bound
+
+    model = tiny_model("llama")
+    cache = h2o.make_cache(model, "global+h2o_2_4_12", buffer=1)
+    with torch.no_grad():
+        for t in range(0, 48, 8):
+            model(token_ids(48)[:, t:t + 8], past_key_values=cache, use_cache=True)
+    h2o.restore(model)
+    kept = check_bound(cache, 12 + 1, "global+h2o_2_4_12")
+    assert kept > 12 + 1  # above the uniform rule's bound, within its own
+    cache.head_bounds = lambda: [[1] * len(lengths) for lengths in cache.head_lengths()]
+    with pytest.raises(ValidityError, match="above its budget"):
+        check_bound(cache, 13, "global+h2o_2_4_12")

@@ -137,9 +137,19 @@ def next_token_losses(logits: torch.Tensor, ids: torch.Tensor, start: int, stop:
 
 
 def check_bound(cache, bound: int | None, policy: str) -> int:
-    """The longest layer's kept length; a `ValidityError` if it is above budget + buffer."""
+    """The longest layer's kept length; a `ValidityError` if any KV head holds more than its own bound (its budget +
+    buffer: under head and layer budgets each head's own, which may exceed the uniform rule's), or, for a cache that
+    reports no head bounds, if a layer holds more than `bound`."""
     kept = max(cache.kept_lengths())
-    if bound is not None and kept > bound:
+    if bound is None:
+        return kept
+    if hasattr(cache, "head_bounds"):
+        for layer, (lengths, bounds) in enumerate(zip(cache.head_lengths(), cache.head_bounds())):
+            for head, (n, most) in enumerate(zip(lengths, bounds)):
+                if most is not None and n > most:
+                    raise ValidityError(f"{policy}: compressed layer {layer} KV head {head} holds {n} tokens, above "
+                                        f"its budget + buffer = {most}")
+    elif kept > bound:
         raise ValidityError(f"{policy}: a layer holds {kept} tokens, above budget + buffer = {bound}")
     return kept
 

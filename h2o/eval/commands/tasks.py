@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import statistics
 
+from h2o.models import layer_windows
 from h2o.policies import families
 
-from .. import data, report, retrieval, units
+from .. import checkpoints, data, report, retrieval, units
 from ..answers import POOLED, PROTOCOLS, check_budgets, check_context, compare, run_cases, summarize, variants
 from ..runners import describe, is_press
 
@@ -139,8 +140,13 @@ def run(session, plan) -> int:
              *notes]
     if any(is_press(v.label) and describe(v.label).adakv for v in variant_list):
         notes.append("kvpress:adakv:<press> is kvpress's AdaKVPress: it keeps every prompt token and masks each KV "
-                     "head's evicted ones in attention (head budgets simulated), so its KV MiB is the full cache's; "
-                     "its Budget is the average kept per head")
+                     "head's evicted ones in attention (head budgets simulated), so its KV MiB is that of every prompt "
+                     "token in every layer (the full cache's; on a model with sliding-window layers more, since "
+                     "kvpress's cache does not bound them); its Budget is the average kept per head")
+    if any(is_press(v.label) for v in variant_list) and any(layer_windows(checkpoints.load_config(args.model))):
+        notes.append("kvpress on a model with sliding-window layers: its presses compress every layer at the same "
+                     "share, the sliding-window ones included, in a cache without the model's window bound; h2o's "
+                     "policies compress the full-attention layers only and keep the model's own window layers")
     session.write_csv("tasks.csv", summary)
     session.write_csv("tasks_cases.csv", rows)
     session.write_csv("tasks_paired.csv", paired)
