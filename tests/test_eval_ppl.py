@@ -120,8 +120,6 @@ def test_embedded_model_generates_text_after_eviction(smollm2):
 def test_the_bound_check_holds_each_head_to_its_own_budget_under_a_shared_one():
     """Under one budget across layers a head may keep more than the uniform rule's budget + buffer (stress checks the
     cache after every forward): what is held to account is each head's own bound."""
-    from h2o.eval.ppl import ValidityError, check_bound
-
     model = tiny_model("llama")
     cache = h2o.make_cache(model, "global+h2o_2_4_12", buffer=1)
     with torch.no_grad():
