@@ -194,6 +194,9 @@ def main(argv=None) -> int:
                 if any(layer_windows(checkpoints.load_config(args.model))):
                     raise ValueError(f"--positions reindex: {args.model} has sliding-window layers, which the model "
                                      "rotates at the same positions as its compressed layers; use --positions original")
+        if getattr(args, "bos", False) is None:  # --bos unset: as the model's tokenizer does (before --resume compares)
+            from . import data
+            args.bos = data.adds_bos(checkpoints.load_tokenizer(args.model))
         plan = module.check(args)
         if hasattr(args, "resume"):  # commands whose work is units (h2o.eval.units): --ray, --workers, --resume
             from . import units
