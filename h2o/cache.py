@@ -37,18 +37,12 @@ class CompressedCache(Cache):
         windows = [None] * num_layers if windows is None else list(windows)
         if len(windows) != num_layers:
             raise ValueError(f"windows names {len(windows)} layers, the cache has {num_layers}")
+        check_windows(policy, windows, positions, static)
         compressed = [i for i, w in enumerate(windows) if w is None]
-        if not compressed:
-            raise ValueError("every layer is a sliding-window layer: nothing for a policy to compress")
-        if any(windows) and reindex and policy.evicts:
-            raise ValueError("positions='reindex' with sliding-window layers: use positions='original'")
         if head_scores is not None:  # checked whichever policy: malformed scores are an error, never ignored
             head_scores = head_tables(head_scores)
         if static:  # the compile-friendly layout (h2o.static)
             check_static(policy, positions)
-            if any(windows):
-                raise ValueError(f"{policy.name}: the static (compile-friendly) cache holds every layer in one fixed "
-                                 "layout; a model with sliding-window layers needs static=False")
             from .static import StaticLayer
 
             made = [StaticLayer(policy, buffer) for _ in compressed]
@@ -212,6 +206,22 @@ class CompressedCache(Cache):
                            if isinstance(t, torch.Tensor)]
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
+
+
+def check_windows(policy, windows: list[int | None], positions: str, static: bool) -> None:
+    """What a cache with sliding-window layers (`windows`: per layer, its window or None) cannot serve."""
+    n = sum(map(bool, windows))
+    if n == len(windows):
+        raise ValueError("every layer is a sliding-window layer: nothing for a policy to compress")
+    if n and positions == "reindex" and policy.evicts:
+        raise ValueError(
+            f"positions='reindex' on a model with sliding-window layers ({n} of {len(windows)}): the model rotates "
+            "every layer at the same position ids, and reindex would set them to the compressed layers' slots, which "
+            "the sliding-window layers' keys do not share (Gemma also rotates the two kinds with different RoPE "
+            "bases). Use positions='original'")
+    if n and static:
+        raise ValueError(f"{policy.name}: the static (compile-friendly) cache holds every layer in one fixed layout; "
+                         "a model with sliding-window layers needs static=False")
 
 
 def check_static(policy, positions: str) -> None:

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from . import attention
-from .cache import CompressedCache
+from .cache import CompressedCache, check_windows
 from .replay import Replay
 from .policies import Policy, parse
 
@@ -123,12 +123,8 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 0:
         raise ValueError(f"buffer must be an int >= 0, got {buffer!r}")
     windows = layer_windows(model.config)
-    if positions == "reindex" and any(windows) and policy.evicts:
-        raise ValueError(
-            f"positions='reindex' on a model with sliding-window layers ({sum(map(bool, windows))} of {len(windows)}): "
-            "the model rotates every layer at the same position ids, and reindex would set them to the compressed "
-            "layers' slots, which the sliding-window layers' keys do not share (Gemma also rotates the two kinds "
-            "with different RoPE bases). Use positions='original'")
+    if any(windows) and not all(windows):  # refused before RoPE is read (reindex); all-sliding: check_model says it
+        check_windows(policy, windows, positions, static is True)
     rope = rotary_embedding(model) if positions == "reindex" else None
     check_model(model)
     # built first: a bad allocation (head scores missing or of another model) is refused before the model is touched

@@ -140,7 +140,7 @@ def load_text_file(path: str | Path) -> tuple[str, str]:
 
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer itself starts a text with its BOS token (Gemma's does; SmolLM2's does not)."""
-    if tokenizer is None or tokenizer.bos_token_id is None:
+    if getattr(tokenizer, "bos_token_id", None) is None:  # no tokenizer, or one without a BOS token
         return False
     ids = tokenizer("a")["input_ids"]
     return bool(ids) and ids[0] == tokenizer.bos_token_id

@@ -72,6 +72,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from .data import adds_bos
+
 TASKS = ("passkey", "niah_multikey", "niah_multivalue", "kv_retrieval", "variable_tracking")
 OPTIONS = {"passkey": {}, "niah_multikey": {"num_keys": 4}, "niah_multivalue": {"num_values": 4},
            "kv_retrieval": {}, "variable_tracking": {"num_hops": 4}}
@@ -148,14 +150,9 @@ def case_token_ids(tokenizer, case: Case) -> tuple[list[int], list[int], list[in
     """(prefix ids, context ids, suffix ids), each part tokenized on its own without added special tokens; the
     prefix starts with the BOS token where the tokenizer itself starts every text with it (Gemma)."""
     prefix, context, suffix = (_ids(tokenizer, part) for part in (case.prefix, case.context, case.suffix))
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and (not prefix or prefix[0] != bos) and _ids_with_specials(tokenizer, "a")[:1] == [bos]:
-        prefix = [bos] + prefix
+    if adds_bos(tokenizer) and prefix[:1] != [tokenizer.bos_token_id]:
+        prefix = [tokenizer.bos_token_id] + prefix
     return prefix, context, suffix
-
-
-def _ids_with_specials(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text)["input_ids"])
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -123,11 +123,9 @@ class Session:
             local = getattr(a, "ray", None) is None
         if not local:
             self.tokenizer = checkpoints.load_tokenizer(a.model)
-            self._resolve_bos()
             self.info = next(iter(self._units_executor().infos.values()))["model"]
             return None, self.tokenizer
         self.model, self.tokenizer = checkpoints.load_model(a.model, a.device, a.dtype, attn or a.attn, a.device_map)
-        self._resolve_bos()
         self.info = checkpoints.describe(self.model)
         from . import runners
 
@@ -140,11 +138,6 @@ class Session:
         runners.provide_head_scores(model, head_scores)
         runners.provide_tokenizer(model, tokenizer)
         return self.model, self.tokenizer
-
-    def _resolve_bos(self) -> None:
-        """--bos unset: what the tokenizer does by itself (a random-weight model's random ids: no BOS)."""
-        if getattr(self.args, "bos", False) is None:
-            self.args.bos = data.adds_bos(self.tokenizer)
 
     @property
     def device(self) -> torch.device:

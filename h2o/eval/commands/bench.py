@@ -65,32 +65,33 @@ def add_arguments(p) -> None:
     units.add_arguments(p)
 
 
-def _fits(policy: str, model: str) -> bool:
-    """Whether a default policy's head and layer budgets can be formed on the model's compressed KV heads (Gemma 3
-    270M has 3: a tenth of them at 4x the budget leaves the others nothing); if not it is left out, and said so."""
-    from h2o.policies.allocation import Allocated
-
+def _formable(policies: list[str], model: str) -> list[str]:
+    """The default policies whose head and layer budgets can be formed on the model's compressed KV heads (Gemma 3
+    270M has 3: a tenth of them at 4x the budget leaves the others nothing); any other is left out, and said so."""
     from h2o.models import compressed_layers, kv_heads
     from h2o.policies import parse
+    from h2o.policies.allocation import Allocated
 
-    rule = parse(policy)
-    if not isinstance(rule, Allocated):
-        return True
+    allocated = {p: parse(p) for p in policies if isinstance(parse(p), Allocated)}
+    if not allocated:
+        return policies
     config = checkpoints.load_config(model)
     shape = (len(compressed_layers(config)), kv_heads(config))
-    try:
-        rule.plan(*shape, {name: torch.ones(shape) for name in ("retrieval", "induction", "ablation")})
-    except ValueError as e:
-        print(f"note: the default {policy} is left out on {model}: {e}")
-        return False
-    return True
+    left_out = set()
+    for name, rule in allocated.items():
+        try:
+            rule.plan(*shape, {score: torch.ones(shape) for score in ("retrieval", "induction", "ablation")})
+        except ValueError as e:
+            print(f"note: the default {name} is left out on {model}: {e}")
+            left_out.add(name)
+    return [p for p in policies if p not in left_out]
 
 
 def check(args) -> dict:
     if args.policies is DEFAULT_POLICIES:  # not given: on a random-weight model, induction heads for retrieval heads
         args.policies = [RANDOM_MODEL_ALLOCATION if p.startswith("retrieval_") and args.model.startswith("random:")
                          else p for p in DEFAULT_POLICIES]
-        args.policies = [p for p in args.policies if _fits(p, args.model)]
+        args.policies = _formable(args.policies, args.model)
     names = ["full"] + [p for p in args.policies if p != "full"]
     policies = unique_policies(names, canonical(names, args.score))
     if any(is_press(p) for p in policies) and args.positions != "original":
