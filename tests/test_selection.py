@@ -112,12 +112,42 @@ def test_choose_reads_the_commands_outputs_and_writes_its_table(tmp_path, capsys
     assert protocols == {"question-aware", "streaming"}
 
 
+def test_choose_over_two_models_takes_one_rule_never_below_on_either(tmp_path, capsys):
+    """Alone, model one picks a (below nowhere; b is below on its t2). On model two a is below on t1 and t2, b on
+    neither: together no candidate is below nowhere, and the fallback takes b (1 cell below against 2): every
+    model's cells enter one criterion, each named by its model."""
+    other = [dict(r) for r in SWEEP]
+    for r in other:
+        if r["text"] == "t1" and r["family"] == "a":
+            r.update(ppl=13.0, gap_closed=-0.5, gap_high=0.2, gap_interval="[-1.0, 0.2]")
+        if r["text"] == "t2":
+            r.update(ppl={"a": 10.05, "b": 10.0}.get(r["family"], r["ppl"]))
+    out = tmp_path / "out"
+    argv = ["choose", "--sweep", write(tmp_path / "s1", "sweep", ppl_rows=SWEEP),
+            write(tmp_path / "s2", "sweep", model="gemma3-270m", ppl_rows=other),
+            "--tasks", write(tmp_path / "q1", "tasks", protocol="question-aware", summary=SUMMARY, paired=[]),
+            write(tmp_path / "q2", "tasks", model="gemma3-270m", protocol="question-aware", summary=SUMMARY, paired=[]),
+            "--tuning-texts", "t1", "t2", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    record = json.loads((out / "choose.json").read_text())
+    assert record["chosen"] == "b" and "models smollm2-135m, gemma3-270m" in text
+    rows = {r["candidate"]: r for r in record["candidates"]}
+    assert (rows["a"]["below"], rows["b"]["below"]) == (2, 1) and rows["a"]["tuning_cells"] == 2 * (2 + 2)
+    assert rows["a"]["worst_gap"] == -0.5 and rows["b"]["worst_gap"] == 0.75
+    assert "no candidate met the criterion" in text
+    assert {c["model"] for c in record["cells"]} == {"smollm2-135m", "gemma3-270m"}
+    assert "gemma3-270m: t1 @ 128" in {c["where"] for c in record["cells"] if c["candidate"] == "a" and c["below"]}
+
+
 @pytest.mark.parametrize("case, message", [
     ("other model", "different models"),
     ("unknown text", "--tuning-texts nope: not a text"),
     ("no reference", "the reference 'streaming' was not measured"),
     ("missing candidate", "candidate 'b' was not measured in"),
     ("wrong command", "written by `h2o sweep`, not `h2o tasks`"),
+    ("two sweeps of one model", "two sweeps measured smollm2-135m: give one sweep per model"),
+    ("a model without tasks", "no --tasks run measured gemma3-270m"),
 ])
 def test_choose_refuses_inputs_that_cannot_be_compared(case, message, tmp_path, capsys):
     sweep = write(tmp_path / "sweep", "sweep", ppl_rows=SWEEP)
@@ -128,7 +158,12 @@ def test_choose_refuses_inputs_that_cannot_be_compared(case, message, tmp_path, 
         summary = [r for r in SUMMARY if r["policy"] != "b"]
     qa = write(tmp_path / "qa", "tasks", model="other" if case == "other model" else "smollm2-135m",
                protocol="question-aware", summary=summary, paired=[])
-    argv = ["choose", "--sweep", sweep, "--tasks", sweep + "/sweep.json" if case == "wrong command" else qa,
+    sweeps = [sweep]
+    if case == "two sweeps of one model":
+        sweeps.append(write(tmp_path / "sweep2", "sweep", ppl_rows=SWEEP))
+    if case == "a model without tasks":
+        sweeps.append(write(tmp_path / "sweep2", "sweep", model="gemma3-270m", ppl_rows=SWEEP))
+    argv = ["choose", "--sweep", *sweeps, "--tasks", sweep + "/sweep.json" if case == "wrong command" else qa,
             "--tuning-texts", "nope" if case == "unknown text" else "t1", "--out", str(tmp_path / "out")]
     if case == "missing candidate":
         argv += ["--candidates", "a", "b"]

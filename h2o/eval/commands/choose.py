@@ -1,12 +1,16 @@
 """`h2o choose`: the joint criterion (`h2o.eval.selection`) over measured perplexity and retrieval runs.
 
-It runs no model: it reads one `h2o sweep --parts ppl --texts ...` run (sweep.json) and `h2o tasks` runs (tasks.json,
-one per protocol; tuning cases, and apart held-out ones), checks that they measured one model and the same
-candidates beside the reference, and prints every candidate's cells below the reference, its worst-case gap closed
-and its pooled kept shares with their intervals, ranked by the criterion:
+It runs no model: it reads `h2o sweep --parts ppl --texts ...` runs (sweep.json) and `h2o tasks` runs (tasks.json,
+one per protocol; tuning cases, and apart held-out ones), checks that they measured the same candidates beside the
+reference, and prints every candidate's cells below the reference, its worst-case gap closed and its pooled kept
+shares with their intervals, ranked by the criterion:
 
     h2o choose --sweep results/sweep/sweep.json --tasks results/qa/tasks.json results/st/tasks.json \\
         --held-out-tasks results/qa-held/tasks.json --tuning-texts wikitext pg19:10146 pg19:10321 code:argparse
+
+Several models at once: one sweep per model and each model's tasks runs (every input says which model it
+measured); the cells of every model enter one criterion, so the rule chosen is below the reference on no model's
+tuning cell, and its worst-case gap is the worst over every model's tuning texts.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ CELL_COLUMNS = {"candidate": "Candidate", "split": "Split", "where": "Where", "s
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--sweep", required=True, metavar="SWEEP_JSON",
-                   help="sweep.json of `h2o sweep --parts ppl --texts ...` (or its output directory)")
+    p.add_argument("--sweep", nargs="+", required=True, metavar="SWEEP_JSON",
+                   help="sweep.json of `h2o sweep --parts ppl --texts ...` (or its output directory); one per model "
+                        "to choose for several models at once")
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASKS_JSON",
-                   help="tasks.json of `h2o tasks` runs on the tuning cases, one per protocol (or their directories)")
+                   help="tasks.json of `h2o tasks` runs on the tuning cases, one per protocol and model (or their "
+                        "directories)")
     p.add_argument("--held-out-tasks", nargs="+", default=[], metavar="TASKS_JSON",
                    help="tasks.json of runs on held-out cases: reported, never used to choose")
     p.add_argument("--tuning-texts", nargs="+", required=True, metavar="TEXT",
@@ -57,26 +63,39 @@ def _load(path: str, command: str) -> dict:
     return {**record, "path": str(p)}
 
 
+def _model(record: dict) -> str:
+    return (record.get("model") or {}).get("name") or "?"
+
+
 def check(args) -> dict:
-    sweep = _load(args.sweep, "sweep")
-    if not sweep.get("ppl_rows"):
-        raise ValueError(f"{sweep['path']}: no perplexity rows (run `h2o sweep --parts ppl --texts ...`)")
+    sweeps = [_load(path, "sweep") for path in args.sweep]
+    for sweep in sweeps:
+        if not sweep.get("ppl_rows"):
+            raise ValueError(f"{sweep['path']}: no perplexity rows (run `h2o sweep --parts ppl --texts ...`)")
     tuning = [_load(path, "tasks") for path in args.tasks]
     held = [_load(path, "tasks") for path in args.held_out_tasks]
-    models = {r["path"]: (r.get("model") or {}).get("name") for r in [sweep, *tuning, *held]}
-    if len(set(models.values())) > 1:
-        raise ValueError("the inputs measured different models: "
-                         + "; ".join(f"{path}: {name}" for path, name in models.items()))
-    texts = list(dict.fromkeys(r["text"] for r in sweep["ppl_rows"]))
-    unknown = [t for t in args.tuning_texts if t not in texts]
-    if unknown:
-        raise ValueError(f"--tuning-texts {unknown[0]}: not a text of {sweep['path']} ({', '.join(texts)})")
-    measured = {sweep["path"]: {r["family"] for r in sweep["ppl_rows"]},
+    models = [_model(s) for s in sweeps]
+    if len(set(models)) < len(models):
+        twice = next(m for m in models if models.count(m) > 1)
+        raise ValueError(f"two sweeps measured {twice}: give one sweep per model")
+    for t in tuning + held:
+        if _model(t) not in models:
+            raise ValueError(f"{t['path']} measured {_model(t)}, and no --sweep did (the sweeps measured "
+                             f"{', '.join(models)}): the inputs measured different models")
+    for m in models:
+        if not any(_model(t) == m for t in tuning):
+            raise ValueError(f"no --tasks run measured {m}: every model needs its tuning tasks runs")
+    for sweep in sweeps:
+        texts = list(dict.fromkeys(r["text"] for r in sweep["ppl_rows"]))
+        unknown = [t for t in args.tuning_texts if t not in texts]
+        if unknown:
+            raise ValueError(f"--tuning-texts {unknown[0]}: not a text of {sweep['path']} ({', '.join(texts)})")
+    measured = {**{s["path"]: {r["family"] for r in s["ppl_rows"]} for s in sweeps},
                 **{t["path"]: {r["policy"] for r in t["summary"]} for t in tuning + held}}
     for path, names in measured.items():
         if args.reference not in names:
             raise ValueError(f"{path}: the reference {args.reference!r} was not measured there")
-    common = [c for c in dict.fromkeys(r["family"] for r in sweep["ppl_rows"])
+    common = [c for c in dict.fromkeys(r["family"] for s in sweeps for r in s["ppl_rows"])
               if c not in (args.reference, "full") and all(c in names for names in measured.values())]
     candidates = args.candidates or common
     for c in candidates:
@@ -85,27 +104,42 @@ def check(args) -> dict:
             raise ValueError(f"candidate {c!r} was not measured in {missing[0]}: every candidate needs every input")
     if not candidates:
         raise ValueError("no candidate was measured in every input beside the reference")
-    return {"sweep": sweep, "tuning": tuning, "held": held, "candidates": candidates, "model": next(iter(models.values()))}
+    return {"sweeps": sweeps, "tuning": tuning, "held": held, "candidates": candidates, "models": models}
+
+
+def _labelled(cells: list[dict], model: str, several: bool) -> list[dict]:
+    """The cells of one model's input, each saying which model it measured (in `where` too, when several)."""
+    return [{**c, "model": model, "where": f"{model}: {c['where']}" if several else c["where"]} for c in cells]
 
 
 def run(session, plan) -> int:
     args = session.args
     candidates, reference = plan["candidates"], args.reference
-    cells = selection.ppl_cells(plan["sweep"]["ppl_rows"], candidates, reference, set(args.tuning_texts))
+    several = len(plan["models"]) > 1
+    cells = []
+    for sweep in plan["sweeps"]:
+        cells += _labelled(selection.ppl_cells(sweep["ppl_rows"], candidates, reference, set(args.tuning_texts)),
+                           _model(sweep), several)
     for split, runs in ((selection.TUNING, plan["tuning"]), (selection.HELD_OUT, plan["held"])):
         for t in runs:
-            cells += selection.task_cells(t["summary"], t["paired"], t["protocol"], split, candidates, reference)
+            cells += _labelled(selection.task_cells(t["summary"], t["paired"], t["protocol"], split, candidates,
+                                                    reference), _model(t), several)
     rows, chosen, notes = selection.choose(cells, candidates)
-    protocols = sorted({t["protocol"] for t in plan["tuning"]})
-    notes = [f"model {plan['model']}; reference {reference}; tuning texts {', '.join(args.tuning_texts)}; tuning "
-             f"tasks in protocol(s) {', '.join(protocols)}; inputs: {plan['sweep']['path']}, "
-             + ", ".join(t["path"] for t in plan["tuning"] + plan["held"]),
+    protocols = {m: sorted({t["protocol"] for t in plan["tuning"] if _model(t) == m}) for m in plan["models"]}
+    notes = [f"model{'s' if several else ''} {', '.join(plan['models'])}; reference {reference}; tuning texts "
+             f"{', '.join(args.tuning_texts)}; tuning tasks in protocol(s) "
+             + "; ".join((f"{m}: " if several else "") + ", ".join(p) for m, p in protocols.items())
+             + "; inputs: " + ", ".join(r["path"] for r in plan["sweeps"] + plan["tuning"] + plan["held"]),
              "a cell: one text at one budget (perplexity), or one task in one protocol, phrasing (each and 'all', "
              "pooled) and budget (kept share of the full cache's solved cases); below: worse than the reference there "
              "(point estimates); surely below: a gap interval wholly under 0, or McNemar p < 0.05 for the reference",
              *notes]
-    if len(protocols) < 2:
-        notes.append(f"the tuning tasks ran in one protocol only ({protocols[0]}): the criterion covers that one")
+    if several:
+        notes.append("one criterion over every model's cells: the worst-case gap is the worst over every model's "
+                     "tuning texts")
+    for m, p in protocols.items():
+        if len(p) < 2:
+            notes.append(f"the tuning tasks of {m} ran in one protocol only ({p[0]}): the criterion covers that one")
     notes.append(f"chosen: {chosen}" if chosen else "chosen: none")
     session.write_csv("choose.csv", rows)
     session.write_csv("choose_cells.csv", cells)
