@@ -208,17 +208,21 @@ class CompressedCache(Cache):
         return total
 
 
+def reindex_refusal(windows: list[int | None]) -> str:
+    """Why positions='reindex' is refused on a model with sliding-window layers (`windows`: per layer)."""
+    return (f"positions='reindex' on a model with sliding-window layers ({sum(map(bool, windows))} of {len(windows)}): "
+            "the model rotates every layer at the same position ids, and reindex would set them to the compressed "
+            "layers' slots, which the sliding-window layers' keys do not share (Gemma also rotates the two kinds with "
+            "different RoPE bases). Use positions='original'")
+
+
 def check_windows(policy, windows: list[int | None], positions: str, static: bool) -> None:
     """What a cache with sliding-window layers (`windows`: per layer, its window or None) cannot serve."""
     n = sum(map(bool, windows))
     if n == len(windows):
         raise ValueError("every layer is a sliding-window layer: nothing for a policy to compress")
     if n and positions == "reindex" and policy.evicts:
-        raise ValueError(
-            f"positions='reindex' on a model with sliding-window layers ({n} of {len(windows)}): the model rotates "
-            "every layer at the same position ids, and reindex would set them to the compressed layers' slots, which "
-            "the sliding-window layers' keys do not share (Gemma also rotates the two kinds with different RoPE "
-            "bases). Use positions='original'")
+        raise ValueError(reindex_refusal(windows))
     if n and static:
         raise ValueError(f"{policy.name}: the static (compile-friendly) cache holds every layer in one fixed layout; "
                          "a model with sliding-window layers needs static=False")

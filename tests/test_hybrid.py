@@ -153,3 +153,18 @@ def test_gemma3_under_transformers_4_is_refused_before_anything_loads(monkeypatc
                  lambda: checkpoints.load_model(checkpoints.GEMMA3)):
         with pytest.raises(checkpoints.ModelUnavailable, match="transformers >= 5"):
             call()
+
+
+def test_the_commands_refuse_reindex_on_a_hybrid_model_before_it_loads(monkeypatch, tmp_path, capsys):
+    """`--positions reindex` on a model with sliding-window layers: the cache's own refusal, said before the model
+    (or its packages) are touched."""
+    from h2o.eval import cli
+    monkeypatch.setattr(checkpoints, "check_name", lambda name: None)
+    monkeypatch.setattr(checkpoints, "load_config", lambda name: tiny_model("gemma3").config)
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    assert cli.main(["stress", "--model", checkpoints.GEMMA3, "--positions", "reindex", "--no-bos",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--positions reindex on gemma3-270m: positions='reindex' on a model with sliding-window layers (2 of 4)" in err
+    assert not out.exists()

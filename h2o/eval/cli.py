@@ -190,10 +190,11 @@ def main(argv=None) -> int:
         if hasattr(args, "model"):  # a bad name, or a hub id while offline: refused before any work
             checkpoints.check_name(args.model)
             if getattr(args, "positions", "original") == "reindex" and not args.model.startswith("random:"):
+                from h2o.cache import reindex_refusal
                 from h2o.models import layer_windows
-                if any(layer_windows(checkpoints.load_config(args.model))):
-                    raise ValueError(f"--positions reindex: {args.model} has sliding-window layers, which the model "
-                                     "rotates at the same positions as its compressed layers; use --positions original")
+                windows = layer_windows(checkpoints.load_config(args.model))
+                if any(windows):
+                    raise ValueError(f"--positions reindex on {args.model}: {reindex_refusal(windows)}")
         if getattr(args, "bos", False) is None:  # --bos unset: as the model's tokenizer does (before --resume compares)
             from . import data
             args.bos = data.adds_bos(checkpoints.load_tokenizer(args.model))
