@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-from pathlib import Path
 
 import psutil
 import torch
