@@ -296,7 +296,7 @@ def _convert(gguf: Path, dest: Path) -> None:
 def _device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
-    except RuntimeError as e:
+    except RuntimeError:
         raise ValueError(f"bad device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
