@@ -158,6 +158,22 @@ def test_full_cache_finds_the_passkey_and_a_window_that_cannot_hold_it_does_not(
     window = answers.respond(model, tokenizer, case, "streaming_4_60", protocol, chunk=128, buffer=0)
     assert window.compressed and window.kept_tokens == 64
     assert not window.solved, f"a 64-token window answered {window.text!r}: eviction was not in force"
+    assert full.answer_held == 1.0 and window.answer_held == 0.0  # the answer's tokens: all held, then none
+
+
+def test_the_answer_positions_spell_the_answer_in_every_needle_statement(embedded):
+    model, tokenizer, haystacks = embedded
+    for task in ("passkey", "niah_multikey", "niah_multivalue"):
+        case = retrieval.generate_cases(task, tokenizer, haystacks, [600], [0.5], 1, seed=0)[0]
+        prefix, context, _ = retrieval.case_token_ids(tokenizer, case)
+        where = retrieval.answer_positions(tokenizer, case, len(prefix))
+        ids = prefix + context
+        spelled = tokenizer.decode([ids[i] for i in where]).replace(" ", "")
+        said = sum(n.count(ref) for n in case.needles for ref in case.references)
+        assert said >= len(case.references) and all(ref in spelled for ref in case.references), (task, spelled)
+        assert all(len(prefix) <= i < len(ids) for i in where)
+        # every token is inside an answer: the digits alone, said as often as the needles say them
+        assert len(spelled) == sum(len(ref) * n.count(ref) for n in case.needles for ref in case.references), spelled
 
 
 @pytest.mark.slow
@@ -179,6 +195,8 @@ def test_tasks_command_end_to_end(tmp_path, capsys):
     summary = [r for r in summary if r["phrasing"] == "all"]
     cases = list(csv.DictReader(open(out / "tasks_cases.csv")))
     assert {r["policy_name"] for r in cases} == {"full", "streaming_4_76", "h2o_4_8_64_mean"}
+    assert all(float(c["answer_held"]) == 1.0 for c in cases if c["policy"] == "full")
+    assert all(0.0 <= float(c["answer_held"]) <= 1.0 for c in cases)
     for r in summary[1:]:
         control = [c for c in cases if c["policy"] == r["policy"] and c["full_solved"] == "True"]
         assert int(r["policy_solved"]) == sum(c["solved"] == "True" for c in control)

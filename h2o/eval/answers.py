@@ -102,6 +102,8 @@ class Answer:
     compressed: bool  # the policy evicted while the prompt was fed
     budget_tokens: int | None = None  # what the policy keeps of this prompt (None: everything)
     kv_bytes: int = 0  # what the cache holds once the prompt is in (every head's buffers, bookkeeping included)
+    answer_held: float | None = None  # share of the answer's context tokens held once the prompt is in (per layer
+    # the policy holds and KV head); None: not known (a kvpress press, a tokenizer without offsets)
 
     @property
     def solved(self) -> bool:
@@ -129,6 +131,8 @@ def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, 
                 runner.forward(torch.tensor([feed], device=device), logits_to_keep=1)
                 runner.check()
             kept, compressed, kv = max(runner.kept_lengths()), runner.compressed(), runner.kv_bytes()
+            where = retrieval.answer_positions(tokenizer, case, len(prefix))
+            answer_held = None if where is None else runner.kept_share(where)
             token, out = ids[-1], []
             for _ in range(case.max_new_tokens):
                 logits = runner.forward(torch.tensor([[token]], device=device), logits_to_keep=1)
@@ -140,7 +144,8 @@ def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, 
     finally:
         runner.close()
     text = tokenizer.decode(out, skip_special_tokens=True)
-    return Answer(text, retrieval.score(case, text), len(ids), kept, compressed, runner.budget_for(len(ids) - 1), kv)
+    return Answer(text, retrieval.score(case, text), len(ids), kept, compressed, runner.budget_for(len(ids) - 1), kv,
+                  answer_held)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -204,13 +209,18 @@ def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer)
             "protocol": protocol, "policy": label, "budget": budget, "policy_name": p.name,
             "budget_tokens": answer.budget_tokens if answer.budget_tokens is not None else p.budget,
             "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
-            "kv_mib": answer.kv_bytes / report.MIB,
+            "kv_mib": answer.kv_bytes / report.MIB, "answer_held": answer.answer_held,
             "compressed": answer.compressed if p.evicts else None, "score": answer.score, "solved": answer.solved,
             "full_solved": full.solved, "references": " | ".join(case.references), "answer": answer.text,
             "source": case.source}
 
 
 POOLED = "all"  # the phrasing of a summary row over every phrasing run
+
+
+def _mean(values: list) -> float | None:
+    """The mean, where every value is known (None otherwise: a mean over some cases would mislead)."""
+    return None if not values or any(v is None for v in values) else statistics.mean(values)
 
 
 def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]:
@@ -239,6 +249,7 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
                "budget_share": None if policy == "full" else statistics.mean(
                    r["budget_tokens"] / r["prompt_tokens"] for r in group),
                "kv_mib": statistics.mean(r["kv_mib"] for r in group),
+               "answer_held": _mean([r.get("answer_held") for r in group]),
                "cases": len(group), "not_compressed": len(group) - len(scored),
                "full_solved": full_solved,
                "control": len(control) if policy != "full" else None,  # full-solved cases it was scored on

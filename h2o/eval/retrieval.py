@@ -155,6 +155,24 @@ def case_token_ids(tokenizer, case: Case) -> tuple[list[int], list[int], list[in
     return prefix, context, suffix
 
 
+def answer_positions(tokenizer, case: Case, prefix_tokens: int) -> list[int] | None:
+    """Positions, within the prompt's ids (`prefix_tokens` of prefix before the context), of the context tokens that
+    spell an answer (a reference) inside a needle statement: the tokens a cache must hold for the answer to be
+    read from it. None where the tokenizer gives no character offsets (a slow tokenizer)."""
+    try:
+        enc = tokenizer(case.context, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    spans = []
+    for needle in case.needles:
+        for start in (m.start() for m in re.finditer(re.escape(needle), case.context)):
+            spans += [(start + m.start(), start + m.end()) for ref in case.references
+                      for m in re.finditer(re.escape(ref), needle)]
+    positions = [prefix_tokens + i for i, (a, b) in enumerate(enc["offset_mapping"])
+                 if any(a < e and b > s for s, e in spans)]
+    return positions or None
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -307,6 +307,14 @@ class CacheRunner:
     def kv_bytes(self) -> int:
         return self.cache.kv_bytes()
 
+    def kept_share(self, positions: list[int]) -> float:
+        """Share of (layer the policy holds, KV head, position) that the cache still holds, over `positions` (token
+        positions of the first row); sliding-window layers, which the model bounds itself, are not counted."""
+        if not self.evicts:
+            return 1.0  # the full cache's layers hold every token fed
+        masks = [layer.kept_mask()[0] for layer, window in zip(self.cache.layers, self.cache.windows) if window is None]
+        return float(torch.stack([m[:, positions].float().mean() for m in masks]).mean())
+
     def budget_for(self, prompt: int) -> int | None:
         return self.policy.budget
 
@@ -420,6 +428,9 @@ class PressRunner:
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.cache.layers
                    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+
+    def kept_share(self, positions: list[int]) -> None:
+        return None  # a press's cache does not say which positions it kept
 
     def budget_for(self, prompt: int) -> int:
         return self.policy.tokens if self.policy.decoding else self.policy.kept_after_prefill(prompt)

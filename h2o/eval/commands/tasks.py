@@ -29,7 +29,7 @@ HELP = "retrieval tasks (passkey, RULER NIAH, key-value, variable tracking) with
 DEFAULT_TASKS = ["passkey", "niah_multikey", "niah_multivalue"]
 DEFAULT_BOOKS = ["10146", "10321", "24553"]
 COLUMNS = {"task": "Task", "phrasing": "Phrasing", "policy": "Policy", "budget": "Budget",
-           "budget_share": "Budget / prompt", "kv_mib": "KV MiB",
+           "budget_share": "Budget / prompt", "kv_mib": "KV MiB", "answer_held": "Answer held",
            "cases": "Cases", "full_solved": "Full solved", "policy_solved": "Policy solved",
            "kept_share": "Kept share", "interval": "[95%]", "policy_accuracy": "Policy acc.", "full_accuracy": "Full acc."}
 PAIRED_COLUMNS = {"task": "Task", "phrasing": "Phrasing", "budget": "Budget", "policy_a": "A", "policy_b": "B",
@@ -134,7 +134,11 @@ def run(session, plan) -> int:
              "Kept share = cases the policy solved among those the full cache solved (the full-cache control) / "
              f"cases the full cache solved; no score where the full cache solved fewer than {args.min_solved}; "
              "Policy acc. = mean score over all cases (RULER string_match_all; passkey: exact first number); "
-             "[95%] = Wilson interval of the kept share (the full cache: of its solved share)",
+             "[95%] = Wilson interval of the kept share (the full cache: of its solved share); "
+             "Answer held = share of the answer's tokens in the needle statements (per layer the policy holds, KV "
+             "head and token) still in the cache once the prompt is in, mean over the cases: a policy that evicted "
+             "the answer cannot give it, one that held it and still failed lost something else (– where unknown: a "
+             "kvpress press, a tokenizer without offsets)",
              "paired: every two policies at one budget on the kept share's cases, McNemar's exact test; 'not "
              "separated' = p >= 0.05, the cases do not say which is better",
              *notes]
