@@ -158,7 +158,9 @@ def test_full_cache_finds_the_passkey_and_a_window_that_cannot_hold_it_does_not(
     window = answers.respond(model, tokenizer, case, "streaming_4_60", protocol, chunk=128, buffer=0)
     assert window.compressed and window.kept_tokens == 64
     assert not window.solved, f"a 64-token window answered {window.text!r}: eviction was not in force"
-    assert full.answer_held == 1.0 and window.answer_held == 0.0  # the answer's tokens: all held, then none
+    layers = model.config.num_hidden_layers  # the answer's tokens: all held in every layer, then none
+    assert full.answer_held == [1.0] * layers and window.answer_held == [0.0] * layers
+    assert window.kept_per_layer == [64] * layers and full.kept_per_layer == [full.prompt_tokens - 1] * layers
 
 
 def test_the_answer_positions_spell_the_answer_in_every_needle_statement(embedded):
@@ -196,7 +198,10 @@ def test_tasks_command_end_to_end(tmp_path, capsys):
     cases = list(csv.DictReader(open(out / "tasks_cases.csv")))
     assert {r["policy_name"] for r in cases} == {"full", "streaming_4_76", "h2o_4_8_64_mean"}
     assert all(float(c["answer_held"]) == 1.0 for c in cases if c["policy"] == "full")
-    assert all(0.0 <= float(c["answer_held"]) <= 1.0 for c in cases)
+    for c in cases:
+        held = [float(x) for x in c["answer_held_per_layer"].split()]
+        assert len(held) == 30 and abs(float(c["answer_held"]) - sum(held) / 30) <= 0.005  # held: 2 decimals and 0 <= min(held) <= max(held) <= 1
+        assert len(c["kept_per_layer"].split()) == 30
     for r in summary[1:]:
         control = [c for c in cases if c["policy"] == r["policy"] and c["full_solved"] == "True"]
         assert int(r["policy_solved"]) == sum(c["solved"] == "True" for c in control)

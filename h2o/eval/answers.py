@@ -102,8 +102,9 @@ class Answer:
     compressed: bool  # the policy evicted while the prompt was fed
     budget_tokens: int | None = None  # what the policy keeps of this prompt (None: everything)
     kv_bytes: int = 0  # what the cache holds once the prompt is in (every head's buffers, bookkeeping included)
-    answer_held: float | None = None  # share of the answer's context tokens held once the prompt is in (per layer
-    # the policy holds and KV head); None: not known (a kvpress press, a tokenizer without offsets)
+    answer_held: list[float] | None = None  # per layer the policy holds, the share of the answer's context tokens
+    # (over its KV heads) held once the prompt is in; None: not known (a kvpress press, a tokenizer without offsets)
+    kept_per_layer: list[int] | None = None  # tokens each layer the policy holds keeps once the prompt is in
 
     @property
     def solved(self) -> bool:
@@ -130,7 +131,7 @@ def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, 
             for feed in filter(None, feeds):
                 runner.forward(torch.tensor([feed], device=device), logits_to_keep=1)
                 runner.check()
-            kept, compressed, kv = max(runner.kept_lengths()), runner.compressed(), runner.kv_bytes()
+            per_layer, compressed, kv = runner.kept_lengths(), runner.compressed(), runner.kv_bytes()
             where = retrieval.answer_positions(tokenizer, case, len(prefix))
             answer_held = None if where is None else runner.kept_share(where)
             token, out = ids[-1], []
@@ -144,8 +145,8 @@ def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, 
     finally:
         runner.close()
     text = tokenizer.decode(out, skip_special_tokens=True)
-    return Answer(text, retrieval.score(case, text), len(ids), kept, compressed, runner.budget_for(len(ids) - 1), kv,
-                  answer_held)
+    return Answer(text, retrieval.score(case, text), len(ids), max(per_layer), compressed,
+                  runner.budget_for(len(ids) - 1), kv, answer_held, list(per_layer))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -209,13 +210,20 @@ def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer)
             "protocol": protocol, "policy": label, "budget": budget, "policy_name": p.name,
             "budget_tokens": answer.budget_tokens if answer.budget_tokens is not None else p.budget,
             "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
-            "kv_mib": answer.kv_bytes / report.MIB, "answer_held": answer.answer_held,
+            "kv_mib": answer.kv_bytes / report.MIB,
+            "answer_held": None if answer.answer_held is None else statistics.mean(answer.answer_held),
+            "answer_held_per_layer": _listed(answer.answer_held, "{:.2f}"),
+            "kept_per_layer": _listed(answer.kept_per_layer, "{}"),
             "compressed": answer.compressed if p.evicts else None, "score": answer.score, "solved": answer.solved,
             "full_solved": full.solved, "references": " | ".join(case.references), "answer": answer.text,
             "source": case.source}
 
 
 POOLED = "all"  # the phrasing of a summary row over every phrasing run
+
+
+def _listed(values: list | None, form: str) -> str | None:
+    return None if values is None else " ".join(form.format(v) for v in values)
 
 
 def _mean(values: list) -> float | None:

@@ -307,13 +307,13 @@ class CacheRunner:
     def kv_bytes(self) -> int:
         return self.cache.kv_bytes()
 
-    def kept_share(self, positions: list[int]) -> float:
-        """Share of (layer the policy holds, KV head, position) that the cache still holds, over `positions` (token
-        positions of the first row); sliding-window layers, which the model bounds itself, are not counted."""
+    def kept_share(self, positions: list[int]) -> list[float]:
+        """Per layer the policy holds, the share of (KV head, position) it still holds over `positions` (token
+        positions of the first row); sliding-window layers, which the model bounds itself, are not in it."""
         if not self.evicts:
-            return 1.0  # the full cache's layers hold every token fed
-        masks = [layer.kept_mask()[0] for layer, window in zip(self.cache.layers, self.cache.windows) if window is None]
-        return float(torch.stack([m[:, positions].float().mean() for m in masks]).mean())
+            return [1.0] * len(self.cache.kept_lengths())  # the full cache's layers hold every token fed
+        return [float(layer.kept_mask()[0][:, positions].float().mean())
+                for layer, window in zip(self.cache.layers, self.cache.windows) if window is None]
 
     def budget_for(self, prompt: int) -> int | None:
         return self.policy.budget
@@ -430,7 +430,7 @@ class PressRunner:
                    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
     def kept_share(self, positions: list[int]) -> None:
-        return None  # a press's cache does not say which positions it kept
+        return None  # a press's cache does not say which positions it kept (per layer: None)
 
     def budget_for(self, prompt: int) -> int:
         return self.policy.tokens if self.policy.decoding else self.policy.kept_after_prefill(prompt)
