@@ -64,7 +64,7 @@ class CompressedCache(Cache):
         else:
             made = [DynamicLayer() for _ in compressed]
         it = iter(made)
-        layers = [next(it) if w is None else DynamicSlidingWindowLayer(sliding_window=w) for w in windows]
+        layers = [next(it) if w is None else SlidingWindowLayer(sliding_window=w) for w in windows]
         super().__init__(layers=layers)
         self.policy, self.positions, self.buffer, self.static = policy, positions, buffer, static
         self.windows = windows
@@ -128,18 +128,22 @@ class CompressedCache(Cache):
         """Before a forward of several tokens: no layer evicts until `release` (after the replay). A cache still
         holding the previous forward's tokens was never replayed: an error, never a cache that stops evicting."""
         layers = self.compressed_layers()
+        if getattr(self, "interrupted", None):
+            raise RuntimeError(self.interrupted)
         if any(layer.held for layer in layers):
             raise RuntimeError(
-                f"{self.policy.name}: the previous forward's tokens were never replayed, so this cache could not "
-                "evict them (the model ran without the hooks h2o.make_cache installs: h2o.restore was called, or the "
-                "cache is used with another model). Make a new cache with h2o.make_cache(model, ..., tokenizer=)")
+                f"{self.policy.name}: the previous forward's tokens were never replayed, so this cache could not evict "
+                "them (that forward raised or was interrupted before its replay, or the model ran without the replay "
+                "hook h2o.make_cache installs). reset() the cache (or make a new one with h2o.make_cache(model, ..., "
+                "tokenizer=)) before the next prompt")
         self._held = True
         for layer in layers + [layer for layer in self.layers if isinstance(layer, RowsLayer)]:
             layer.held = True  # a RowsLayer passes it to the rows it makes at its first forward
 
     def seen_tokens(self) -> int:
-        """Tokens every compressed layer has seen (padding included)."""
-        return self.compressed_layers()[0].seen
+        """Tokens every compressed layer has seen (padding included; 0 before the first forward)."""
+        layers = self.compressed_layers()
+        return layers[0].seen if layers else 0
 
     @property
     def held(self) -> bool:
@@ -167,8 +171,9 @@ class CompressedCache(Cache):
         return bool(layers) and layers[0].replay is not None
 
     def release(self) -> None:
-        """After the replay: every layer evicts as its forward would have (each its own, a layer's heads jointly,
-        or the shared budget once)."""
+        """After the replay: every layer evicts as its forward would have (each its own, each head group of a layer
+        with fixed groups its own, a layer's heads jointly, or the shared budget once); then every layer gives back
+        the slots the replay's forwards grew its buffers by."""
         self._held = False
         for layer in self.compressed_layers():
             layer.held, layer.replay = False, None
@@ -182,30 +187,151 @@ class CompressedCache(Cache):
                 if id(budget) not in shared:
                     shared.add(id(budget))
                     budget.evict()
-            elif isinstance(layer, HeadGroupLayer):
+            elif isinstance(layer, HeadGroupLayer) and layer.plan.joint:
                 layer.observed()
-            elif isinstance(layer, CompressedLayer) and not layer.joint:
-                layer.evict_if_needed()
+            else:  # a uniform layer, or the groups of a layer with fixed head groups: each by its own budget
+                for sub in getattr(layer, "sublayers", [layer]):
+                    if isinstance(sub, CompressedLayer) and not sub.joint:
+                        sub.evict_if_needed()
+        for layer in self.compressed_layers():
+            layer.fit()
 
     def evicted(self) -> bool:
         """Whether any head of any layer holds fewer tokens than it has seen."""
         return any(layer.length < layer.seen for layer in self.compressed_layers())
 
     def kv_bytes(self, bookkeeping: bool = True) -> int:
-        """Exact bytes held by the cache: keys, values and (`bookkeeping`) the per-slot bookkeeping of every head
-        (a compressed layer's buffers at their allocated capacity, not only the filled slots: up to buffer + 1
-        free slots per head after an eviction, plus the geometric growth of a head that has not evicted yet; a
-        head group's buffers hold only its own heads, and each group has its own validity row and pad counts)."""
-        total = 0
+        """The bytes the cache keeps alive: every storage under a tensor it holds (keys, values and, with
+        `bookkeeping`, the per-slot bookkeeping of every head), each storage once and whole. So a view keeps its whole
+        buffer in the count (a compressed layer's buffers at their allocated capacity: up to buffer + 1 free slots
+        per head after an eviction; a sliding-window layer's storage), and a tensor shared by two names counts once.
+        True at every moment a caller can look: after a prompt, a chunk, a step, a replay, a reset."""
+        return storage_bytes(t for name, t in self.held_tensors()
+                             if bookkeeping or name.rpartition(".")[2] in ("keys", "values"))
+
+    def held_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every tensor the cache's layers hold (views included: what keeps a storage alive)."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            out += _held(layer, str(i))
+        tail = getattr(self, "replay_tail", None)  # a replaying rule's last tokens fed (its next replay's prompt)
+        return out + ([("replay_tail", tail)] if tail is not None else [])
+
+    # --- the cache as a whole ---------------------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0 and not torch.compiler.is_compiling():
+            self.check_forward()  # before any layer takes the forward's tokens
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_forward(self) -> None:
+        """At a forward's first layer, before any layer takes its tokens: the model must still run what this cache
+        needs to keep its bound (h2o's attention; a replaying rule's hooks), else nothing is written and it raises."""
+        config = getattr(self, "model_config", None)
+        if config is not None and self.policy.evicts:
+            from .attention import NAMES  # h2o.attention imports the layer kinds: not at module level
+
+            if config._attn_implementation not in NAMES.values():
+                raise UnobservedError(
+                    f"this {self.policy.name} cache was given a forward of a model that runs "
+                    f"{config._attn_implementation!r} attention, not h2o's: it could not evict (h2o.restore(model) was "
+                    "called, the attention implementation was switched, or the cache is used with another model). "
+                    "Nothing was written to the cache. Make a new cache with h2o.make_cache(model, ...) for the model "
+                    "you run")
+        if self.replays and self.policy.evicts and config is not None:
+            armed, self._armed = getattr(self, "_armed", False), False
+            if not armed:
+                raise UnobservedError(
+                    f"{self.policy.name} scores the context by replaying it, and the hooks h2o.make_cache installed "
+                    "for that did not run in this forward (h2o.restore removed them, or the cache is used with another "
+                    "model): its scores would stay zero. Nothing was written to the cache. Make a new cache with "
+                    "h2o.make_cache(model, ..., tokenizer=) for the model you run")
+        if getattr(self, "interrupted", None):
+            raise RuntimeError(self.interrupted)
+
+    def reset(self) -> None:
+        """Empty the cache for a new prompt (or a new batch size): every layer, the held state and the replay's
+        memory of the last tokens fed, so it behaves as a new cache."""
+        super().reset()
+        self._held = False
+        self.replay_tail = None
+        self.interrupted = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._rows_of_tail(lambda tail: tail.index_select(0, beam_idx.to(tail.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._rows_of_tail(lambda tail: tail[torch.as_tensor(indices, device=tail.device).flatten()])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._rows_of_tail(lambda tail: tail.repeat_interleave(repeats, dim=0))
+
+    def _rows_of_tail(self, take) -> None:
+        """The replay's last tokens fed follow the cache's rows (beams, a selection), as the layers do."""
+        tail = getattr(self, "replay_tail", None)
+        if tail is not None:
+            self.replay_tail = take(tail)
+
+    def rows(self) -> int | None:
+        """Rows (batch size) the cache holds now; None while empty."""
         for layer in self.layers:
-            if isinstance(layer, (CompressedLayer, HeadGroupLayer)):
-                tensors = [t for name, t in layer.slot_tensors().items()
-                           if bookkeeping or name.rpartition(".")[2] in ("keys", "values")]
-            else:
-                tensors = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                           if isinstance(t, torch.Tensor)]
-            total += sum(t.numel() * t.element_size() for t in tensors)
-        return total
+            if isinstance(layer, RowsLayer):
+                if layer.rows:
+                    return len(layer.rows)
+            elif isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4:
+                return layer.keys.shape[0]
+        return None
+
+
+def storage_bytes(tensors) -> int:
+    """The bytes of the storages under `tensors`: each storage once and whole (a view counts the buffer it keeps
+    alive). The one measure of memory held: `CompressedCache.kv_bytes`, and the peers' caches in `h2o.eval.runners`."""
+    counted, total = set(), 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr())
+        if storage.nbytes() and key not in counted:
+            counted.add(key)
+            total += storage.nbytes()
+    return total
+
+
+class SlidingWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer (the model bounds it: never evicted by a policy), holding only what it
+    keeps. transformers' own keeps its last window - 1 tokens as a slice of the forward's concatenated keys, so after
+    a prompt of n tokens the whole n stay alive until the next step; this one copies the kept tokens out of a larger
+    storage (more than one token beyond them: a decode step's one extra slot is left as it is)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        self.keys, self.values = _own(self.keys), _own(self.values)
+        return out
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t itself, or a copy of it if its storage holds more than one token beyond it."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        return t
+    token = t.shape[0] * t.shape[1] * t.shape[-1] * t.element_size()
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() + token else t
+
+
+def _held(layer, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of what one layer holds: its keys and values (a view keeps its storage alive), its buffers
+    (`slot_tensors`), and the same of its rows and head groups."""
+    out = [(f"{prefix}.{name}", t) for name in ("keys", "values")
+           if isinstance(t := getattr(layer, name, None), torch.Tensor)]
+    if hasattr(layer, "slot_tensors"):
+        out += [(f"{prefix}.{name}", t) for name, t in layer.slot_tensors().items()]
+    for j, row in enumerate(getattr(layer, "rows", [])):
+        out += _held(row, f"{prefix}.row{j}")
+    if not hasattr(layer, "rows"):
+        for j, sub in enumerate(getattr(layer, "sublayers", [])):
+            out += _held(sub, f"{prefix}.{j}")
+    return out
 
 
 def reindex_refusal(windows: list[int | None]) -> str:

@@ -50,7 +50,11 @@ class CompressedLayer(DynamicLayer):
     def _clear(self) -> None:
         self.seen = 0  # tokens seen, padding included: the next token's arrival index
         self.length = self.capacity = 0  # slots filled, slots allocated
-        self.last_forward = 0  # tokens of the latest update
+        self.last_forward = 0  # tokens of the latest update (a replay's included)
+        # tokens of the latest forward that stays (a replay's do not), and the capacity it left: an eviction sizes the
+        # buffers for a chunk like it, and a replay that grew them gives the growth back (`fit`)
+        self.fed = 0
+        self.fed_capacity = 0
         self.storage: dict[str, torch.Tensor] = {}  # name -> buffer over `capacity` slots
         self.pads = None
         self.has_padding = False  # any kept slot may be padding (a host-side flag: no per-step sync)
@@ -163,6 +167,8 @@ class CompressedLayer(DynamicLayer):
             for name, value in self.policy.initial_state(key_states, value_states).items():
                 s[f"state.{name}"][..., start:stop].copy_(value)
         self.length, self.last_forward = stop, q
+        if self.replay is None:
+            self.fed, self.fed_capacity = q, self.capacity
         self._view()
         self.seen += q
         self.unobserved = True
@@ -225,6 +231,13 @@ class CompressedLayer(DynamicLayer):
         self.model_ready = min(self.model_ready, self.length)
         self._view()
         self._reset_free_slots()
+
+    def fit(self) -> None:
+        """After a replay: give back the slots its forwards grew the buffers by (the context's own forward left them at
+        `fed_capacity`; an eviction since has sized them itself), so a replay leaves no memory behind."""
+        if self.is_initialized and self.capacity > max(self.fed_capacity, self.length):
+            self._allocate(max(self.fed_capacity, self.length))
+            self._view()
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
         """Record which of the tokens just appended are (left) padding: new_valid [B, q].
@@ -327,9 +340,11 @@ class CompressedLayer(DynamicLayer):
         self.length = 0
         # back to budget + buffer (room) + this forward's tokens (a chunk), or + 1 after a longer forward (a prefill)
         # (a chunk: at most the uniform rule's budget + buffer, for every head of an allocation alike)
-        chunk = self.last_forward if self.last_forward <= self.rule_budget + self.buffer else 1
+        # (the forward that stays: a replay's chunk, which never stays, sizes nothing)
+        chunk = self.fed if self.fed <= self.rule_budget + self.buffer else 1
         if self.capacity > budget + self.room + chunk:
             self._allocate(budget + self.room + chunk)
+        self.fed_capacity = self.capacity
         for name, tensor in moved.items():
             _slots(self.storage[name], 0, n).copy_(tensor)
         self.length = self.model_ready = n

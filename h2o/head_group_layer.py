@@ -49,9 +49,29 @@ class HeadGroupLayer(DynamicLayer):
         for (kv, _), sub in zip(self.index(key_states.device), self.sublayers):
             sub.update(key_states.index_select(1, kv), value_states.index_select(1, kv))
         self.is_initialized = True
-        self.keys, self.values = self.sublayers[0].keys, self.sublayers[0].values  # how attention finds the layer
         leave_pending(self)
         return self.keys, self.values
+
+    # The first head group's kept keys and values: what the attention function finds the layer by (and what a view
+    # of them keeps alive). Read live, never kept: a copy taken before an eviction would keep the evicted buffers
+    # alive. The kept tokens of each head are `head_lengths()`.
+    @property
+    def keys(self):
+        subs = self.sublayers if self.is_initialized else []
+        return subs[0].keys if subs else None
+
+    @keys.setter
+    def keys(self, value) -> None:
+        _only_none(value)
+
+    @property
+    def values(self):
+        subs = self.sublayers if self.is_initialized else []
+        return subs[0].values if subs else None
+
+    @values.setter
+    def values(self, value) -> None:
+        _only_none(value)
 
     def attend(self, call, query, attention_mask, split: bool = True):
         """One compressed run per head group on its keys and its query heads, written back in head order; then (with
@@ -117,7 +137,6 @@ class HeadGroupLayer(DynamicLayer):
     def reset(self) -> None:
         for sub in self.sublayers:
             sub.reset()
-        self.keys = self.values = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -135,8 +154,13 @@ class HeadGroupLayer(DynamicLayer):
     def _each(self, method: str, arg) -> None:
         for sub in self.sublayers:
             getattr(sub, method)(arg)
-        if self.is_initialized:
-            self.keys, self.values = self.sublayers[0].keys, self.sublayers[0].values
+
+
+def _only_none(value) -> None:
+    """The base classes set keys and values to None (at construction, on reset); a head-group layer's are its
+    groups'."""
+    if value is not None:
+        raise AttributeError("a head-group layer's keys and values are its head groups' (read-only)")
 
 
 def split_evict(heads: list[CompressedLayer], total: int, floor: int, buffer: int) -> bool:

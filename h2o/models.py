@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 
@@ -139,6 +140,7 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
                              "for its replay prompts: h2o.make_cache(model, policy, tokenizer=tokenizer)")
         cache.replayer = Replay(tokenizer)
     if policy.evicts:
+        cache.model_config = model.config  # each forward checks the model still runs h2o's attention (check_forward)
         current = _STOCK.get(_attn_implementation(model), _attn_implementation(model))
         if current not in attention.NAMES:
             raise ValueError(
@@ -171,18 +173,38 @@ def _replay_hold_hook(module, args, kwargs):
     """Forward pre-hook of the base model, for a replaying rule (KVzip): a forward of several tokens is held (no layer
     evicts) until its replay has scored it; what the replay cannot serve is refused before anything runs."""
     cache = kwargs.get("past_key_values")
-    if not isinstance(cache, CompressedCache) or not cache.replays or cache.replaying:
+    if not isinstance(cache, CompressedCache) or not cache.replays:
+        return None
+    cache._armed = True  # the hooks run in this forward (CompressedCache.check_forward)
+    if cache.replaying:
         return None
     ids = _forward_tokens(cache, args, kwargs)
     mask = kwargs.get("attention_mask")
+    rows = cache.rows()
+    if rows is not None and rows != ids.shape[0]:
+        raise ValueError(f"this {cache.policy.name} cache holds {rows} rows and was given a forward of {ids.shape[0]}: "
+                         "reset() it (or make a new cache) for a new batch")
     if ids.shape[1] > 1:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError(f"{cache.policy.name} replays rows without padding: run prompts of different lengths "
                              "one at a time")
         cache.hold()
+        _warn_past_positions(cache, module.config, ids.shape[1])
     elif cache.held:
         cache.hold()  # raises: the previous forward was never replayed
     return None
+
+
+def _warn_past_positions(cache, config, q: int) -> None:
+    """A replay whose positions run past the model's trained context is said, once per cache: its scores come from
+    positions the model never saw in training."""
+    limit = getattr(config, "max_position_embeddings", None)
+    reach = cache.seen_tokens() + q + cache.replayer.longest(q)
+    if limit and reach > limit and not getattr(cache, "_warned_positions", False):
+        cache._warned_positions = True
+        warnings.warn(f"{cache.policy.name}: the replay of this forward runs to position {reach}, past the model's "
+                      f"max_position_embeddings ({limit}): its scores come from positions the model was not trained "
+                      "on", stacklevel=2)
 
 
 def _replay_hook(module, args, kwargs, output):
@@ -194,9 +216,10 @@ def _replay_hook(module, args, kwargs, output):
     tail = getattr(cache, "replay_tail", None)
     if cache.held:
         cache.replayer.run(module, cache, ids, tail)
-    both = ids if tail is None or tail.shape[0] != ids.shape[0] else torch.cat([tail, ids], dim=1)
+    both = ids if tail is None else torch.cat([tail, ids], dim=1)
     overlap = cache.replayer.overlap  # the last tokens fed: the next replay's "starting with"
-    cache.replay_tail = both[:, both.shape[1] - overlap:] if overlap else None
+    # a copy: a slice would keep the whole forward's ids alive
+    cache.replay_tail = both[:, both.shape[1] - overlap:].clone() if overlap else None
     return None
 
 

@@ -37,6 +37,11 @@ def assistant_start(tokenizer) -> str:
     marker = "\n" + "#" * 13
     text = tokenizer.apply_chat_template([{"role": "user", "content": "dummy context" + marker}],
                                          add_generation_prompt=True, tokenize=False)
+    if not isinstance(text, str) or marker not in text:
+        raise ValueError("a replaying rule (KVzip) puts its replay prompt in the user's turn of the tokenizer's chat "
+                         "template, but this template does not reproduce the user's text (it rewrites or drops it), "
+                         "so the assistant's turn cannot be found. Pass a tokenizer whose template keeps the "
+                         "message, or set tokenizer.chat_template = None (the replay then uses a newline)")
     return text.split(marker, 1)[1]
 
 
@@ -44,9 +49,10 @@ class Replay:
     """The replay prompts of one tokenizer, and the replay of a cache's newest tokens."""
 
     def __init__(self, tokenizer, chunk: int = CHUNK, overlap: int = OVERLAP):
-        if not hasattr(tokenizer, "encode"):
-            raise TypeError(f"a replaying rule (KVzip) needs the model's tokenizer for its replay prompts, got "
-                            f"{type(tokenizer).__name__}")
+        if isinstance(tokenizer, (str, bytes)) or not hasattr(tokenizer, "encode"):
+            raise TypeError(f"a replaying rule (KVzip) needs the model's tokenizer object for its replay "
+                            f"prompts, got {type(tokenizer).__name__} {tokenizer!r:.80}: pass "
+                            "tokenizer=AutoTokenizer.from_pretrained(...) (the object, not its name)")
         if chunk < 1 or overlap < 0:
             raise ValueError(f"replay chunk must be >= 1 and overlap >= 0, got {chunk}, {overlap}")
         self.first, self.next = _ids(tokenizer, FIRST), _ids(tokenizer, NEXT)
@@ -70,8 +76,13 @@ class Replay:
             out.append((start, stop, torch.cat([ask, fixed(self.suffix), ids[:, start:stop]], dim=1)))
         return out
 
+    def longest(self, q: int) -> int:
+        """The most tokens one replay forward of a q-token forward feeds (its instruction and one chunk)."""
+        return max(len(self.first), len(self.next) + self.overlap) + len(self.suffix) + min(q, self.chunk)
+
     def run(self, base_model, cache, ids: torch.Tensor, previous: torch.Tensor | None) -> None:
-        """Replay the forward's tokens `ids` [B, q] (the last q the cache saw), chunk by chunk; then release."""
+        """Replay the forward's tokens `ids` [B, q] (the last q the cache saw), chunk by chunk; then release. A replay
+        that raises, or is interrupted, leaves the cache marked: its next forward says so (reset() it)."""
         first = cache.seen_tokens() - ids.shape[1]  # arrival index of the forward's first token
         try:
             with torch.no_grad():
@@ -82,6 +93,11 @@ class Replay:
                         base_model(input_ids=replay, past_key_values=cache, use_cache=True)
                     finally:
                         cache.restore_windows(windows)
+        except BaseException as error:
+            cache.interrupted = (f"{cache.policy.name}: the replay that scores a forward's tokens did not finish "
+                                 f"({type(error).__name__}), so this cache holds tokens it could not score or evict. "
+                                 "reset() the cache (or make a new one with h2o.make_cache) before the next prompt")
+            raise
         finally:
             cache.replay_window(None)
         cache.release()

@@ -48,7 +48,6 @@ class RowsLayer(HeadGroupLayer):
         for b, row in enumerate(self.rows):
             row.update(key_states[b:b + 1], value_states[b:b + 1])
         self.is_initialized = True
-        self.keys, self.values = self.rows[0].keys, self.rows[0].values
         leave_pending(self)
         return self.keys, self.values
 
@@ -97,7 +96,6 @@ class RowsLayer(HeadGroupLayer):
         self.rows = []
         if self.shared is not None:
             self.shared.reset()
-        self.keys = self.values = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -118,4 +116,3 @@ class RowsLayer(HeadGroupLayer):
             new.append(copy.deepcopy(self.rows[b]) if b in taken else self.rows[b])
             taken.add(b)
         self.rows = new
-        self.keys, self.values = self.rows[0].keys, self.rows[0].values

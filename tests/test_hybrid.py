@@ -56,7 +56,7 @@ def test_hybrid_cache_invariants(policy):
                 for i, (ours, theirs) in enumerate(zip(cache.layers, ref.layers)):
                     if windows[i] is None:
                         continue
-                    assert type(ours) is type(theirs) and ours.cumulative_length == seen
+                    assert isinstance(ours, type(theirs)) and ours.cumulative_length == seen
                     assert ours.keys.shape[-2] == min(seen, windows[i] - 1)
                     if i < first:
                         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)

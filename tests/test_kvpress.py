@@ -202,7 +202,8 @@ def test_adakv_runner_masks_what_kvpress_chose_and_frees_nothing(setup):
             counts = (~allowed).sum(-1)
             uneven |= bool((counts != counts[0]).any())
         assert uneven, "AdaKV split some layer's budget unevenly across heads (else this is the uniform case)"
-        assert runner.kv_bytes() == sum(t.numel() * t.element_size() for layer in runner.cache.layers
+        # the storages held (each once, whole): at least the kept keys' and values' own bytes
+        assert runner.kv_bytes() >= sum(t.numel() * t.element_size() for layer in runner.cache.layers
                                         for t in (layer.keys, layer.values))
         logits = runner.forward(nxt)[:, -1]
         assert runner.check() == LENGTH + 1

@@ -426,8 +426,12 @@ class PressRunner:
                 for layer in self.cache.layers]
 
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.cache.layers
-                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+        """The storages the press's cache keeps alive (each once, whole: `h2o.cache.storage_bytes`), as h2o's own."""
+        from ..cache import storage_bytes
+
+        return storage_bytes(t for layer in self.cache.layers for t in (getattr(layer, "keys", None),
+                                                                        getattr(layer, "values", None))
+                             if isinstance(t, torch.Tensor))
 
     def kept_share(self, positions: list[int]) -> None:
         return None  # a press's cache does not say which positions it kept (per layer: None)
