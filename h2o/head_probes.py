@@ -494,12 +494,30 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def check_ablation(tokenizer, texts, cases: int, ablation_cases: int) -> None:
+    """ablation_cases as `head_scores` honours it, or a ValueError: the ablation score is measured on the first
+    `ablation_cases` of the `cases` needle cases, so it needs a tokenizer, calibration texts and that many cases
+    (never silently fewer, never silently none)."""
+    if not ablation_cases:
+        return
+    missing = ("no tokenizer" if tokenizer is None else "no calibration texts" if not texts else None)
+    if missing:
+        raise ValueError(f"ablation_cases={ablation_cases}: the ablation score is measured on needle cases, which need "
+                         f"a tokenizer and calibration texts, and this call has {missing}: pass them, or "
+                         "ablation_cases=0")
+    if ablation_cases > cases:
+        raise ValueError(f"ablation_cases={ablation_cases} is more than the cases={cases} needle cases it is measured "
+                         "on: pass ablation_cases <= cases (or more cases)")
+
+
 def method_inputs(model, tokenizer=None, texts: Sequence[str] | None = None, *, seed: int = 0,
                   random_tokens: int = 256, repeats: int = 4, cases: int = 8, context_tokens: int = 768,
                   ablation_cases: int = 0) -> dict:
-    """Everything the scores depend on (JSON-able): equal inputs give equal scores. Caches compare this."""
+    """Everything the scores depend on (JSON-able): equal inputs give equal scores. Caches compare this.
+    An ablation_cases that `head_scores` cannot honour is a ValueError here too (`check_ablation`)."""
     from . import __version__
 
+    check_ablation(tokenizer, texts, cases, ablation_cases)
     retrieval = tokenizer is not None and bool(texts) and cases > 0
     return {"algorithm": ALGORITHM, "h2o_version": __version__,
             "transformers_major": int(transformers.__version__.split(".")[0]),
@@ -510,8 +528,8 @@ def method_inputs(model, tokenizer=None, texts: Sequence[str] | None = None, *, 
             "cases": cases if retrieval else 0, "context_tokens": context_tokens if retrieval else 0,
             "texts_sha256": [_sha256(t) for t in texts] if retrieval else [],
             "tokenizer": (type(tokenizer).__name__, len(tokenizer)) if retrieval else None,
-            **({"ablation_cases": min(ablation_cases, cases), "ablation_window": list(ABLATION_WINDOW)}
-               if retrieval and ablation_cases else {})}
+            **({"ablation_cases": ablation_cases, "ablation_window": list(ABLATION_WINDOW)}
+               if ablation_cases else {})}
 
 
 def random_sequences(vocab_size: int, length: int, repeats: int, seed: int = 0,
@@ -544,7 +562,9 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
     progress: an optional tqdm-like object; `.update(1)` is called after each forward (`repeats` random
     sequences, then `cases` needle cases, then one per ablated head and case). text_names: labels of the texts,
     recorded in `method`. ablation_cases: the needle cases the ablation score is measured on (0: no ablation score;
-    it costs 1 + layers x KV heads forwards per case).
+    it costs 1 + layers x KV heads forwards per case): at most `cases`, and it needs a tokenizer and texts; any
+    other value is a ValueError before any work (`check_ablation`). `method` says, per score, what was computed
+    or why it was omitted.
     Deterministic given the seed; the model is left exactly as it was (attention implementation, mode).
     """
     for name, value in (("random_tokens", random_tokens), ("repeats", repeats)):
@@ -553,6 +573,9 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
     for name, value in (("cases", cases), ("ablation_cases", ablation_cases)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if texts and tokenizer is None:
+        raise ValueError("texts given without a tokenizer: the retrieval score needs both")
+    check_ablation(tokenizer, texts, cases, ablation_cases)
     config = model.config
     layers, q_heads, kv_heads = shape_of(config)
     # the layers a policy compresses (a hybrid model's sliding-window layers are never evicted: no score for them)
@@ -562,8 +585,6 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
         raise ValueError(f"random_tokens {random_tokens} repeated twice is {2 * random_tokens} positions, past the "
                          f"model's {limit}")
     retrieval = tokenizer is not None and bool(texts) and cases > 0
-    if texts and tokenizer is None:
-        raise ValueError("texts given without a tokenizer: the retrieval score needs both")
     inputs = method_inputs(model, tokenizer, texts, seed=seed, random_tokens=random_tokens, repeats=repeats,
                            cases=cases, context_tokens=context_tokens, ablation_cases=ablation_cases)
     needles = []
@@ -651,16 +672,18 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
                                       copied_tokens=copied, teacher_forced_correct=answered)
         method["cases"] = per_case
     elif retrieval:
-        method["retrieval"] = "omitted: no answer token was copied from a needle"
+        method["retrieval"] = f"omitted: no answer token of the {cases} needle cases was copied from a needle"
+    else:
+        method["retrieval"] = ("omitted: no tokenizer" if tokenizer is None else "omitted: no calibration texts"
+                               if not texts else "omitted: cases = 0")
     if drops is not None:
         top = float(drops.max())
         scores["ablation"] = (drops / top if top > 0 else torch.zeros_like(drops)).float().clamp(0, 1)
-        method["ablation"] = (f"{min(ablation_cases, cases)} needle cases, each KV head in turn restricted to its first "
+        method["ablation"] = (f"{ablation_cases} needle cases, each KV head in turn restricted to its first "
                               f"{ABLATION_WINDOW[0]} and last {ABLATION_WINDOW[1]} keys: the mean drop of the answer's "
                               "log-probability (teacher-forced, clamped at 0), over the largest drop of any head")
         method["ablation_drops"] = [[round(float(x), 6) for x in row] for row in drops]
     else:
-        method["retrieval"] = ("omitted: no tokenizer" if tokenizer is None else "omitted: no calibration texts"
-                               if not texts else "omitted: cases = 0")
+        method["ablation"] = "omitted: ablation_cases = 0"
     method["seconds"] = round(time.perf_counter() - started, 3)
     return HeadScores(scores, method)

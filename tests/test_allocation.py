@@ -1,5 +1,7 @@
 """Allocations (h2o.policies.allocation): names, the budgets each plans, and Ada-KV's split as a pure function."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import h2o
-from h2o.policies.allocation import AdaKV, Allocated, HeadShare, Pyramid, split_budget
+from h2o.policies.allocation import AdaKV, Allocated, HeadKV, HeadShare, Pyramid, split_budget, water_fill
 
 
 @pytest.mark.parametrize("name, expect", [
@@ -16,6 +18,7 @@ from h2o.policies.allocation import AdaKV, Allocated, HeadShare, Pyramid, split_
     ("induction_0.05_6+streaming_4_252", "induction_0.05_6+streaming_4_252"),
     ("pyramid_8+snapkv_4_32_256_16+tova", "pyramid_8+snapkv_4_32_256_16+tova"),
     ("headkv+h2o_4_32_256", "headkv_0.2+h2o_4_32_256_mean"), ("global+tova_4_32_256", "global_0.2+tova_4_32_256"),
+    ("headkv_0.2_4+h2o_4_32_256", "headkv_0.2+h2o_4_32_256_mean"), ("headkv_0.1_6+tova_4_32_256", "headkv_0.1_6+tova_4_32_256"),
     ("global_0.1+kvzip_4_32_256", "global_0.1+kvzip_4_32_256"),
 ])
 def test_names_parse_to_their_canonical_form(name, expect):
@@ -29,6 +32,7 @@ def test_names_parse_to_their_canonical_form(name, expect):
     ("retrieval_1.5_4+h2o_4_32_256", "share must lie"), ("pyramid_0.5+h2o_4_32_256", "beta must be"),
     ("adakv+full", "evicting rule"), ("adakv+nonsense_1_2_3", "unknown policy"),
     ("headkv_1.5+h2o_4_32_256", "floor must lie in"), ("global_2+h2o_4_32_256", "floor must lie in"),
+    ("headkv_0.2_0.5+h2o_4_32_256", "factor must be a number >= 1"), ("headkv_0.2_4_1+h2o_4_32_256", "headkv_<floor>_<factor>"),
 ])
 def test_bad_names_are_clear_errors(name, message):
     with pytest.raises(ValueError, match=message):
@@ -177,7 +181,8 @@ def test_a_share_that_rounds_to_every_head_is_a_clear_error(share, heads):
 
 def test_headkv_gives_each_head_its_floor_and_the_rest_in_proportion_to_its_score():
     """HeadKV from its definition: floor = max(sinks + recent, ceil(0.25 x 64)) = 36, the pool N x (64 - 36)
-    shared by retrieval score, rounded down; never more than N x 64 in all; equal shares where every score is 0."""
+    shared by retrieval score (no head near its cap of 4 x 64, every share whole); exactly N x 64 in all; equal
+    shares where every score is 0."""
     rule = h2o.parse("h2o_4_32_64")
     table = torch.tensor([[0.0, 0.5], [0.25, 0.25], [1.0, 0.0]])  # exact in float32: the sum is 2
     plans = h2o.parse("headkv_0.25+h2o_4_32_64").plan(3, 2, {"retrieval": table})
@@ -188,10 +193,138 @@ def test_headkv_gives_each_head_its_floor_and_the_rest_in_proportion_to_its_scor
                 budgets[layer][h] = budget
     pool = 6 * (64 - 36)
     expect = [[36 + int(pool * float(s) / 2.0) for s in row] for row in table]
-    assert budgets == expect and sum(map(sum, budgets)) <= 6 * 64
+    assert budgets == expect and sum(map(sum, budgets)) == 6 * 64
     assert min(map(min, budgets)) == 36
     zero = h2o.parse("headkv_0.25+h2o_4_32_64").plan(3, 2, {"retrieval": torch.zeros(3, 2)})
     assert all(plan.uniform and plan.groups[0][1] == 64 for plan in zero)
     assert rule.budget == 64
     with pytest.raises(ValueError, match="needs head scores"):
         h2o.parse("headkv+h2o_4_32_64").plan(3, 2)
+
+
+def plan_budgets(plans, heads):
+    """[layers][heads] budgets of a plan, each head in exactly one group of its layer."""
+    out = []
+    for plan in plans:
+        row = [None] * heads
+        for group, budget in plan.groups:
+            for h in group:
+                assert row[h] is None, plan
+                row[h] = budget
+        assert None not in row, plan
+        out.append(row)
+    return out
+
+
+def water_level(weights, total, low, high):
+    """The real shares water-filling gives (an oracle apart from `water_fill`'s rounds): the k heaviest weighted heads
+    at high and the others at low + lam x weight, for the least k whose level lam leaves every other head under high;
+    heads of weight 0 share equally what the weighted heads cannot hold."""
+    pool, n, room = total - len(weights) * low, len(weights), high - low
+    weighted = sorted((w for w in weights if w > 0), reverse=True)
+    if not weighted:
+        return [low + pool / n] * n
+    if room * len(weighted) <= pool:
+        zero = n - len(weighted)
+        return [high if w > 0 else low + (pool - room * len(weighted)) / zero for w in weights]
+    for k in range(len(weighted)):  # (shares as left x (w / rest): exact even for subnormal weights)
+        left, rest = pool - k * room, math.fsum(weighted[k:])
+        if left * (weighted[k] / rest) <= room * (1 + 1e-12):
+            return [low + min(room, left * (w / rest)) for w in weights]
+    raise AssertionError("unreachable")
+
+
+scores_tables = st.integers(1, 6).flatmap(lambda layers: st.integers(1, 8).flatmap(lambda heads: st.lists(
+    st.lists(st.one_of(st.just(0.0), st.just(1.0), st.floats(0, 1, width=32), st.floats(0, 2 ** -10, width=32)),
+             min_size=heads, max_size=heads), min_size=layers, max_size=layers)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=scores_tables, sinks=st.integers(0, 4), recent=st.integers(0, 8), extra=st.integers(1, 300),
+       floor=st.floats(0, 1), factor=st.one_of(st.just(4.0), st.floats(1, 12)))
+def test_headkv_budgets_are_water_filled_to_the_uniform_total_between_floor_and_cap(table, sinks, recent, extra,
+                                                                                     floor, factor):
+    """For any retrieval scores: the plan's budgets add up to exactly the uniform rule's total (heads x layers x
+    budget), every head holds at least the floor and at most the cap, and each head's budget is its water-filled
+    share (within the rounding to whole tokens). Before, shares were not capped (a head could be given more tokens
+    than any prompt it sees: 2074 of a 1000-token prompt on SmolLM2) and were rounded down (the total fell short)."""
+    rule = h2o.parse(f"h2o_{sinks}_{recent}_{sinks + recent + extra}")
+    alloc = HeadKV(floor, factor)
+    layers, heads = len(table), len(table[0])
+    budgets = plan_budgets(alloc.plan(rule, layers, heads, {"retrieval": table}), heads)
+    low = min(rule.budget, max(sinks + recent, math.ceil(floor * rule.budget)))
+    cap = max(rule.budget, int(factor * rule.budget))
+    assert alloc.sizes(rule) == (low, cap)
+    flat = [b for row in budgets for b in row]
+    assert sum(flat) == layers * heads * rule.budget
+    assert all(low <= b <= cap for b in flat)
+    weights = [float(torch.tensor(s, dtype=torch.float32)) for row in table for s in row]
+    ideal = water_level(weights, layers * heads * rule.budget, low, cap)
+    assert all(abs(b - x) < 1 + 1e-6 for b, x in zip(flat, ideal)), (flat, ideal)
+
+
+def test_headkv_hands_what_a_head_cannot_hold_to_the_other_heads():
+    """The SmolLM2 case (docs/gemma.md: headkv+h2o_mean held 9.07 MiB against the uniform rule's 11.84): its retrieval
+    scores are concentrated, so score-proportional shares gave its two best heads 2074 and 1952 tokens of a
+    1000-token prompt, and 17954 of the 18000 tokens in all. Water-filled under the cap (4 x 200), every head's share
+    fits in the prompt and the plan holds exactly the uniform total."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(30, 3, generator=g) * 0.08
+    for (layer, head), score in {(18, 2): 1.0, (17, 1): 0.94, (20, 2): 0.46, (23, 0): 0.45, (6, 0): 0.39,
+                                 (21, 2): 0.24, (14, 0): 0.22, (20, 1): 0.16, (24, 1): 0.12}.items():
+        table[layer, head] = score
+    policy = h2o.parse("headkv+h2o_4_25_200")
+    budgets = torch.tensor(plan_budgets(policy.plan(30, 3, {"retrieval": table}), 3))
+    assert int(budgets.sum()) == 30 * 3 * 200 and int(budgets.max()) == 800 and int(budgets.min()) == 40
+    assert budgets[18, 2] == budgets[17, 1] == 800  # capped; what they could not hold went to the others ...
+    below = budgets.flatten() < 800
+    plain = 40 + torch.floor(90 * 160 * table.flatten().double() / table.double().sum())  # the shares before
+    assert int((plain > 1000).sum()) == 2 and int(plain.sum()) == 17954
+    assert bool((budgets.flatten()[below] >= plain[below]).all())  # ... by score: every uncapped head gets more
+    assert int((budgets.flatten()[below] - plain[below]).sum()) > 1000
+
+
+def test_headkv_cache_keeps_as_many_tokens_as_the_uniform_rule_once_the_prompt_passes_the_cap():
+    """End to end: one head scored, the others 0. Its proportional share (6 + 8 x 10 = 86 tokens) was more than the
+    70-token prompt, so the cache held 70 + 7 x 6 = 112 tokens where the uniform rule holds 8 x 16 = 128. Now it holds
+    the cap (64) and the other heads the rest: after the prefill every head keeps exactly its planned budget, within
+    its bound (budget + buffer), and the cache as many tokens as the uniform rule."""
+    from tiny import tiny_model, token_ids
+
+    model = tiny_model("llama", layers=4)
+    table = torch.zeros(4, 2)
+    table[2, 1] = 1.0
+    ids = token_ids(70)
+    try:
+        uniform = h2o.make_cache(model, "h2o_2_4_16", buffer=1)
+        allocated = h2o.make_cache(model, "headkv+h2o_2_4_16", buffer=1, head_scores={"retrieval": table})
+        with torch.no_grad():
+            model(ids, past_key_values=uniform, use_cache=True)
+            model(ids, past_key_values=allocated, use_cache=True)
+    finally:
+        h2o.restore(model)
+    held = sum(map(sum, allocated.head_lengths()))
+    assert held == sum(map(sum, uniform.head_lengths())) == 4 * 2 * 16  # before: 112
+    planned = plan_budgets(h2o.parse("headkv+h2o_2_4_16").plan(4, 2, {"retrieval": table}), 2)
+    assert planned[2][1] == 64 and allocated.head_lengths() == planned
+    assert all(n <= b for lengths, bounds in zip(allocated.head_lengths(), allocated.head_bounds())
+               for n, b in zip(lengths, bounds))
+
+
+@settings(max_examples=300, deadline=None)
+@given(weights=st.lists(st.one_of(st.just(0.0), st.floats(0, 1)), min_size=1, max_size=40),
+       low=st.integers(0, 50), room=st.integers(0, 400), data=st.data())
+def test_water_fill_is_exact_and_bounded_or_refuses(weights, low, room, data):
+    high = low + room
+    n = len(weights)
+    total = data.draw(st.integers(max(0, n * low - 5), n * high + 5))
+    if not n * low <= total <= n * high:
+        with pytest.raises(ValueError, match="cannot hold"):
+            water_fill(weights, total, low, high)
+        return
+    out = water_fill(weights, total, low, high)
+    assert sum(out) == total and all(low <= x <= high for x in out)
+    ideal = water_level(weights, total, low, high)
+    assert all(abs(x - y) < 1 + 1e-6 for x, y in zip(out, ideal)), (out, ideal)
+    # a higher weight never gets fewer tokens than a lower one (but for the rounding's one token)
+    assert all(out[i] >= out[j] - 1 for i in range(n) for j in range(n) if weights[i] > weights[j])

@@ -421,3 +421,47 @@ def test_the_ablation_allocation_ranks_heads_by_it():
     assert plans[1].groups[0] == ((0,), 24)  # the top quarter of 4 heads: layer 1, KV head 0, at 2 x 12
     with pytest.raises(ValueError, match="'ablation' score"):
         policy.plan(2, 2, {"retrieval": torch.rand(2, 2)})
+
+
+# --- what a call asks for is what it gets: ablation_cases honoured or refused, and `method` says what was computed --
+
+@pytest.mark.parametrize("tokenizer, texts, cases, ablation_cases, message", [
+    (None, None, 8, 2, "this call has no tokenizer"),  # was: silently no ablation score
+    ("tok", None, 8, 2, "this call has no calibration texts"),  # was: silently no ablation score
+    ("tok", [HAYSTACK], 0, 2, "more than the cases=0"),  # was: silently no ablation score
+    ("tok", [HAYSTACK], 2, 3, "more than the cases=2"),  # was: silently 2
+])
+def test_ablation_cases_that_cannot_be_honoured_are_a_value_error_before_any_work(monkeypatch, tokenizer, texts, cases,
+                                                                                  ablation_cases, message):
+    """`ablation_cases` was silently capped to `cases`, or ignored without a tokenizer, texts or cases: the error came
+    only later, from `h2o.make_cache(model, "ablation_...")`. Now the call refuses it before any forward, and so does
+    `method_inputs` (what the on-disk cache compares before it reuses a record)."""
+    model = tiny_model("llama")
+    tokenizer = object() if tokenizer == "tok" else tokenizer  # never used: the check comes first
+    for heavy in ("_forward", "needle_cases", "weights_fingerprint", "probed"):
+        monkeypatch.setattr(H, heavy, lambda *a, **k: pytest.fail("work was done before the check"))
+    with pytest.raises(ValueError, match=message):
+        H.head_scores(model, tokenizer, texts, random_tokens=8, repeats=1, cases=cases, ablation_cases=ablation_cases)
+    with pytest.raises(ValueError, match=message):
+        H.method_inputs(model, tokenizer, texts, cases=cases, ablation_cases=ablation_cases)
+    assert model.config._attn_implementation == "sdpa"  # the model was not touched
+
+
+def test_method_says_what_was_computed_for_each_score(tok):
+    """Without ablation, `method["retrieval"]` read "omitted: cases = 0" beside the retrieval score it had computed."""
+    model = tiny_llama_for(tok)
+    kw = dict(random_tokens=16, repeats=1, context_tokens=80)
+    both = H.head_scores(model, tok, [HAYSTACK], cases=1, **kw)
+    assert set(both.scores) == {"induction", "echo", "retrieval"}
+    assert both.method["retrieval"].startswith("Retrieval Head (Wu et al. 2024): 1 needle cases")
+    assert both.method["ablation"] == "omitted: ablation_cases = 0" and "ablation_drops" not in both.method
+    assert both.method["induction"].startswith("RazorAttention")
+    none = H.head_scores(model, tok, [HAYSTACK], cases=0, **kw)
+    assert set(none.scores) == {"induction", "echo"} and none.method["retrieval"] == "omitted: cases = 0"
+    bare = H.head_scores(model, **kw)
+    assert set(bare.scores) == {"induction", "echo"} and bare.method["retrieval"] == "omitted: no tokenizer"
+    assert bare.method["ablation"] == none.method["ablation"] == "omitted: ablation_cases = 0"
+    ablated = H.head_scores(model, tok, [HAYSTACK], cases=2, ablation_cases=2, **kw)
+    assert set(ablated.scores) == {"induction", "echo", "retrieval", "ablation"}
+    assert ablated.method["retrieval"].startswith("Retrieval Head") and ablated.method["ablation"].startswith("2 needle")
+    assert ablated.method["inputs"]["ablation_cases"] == 2

@@ -20,15 +20,20 @@ window (the rule's, clamped to its own budget) and ranks the rest by the rule, w
   its layers together, `h2o.shared_budget`), by one top-k over the rule's priorities of all their slots; each head
   keeps at least max(sinks + recent, ceil(<floor> x budget)) tokens. The rule's priorities must be comparable
   across layers (attention mass and its averages are; a rule whose scale differs by layer ranks layers too).
-- ``headkv_<floor>`` (HeadKV): every KV head keeps max(sinks + recent, ceil(<floor> x budget)) tokens, and the
-  rest of the cache's N x budget is shared among all heads in proportion to their retrieval score (rounded down;
-  equal shares where every score is 0).
+- ``headkv_<floor>`` or ``headkv_<floor>_<factor>`` (HeadKV): every KV head keeps max(sinks + recent,
+  ceil(<floor> x budget)) tokens and at most <factor> x budget (default 4, as retrieval heads: a head cannot use
+  more than the prompt, and a plan that does not know the prompt's length must not give it more); the rest of the
+  cache's N x budget is water-filled among the heads in proportion to their retrieval score: what a head's share
+  would put above its cap goes to the other heads, by score, until none is over (heads of score 0 share equally
+  what the scored heads cannot hold; equal shares where every score is 0), then rounded to whole tokens by largest
+  remainders. The budgets add up to exactly N x budget (`water_fill`).
 - ``pyramid_<beta>`` (PyramidKV): layer budgets fall linearly with depth from 2 x budget - b_min at the first
   layer to b_min = max(budget // <beta>, sinks + recent + 1) at the last (rounded down: the mean is at most the
   budget); every head of a layer holds its layer's budget.
 
-A bare allocation name takes its defaults (`DEFAULTS`): adakv = adakv_0.2, global = global_0.2, headkv = headkv_0.2, pyramid = pyramid_20, retrieval =
-retrieval_0.1_4, induction = induction_0.1_4.
+A bare allocation name takes its defaults (`DEFAULTS`): adakv = adakv_0.2, global = global_0.2, headkv = headkv_0.2
+(factor 4: headkv_0.2_4 is named headkv_0.2), pyramid = pyramid_20, retrieval = retrieval_0.1_4, induction =
+induction_0.1_4.
 """
 
 from __future__ import annotations
@@ -159,29 +164,38 @@ class AdaKV(Allocation):
 
 @dataclass(frozen=True)
 class HeadKV(Allocation):
-    """HeadKV: a floor per head, the rest of the cache's budget in proportion to each head's retrieval score."""
+    """HeadKV: a floor and a cap per head; the rest of the cache's budget water-filled in proportion to each head's
+    retrieval score."""
 
     NAME = "headkv"
     score: ClassVar[str] = "retrieval"
     floor: float = 0.2
+    factor: float = 4.0  # the cap: factor x budget tokens a head
+
+    DEFAULT_FACTOR: ClassVar[float] = 4.0
 
     def __post_init__(self):
         if not 0 <= self.floor <= 1:
             raise ValueError(f"headkv_<floor>: floor must lie in [0, 1], got {self.floor}")
+        if not (math.isfinite(self.factor) and self.factor >= 1):
+            raise ValueError(f"headkv_<floor>_<factor>: factor must be a number >= 1, got {self.factor}")
 
     @property
     def name(self) -> str:
-        return f"headkv_{self.floor:g}"
+        return f"headkv_{self.floor:g}" + ("" if self.factor == self.DEFAULT_FACTOR else f"_{self.factor:g}")
+
+    def sizes(self, rule: Policy) -> tuple[int, int]:
+        """(floor, cap): the fewest and the most tokens any head holds."""
+        floor = min(rule.budget, max(rule.sinks + rule.recent, math.ceil(self.floor * rule.budget)))
+        return floor, max(rule.budget, int(self.factor * rule.budget))
 
     def budgets(self, rule: Policy, table: torch.Tensor) -> torch.Tensor:
-        """[layers, heads] tokens per head: the floor + a share of the pool proportional to the head's score."""
-        n = table.numel()
-        floor = min(rule.budget, max(rule.sinks + rule.recent, math.ceil(self.floor * rule.budget)))
-        pool = n * (rule.budget - floor)
-        weights = table.to(torch.float64)
-        total = float(weights.sum())
-        share = weights / total if total > 0 else torch.full_like(weights, 1 / n)
-        return floor + torch.floor(pool * share).to(torch.int64)
+        """[layers, heads] tokens per head: the floor + a share of the pool proportional to the head's score,
+        water-filled under the cap; they add up to exactly heads x budget (`water_fill`)."""
+        floor, cap = self.sizes(rule)
+        weights = table.to(torch.float64).flatten().tolist()
+        out = water_fill(weights, table.numel() * rule.budget, floor, cap)
+        return torch.tensor(out, dtype=torch.int64).view(table.shape)
 
     def plan(self, rule, layers, heads, scores=None):
         if scores is None:
@@ -259,6 +273,53 @@ DEFAULTS = {"retrieval": HeadShare("retrieval"), "induction": HeadShare("inducti
 _NAME = re.compile(r"(retrieval|induction|ablation|adakv|global|headkv|pyramid)((?:_[0-9.]+)*)")
 
 
+def water_fill(weights, total: int, low: int, high: int) -> list[int]:
+    """Whole-token budgets, one per weight, each within [low, high], adding up to exactly `total`: every head holds
+    `low`, and the pool (total - n x low) is shared in proportion to the weights; a head whose share would take it
+    past `high` holds `high`, and what it cannot hold is shared again among the others in proportion to their
+    weights, until no share is over (heads of weight 0 share equally what the weighted heads cannot hold, and
+    everything when no weight is positive). The real shares are then rounded down and the tokens left over go one
+    each to the largest remainders (ties: the higher weight, then the earlier head)."""
+    n = len(weights)
+    if n == 0 or not n * low <= total <= n * high or low > high:
+        raise ValueError(f"water_fill: {n} heads of {low}..{high} tokens cannot hold {total} in all")
+    if any(not (math.isfinite(w) and w >= 0) for w in weights):
+        raise ValueError("water_fill: weights must be finite and >= 0")
+    room = high - low
+    extra = [0.0] * n
+    free = list(range(n))
+    left = float(total - n * low)
+    while free and left > 0:
+        weighted = [i for i in free if weights[i] > 0]
+        if weighted:
+            mass = math.fsum(weights[i] for i in weighted)
+            share = {i: left * (weights[i] / mass) for i in weighted}  # exact for subnormal weights too
+        else:
+            share = {i: left / len(free) for i in free}
+        full = {i for i, x in share.items() if x >= room}
+        if not full:
+            for i, x in share.items():
+                extra[i] = x
+            break
+        for i in full:
+            extra[i] = float(room)
+        left -= room * len(full)
+        free = [i for i in free if i not in full]
+    out = [low + min(room, math.floor(x)) for x in extra]
+    short = total - sum(out)
+    order = sorted(range(n), key=lambda i: (-(extra[i] - math.floor(extra[i])), -weights[i], i))
+    while short > 0:  # one pass in exact arithmetic; more only to absorb floating-point error
+        for i in order:
+            if short and out[i] < high:
+                out[i] += 1
+                short -= 1
+    for i in reversed(order):  # (floating-point error the other way: never expected)
+        while short < 0 and out[i] > low:
+            out[i] -= 1
+            short += 1
+    return out
+
+
 def head_tables(scores) -> dict[str, torch.Tensor]:
     """Head scores as the allocations read them, {name: float32 [layers, KV heads] on the CPU}, from a
     `h2o.HeadScores` or a mapping of name -> table (a tensor, a numpy array or nested lists of real numbers): every
@@ -319,6 +380,10 @@ def parse_allocation(text: str) -> Allocation | None:
         if len(values) != 2:
             raise ValueError(f"{text!r}: write {kind}_<share>_<factor>, e.g. {kind}_0.1_4")
         return HeadShare(kind, *values)
+    if kind == "headkv":
+        if len(values) > 2:
+            raise ValueError(f"{text!r}: write headkv_<floor> or headkv_<floor>_<factor>, e.g. headkv_0.2_4")
+        return HeadKV(*values)
     if len(values) != 1:
         raise ValueError(f"{text!r}: write {kind}_<{'beta' if kind == 'pyramid' else 'floor'}>")
     return {"adakv": AdaKV, "global": Global, "headkv": HeadKV, "pyramid": Pyramid}[kind](values[0])
