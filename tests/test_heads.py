@@ -339,6 +339,7 @@ def test_h2o_heads_writes_the_table_csv_json_and_plot(tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("argv, message", [
     (["--repeats", 0], "--repeats must be >= 1"),
     (["--cases", -1], "--cases must be >= 0"),
+    (["--cases", 2, "--ablation-cases", 1], "--ablation-cases needs needle cases in real text"),
     (["--model", "smollm2-135m", "--calibration-book", "99999999"], "no PG-19 test book '99999999'"),
 ])
 def test_h2o_heads_refuses_bad_input_before_any_work(tmp_path, monkeypatch, capsys, argv, message):

@@ -88,8 +88,9 @@ policy families and budgets):
                                 global_<floor>  one budget for the whole cache: every layer's and
                                   KV head's slots ranked together after each forward, the cache's
                                   layers evicted together, >= <floor> x budget each head
-                                headkv_<floor>  HeadKV: each head >= <floor> x budget, the rest
-                                  shared in proportion to its retrieval score (h2o heads)
+                                headkv_<floor>[_<factor>]  HeadKV: each head >= <floor> x budget and
+                                  <= <factor> x budget (default 4), the rest water-filled in
+                                  proportion to its retrieval score (h2o heads)
                                 pyramid_<beta>  PyramidKV: budgets fall linearly with depth
                                 e.g. adakv+h2o_4_32_256, retrieval_0.1_4+h2o_4_32_256,
                                 pyramid_20+tova_4_32_256; families too: --policies adakv+h2o_mean

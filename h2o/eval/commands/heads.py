@@ -51,6 +51,9 @@ def check(args) -> dict:
         raise ValueError(f"--cases must be >= 0, got {args.cases}")
     if not 0 <= args.ablation_cases <= args.cases:
         raise ValueError(f"--ablation-cases must lie in [0, --cases = {args.cases}], got {args.ablation_cases}")
+    if args.ablation_cases and args.model.startswith("random:"):
+        raise ValueError("--ablation-cases needs needle cases in real text, which a random-weight model has no tokenizer "
+                         "for: use --ablation-cases 0 with random: models")
     if args.cases and args.context_tokens < 16:
         raise ValueError(f"--context-tokens must be >= 16, got {args.context_tokens}")
     retrieval = args.cases > 0 and not args.model.startswith("random:")
