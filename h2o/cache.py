@@ -319,13 +319,28 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() + token else t
 
 
+def _tensors_in(value, depth: int = 3) -> list[torch.Tensor]:
+    """The tensors in `value`: itself, or inside its dicts, lists and tuples (a few levels deep)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth and isinstance(value, dict):
+        value = list(value.values())
+    if depth and isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item, depth - 1)]
+    return []
+
+
 def _held(layer, prefix: str) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of what one layer holds: its keys and values (a view keeps its storage alive), its buffers
-    (`slot_tensors`), and the same of its rows and head groups."""
+    (`slot_tensors`), any other tensor it keeps (a head group's head indices, the RoPE frequencies of reindex,
+    transformers' own small tensors), and the same of its rows and head groups."""
     out = [(f"{prefix}.{name}", t) for name in ("keys", "values")
            if isinstance(t := getattr(layer, name, None), torch.Tensor)]
     if hasattr(layer, "slot_tensors"):
         out += [(f"{prefix}.{name}", t) for name, t in layer.slot_tensors().items()]
+    for name, value in vars(layer).items():
+        if name not in ("keys", "values"):
+            out += [(f"{prefix}.{name}.other", t) for t in _tensors_in(value)]
     for j, row in enumerate(getattr(layer, "rows", [])):
         out += _held(row, f"{prefix}.row{j}")
     if not hasattr(layer, "rows"):
