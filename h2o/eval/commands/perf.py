@@ -13,8 +13,9 @@ reported, never absolute times across runs.
   the ratio of the minimum times (the prefill cut back to the budget included).
 - allocation: the `--h2o` rule under `--allocation` (head or layer budgets, `h2o.policies.allocation`) takes its
   decode steps in the same rotation; its ratio is against the same rule uniform (same average budget).
-- KV bytes: the cache's exact bytes (`kv_bytes`: every tensor it holds) after feeding 1k .. 16k tokens in
-  chunks of `--kv-chunk`, for each policy and the full cache: flat for a compressed cache.
+- KV bytes: the bytes the cache keeps alive (`kv_bytes`: every storage under its tensors, each once) after
+  feeding 1k .. 16k tokens in chunks of `--kv-chunk`, for each policy and the full cache: flat for a compressed
+  cache.
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ def run(session, plan) -> int:
              f"decode: after a {a.prompt}-token prompt ({names['full']}: the prompt's last {plan['budget']} tokens), "
              f"{a.steps} steps interleaved step by step, order rotating; prefill: {a.prefill} tokens, {a.rounds} "
              "interleaved rounds; ratios of the minimum (median beside it); only ratios compare across runs",
-             f"KV bytes: exact bytes every tensor of the cache holds, fed in chunks of {a.kv_chunk} tokens",
+             f"KV bytes: the storages the cache keeps alive (kv_bytes: each once, whole), fed in chunks of {a.kv_chunk} tokens",
              *compile_notes]
     session.write_csv("perf.csv", ratios)
     session.write_csv("perf_timing.csv", timing)

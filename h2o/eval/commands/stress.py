@@ -251,7 +251,7 @@ def _notes(session, source, runs, rows, context, mem_kind, random_weights) -> li
         f"{args.decode_steps} single-token decode steps per policy on the next real tokens, interleaved; "
         "TPOT = one decode forward (min and median of those steps)",
         "Segment PPL: every token predicted since the previous checkpoint (chunk and decode forwards)",
-        f"KV MiB: exact bytes of that policy's cache (bookkeeping included) after the checkpoint; Process MiB: "
+        f"KV MiB: the storages that policy's cache keeps alive (kv_bytes, bookkeeping included) after the checkpoint; Process MiB: "
         f"{'process RSS' if mem_kind == 'rss' else 'torch.cuda.memory_allocated'} with every live policy's "
         "cache held at once, and Peak MiB its peak over the segment (one number per checkpoint, not per policy)",
     ]
@@ -327,7 +327,7 @@ def plot(rows, title, context, mem_kind) -> list:
     _mark_stops(ax1, rows, policies, colors)
     _log2_axis(ax1, lengths)
     report.log_y(ax1, "KV cache size (MiB, log scale)")
-    ax1.set_title("KV cache per policy (exact bytes)", fontsize=9)
+    ax1.set_title("KV cache per policy (storages held)", fontsize=9)
     ax1.legend(fontsize=7)
     proc = {}
     for r in rows:

@@ -470,6 +470,6 @@ def plot_throughput(rows, title):
     ax1.set_ylim(bottom=0)
     ax1.set_title("Decode throughput = batch / median TPOT", fontsize=9)
     report.log_y(ax2, "KV cache at the end (MiB, log scale)")
-    ax2.set_title("KV cache size (exact bytes)", fontsize=9)
+    ax2.set_title("KV cache size (storages held)", fontsize=9)
     fig.suptitle(f"Throughput vs batch size: {title}", fontsize=9)
     return fig
