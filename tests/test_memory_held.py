@@ -161,12 +161,15 @@ def feed(model, cache, mode: str, n: int, chunks: list[int], buffer: int, batch:
         hook.remove()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rule=st.sampled_from(RULES), allocation=st.sampled_from(ALLOCATIONS), mode=st.sampled_from(MODES),
-       n=st.integers(8, 48), chunks=st.lists(st.integers(1, 24), min_size=1, max_size=4), buffer=st.integers(0, 4),
-       batch=st.integers(2, 3))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rule", RULES)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(allocation=st.sampled_from(ALLOCATIONS), n=st.integers(8, 48),
+       chunks=st.lists(st.integers(1, 24), min_size=1, max_size=4), buffer=st.integers(0, 4), batch=st.integers(2, 3))
 def test_storages_held_stay_within_the_uniform_rules_bound_for_every_rule_allocation_and_feeding(
-        rule, allocation, mode, n, chunks, buffer, batch):
+        rule, mode, allocation, n, chunks, buffer, batch):
+    """Every registered rule in every feeding mode (KVzip's replays: the kvzip rule in each), each drawing allocations
+    (none, or one of them) and sizes."""
     model = model_for(mode)
     name = policy_name(rule, allocation)
     assume(allocation is None or formable(model, name))  # else refused before any work (tests/test_allocation.py)
