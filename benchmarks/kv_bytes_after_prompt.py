@@ -20,30 +20,12 @@ from pathlib import Path
 import torch
 
 import h2o
+from h2o.cache import reachable_storages
 from h2o.eval import checkpoints, data, report
 from h2o.eval.head_score_cache import scores_for
 from h2o.policies.allocation import Allocated
 
 POLICIES = ["h2o_4_32_256", "kvzip_4_32_256", "global+kvzip_4_32_256", "retrieval_0.1_4+h2o_4_32_256_mean"]
-
-
-def reachable(root) -> dict:
-    """Every tensor storage reachable from the cache (attributes of h2o and transformers cache objects, containers)."""
-    found, seen, stack = {}, set(), [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            found[(obj.device, obj.untyped_storage().data_ptr())] = obj.untyped_storage().nbytes()
-        elif isinstance(obj, dict):
-            stack += list(obj.values())
-        elif isinstance(obj, (list, tuple, set)):
-            stack += list(obj)
-        elif type(obj).__module__.startswith(("h2o.", "transformers.cache_utils")) and hasattr(obj, "__dict__"):
-            stack += list(vars(obj).values())
-    return found
 
 
 def main(argv=None) -> int:
@@ -72,7 +54,7 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 model(ids_all[:, :n], past_key_values=cache, use_cache=True)
                 after_prompt, kv_only = cache.kv_bytes(), cache.kv_bytes(bookkeeping=False)
-                uncounted = sum(b for b in reachable(cache).values()) - after_prompt
+                uncounted = sum(b for b in reachable_storages(cache).values()) - after_prompt
                 kept = max(cache.kept_lengths())
                 model(ids_all[:, n:n + 1], past_key_values=cache, use_cache=True)
                 after_step = cache.kv_bytes()

@@ -299,6 +299,27 @@ def storage_bytes(tensors) -> int:
     return total
 
 
+def reachable_storages(root) -> dict:
+    """Every tensor storage reachable from `root` (a cache) through the attributes of h2o's and transformers' cache
+    objects, dicts, lists and tuples: {(device, data_ptr): bytes}. A walk independent of `held_tensors` (which names
+    what each layer kind holds), for checking that `kv_bytes()` leaves nothing out."""
+    found, seen, stack = {}, set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found[(obj.device, obj.untyped_storage().data_ptr())] = obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            stack += list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack += list(obj)
+        elif type(obj).__module__.startswith(("h2o.", "transformers.cache_utils")) and hasattr(obj, "__dict__"):
+            stack += list(vars(obj).values())
+    return found
+
+
 class SlidingWindowLayer(DynamicSlidingWindowLayer):
     """transformers' sliding-window layer (the model bounds it: never evicted by a policy), holding only what it
     keeps. transformers' own keeps its last window - 1 tokens as a slice of the forward's concatenated keys, so after

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import h2o
+from h2o.cache import reachable_storages
 from h2o.compressed_layer import UnobservedError
 from h2o.head_group_layer import HeadGroupLayer
 from h2o.models import compressed_layers, layer_windows
@@ -68,27 +69,6 @@ def uniform_ceiling(model, rows: int, buffer: int, reserve: int) -> int:
     compressed = sum(w is None for w in windows)
     sliding = sum(w for w in windows if w is not None)
     return rows * KV_HEADS * SLOT_BYTES * (compressed * (BUDGET + buffer + reserve) + sliding)
-
-
-def reachable_storages(root) -> dict:
-    """Every tensor storage reachable from `root` through attributes, dicts, lists and tuples (an independent walk,
-    not the cache's own list): {(device, data_ptr): nbytes}."""
-    found, seen, stack = {}, set(), [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            found[(obj.device, storage.data_ptr())] = storage.nbytes()
-        elif isinstance(obj, dict):
-            stack += list(obj.values())
-        elif isinstance(obj, (list, tuple, set)):
-            stack += list(obj)
-        elif type(obj).__module__.startswith(("h2o.", "transformers.cache_utils")) and hasattr(obj, "__dict__"):
-            stack += list(vars(obj).values())
-    return found
 
 
 def check_held(cache, model, rows: int, buffer: int, reserve: int) -> None:
