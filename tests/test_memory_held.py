@@ -100,6 +100,8 @@ def feed(model, cache, mode: str, n: int, chunks: list[int], buffer: int, batch:
     reserve = [1]
 
     def after(module, args, kwargs, output):
+        if cache.replaying:  # a replay's own forward, inside the forward it scores (where the model's base model is
+            return           # the model itself, transformers 4.56's Gemma 3): no caller can look at the cache there
         check_held(cache, model, rows * (2 if mode == "beams" else 1), buffer, reserve[0])
 
     def forward(ids, mask=None):
