@@ -39,7 +39,6 @@ class CompressedCache(Cache):
             raise ValueError(f"windows names {len(windows)} layers, the cache has {num_layers}")
         check_windows(policy, windows, positions, static)
         compressed = [i for i, w in enumerate(windows) if w is None]
-        fixed = []
         if head_scores is not None:  # checked whichever policy: malformed scores are an error, never ignored
             head_scores = head_tables(head_scores)
         if static:  # the compile-friendly layout (h2o.static)
@@ -60,9 +59,6 @@ class CompressedCache(Cache):
                 shared = SharedBudget(sum(plan.total for plan in plans), plans[0].floor, buffer)
                 for layer in made:
                     shared.join(layer)
-            else:  # fixed plans: each head group's budget, per head, for the short-prompt re-split (`_fit_plans`)
-                fixed = [(group, budget, len(heads)) for plan, layer in zip(plans, made) if not plan.joint
-                         for (heads, budget), group in zip(plan.groups, getattr(layer, "sublayers", [layer]))]
         elif policy.evicts:
             made = [CompressedLayer(policy, buffer, reindex, rope) for _ in compressed]
         else:
@@ -70,7 +66,6 @@ class CompressedCache(Cache):
         it = iter(made)
         layers = [next(it) if w is None else SlidingWindowLayer(sliding_window=w) for w in windows]
         super().__init__(layers=layers)
-        self._fixed = fixed
         self.policy, self.positions, self.buffer, self.static = policy, positions, buffer, static
         self.windows = windows
 
@@ -227,41 +222,7 @@ class CompressedCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == 0 and not torch.compiler.is_compiling():
             self.check_forward()  # before any layer takes the forward's tokens
-            if getattr(self, "_fixed", None) and not self.replaying:  # (a replay's tokens never stay)
-                self._fit_plans(key_states.shape[-2])
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    def _fit_plans(self, q: int) -> None:
-        """Fixed plans (head groups, layer budgets) on a context shorter than their largest head budget: a head cannot
-        hold more tokens than it has seen, so what it cannot hold goes to the other heads, in proportion to their
-        planned budgets (`allocation.water_fill`, every head capped at the tokens seen after this forward), and the
-        cache spends what the uniform rule spends; from the largest head budget on, the plan itself. The same split
-        in every layer (it depends only on the tokens seen), set before any layer takes the forward's tokens."""
-        fixed = self._fixed
-        seen = fixed[0][0].seen + q
-        budgets = [budget for _, budget, heads in fixed for _ in range(heads)]
-        key = min(seen, max(budgets))
-        if key == getattr(self, "_fitted", None):
-            return
-        self._fitted = key
-        total = sum(budgets)
-        if seen >= max(budgets):
-            split = budgets
-        elif seen * len(budgets) <= total:  # every head holds all it has seen, as the uniform rule does
-            split = [seen] * len(budgets)
-        else:
-            from .policies.allocation import water_fill
-
-            split = water_fill(budgets, total, 0, seen)
-        start, rule = 0, self.policy.rule
-        for group, budget, heads in fixed:
-            given = min(split[start:start + heads])  # a group holds one budget: its heads' least (never more)
-            start += heads
-            if group.budget != given:
-                group.budget = given
-                # a group given every token it has seen never evicts (its rule keeps its planned sizes); another ranks
-                # at its new budget
-                group.policy = rule.with_budget(max(given, budget) if given >= seen else given)
 
     def check_forward(self) -> None:
         """At a forward's first layer, before any layer takes its tokens: the model must still run what this cache

@@ -350,30 +350,3 @@ def test_a_replay_past_the_trained_context_is_said():
             model(token_ids(120, seed=2), past_key_values=cache, use_cache=True)
     h2o.restore(model)
 
-
-
-@pytest.mark.parametrize("allocation", ["retrieval_0.3_2", "induction_0.3_2", "headkv", "pyramid_4"])
-@pytest.mark.parametrize("prompt", [14, 18, 22])
-def test_a_fixed_plan_spends_the_uniform_rules_tokens_on_a_prompt_shorter_than_its_largest_head_budget(allocation,
-                                                                                                       prompt):
-    """Issue 38, item 7: a head cannot hold more tokens than the prompt has; what it cannot hold goes to the other
-    heads, so after the prompt the heads keep as many tokens in all as the uniform rule (buffer 0: layers x heads x
-    budget, less at most a token a head group: a group holds its heads' least share), each within its bound; from its
-    largest head budget on, the plan itself."""
-    model = model_for("chunks")
-    scores = head_scores_for(model)
-    cache = h2o.make_cache(model, f"{allocation}+h2o_2_4_12", buffer=0, head_scores=scores, tokenizer=TOKENIZER)
-    planned = [group.budget for group, _, _ in cache._fixed]
-    ids = token_ids(60)
-    with torch.no_grad():
-        model(ids[:, :prompt], past_key_values=cache, use_cache=True)
-        held = [n for layer in cache.head_lengths() for n in layer]
-        assert len(held) * BUDGET - len(planned) <= sum(held) <= len(held) * BUDGET, (held, planned)
-        assert all(n <= min(prompt, b) for n, b in zip(held, [b for layer in cache.head_bounds() for b in layer]))
-        for t in range(prompt, 60):  # decoding: the same total at every step, and the plan once it is reached
-            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            held = [n for layer in cache.head_lengths() for n in layer]
-            assert sum(held) <= len(held) * BUDGET
-    h2o.restore(model)
-    assert [group.budget for group, _, _ in cache._fixed] == planned and max(planned) < 60
-    assert sum(held) == len(held) * BUDGET
