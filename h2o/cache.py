@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from .attention import NAMES as H2O_ATTENTION
 from .compressed_layer import CompressedLayer, UnobservedError  # noqa: F401 (UnobservedError: importable here, as before)
 from .handover import take_pending  # noqa: F401 (take_pending: importable here, as before)
 from .head_group_layer import HeadGroupLayer
@@ -68,6 +69,11 @@ class CompressedCache(Cache):
         super().__init__(layers=layers)
         self.policy, self.positions, self.buffer, self.static = policy, positions, buffer, static
         self.windows = windows
+        self.model_config = None  # the model's config, set by h2o.make_cache: each forward checks it (check_forward)
+        # a replaying rule (KVzip): a forward held for its replay; whether the replay hooks ran in this forward; the
+        # last tokens fed (the next replay's "starting with"); why the last replay did not finish
+        self._held = self._armed = False
+        self.replay_tail = self.interrupted = None
 
     def __repr__(self) -> str:
         static = ", static" if self.static else ""
@@ -128,7 +134,7 @@ class CompressedCache(Cache):
         """Before a forward of several tokens: no layer evicts until `release` (after the replay). A cache still
         holding the previous forward's tokens was never replayed: an error, never a cache that stops evicting."""
         layers = self.compressed_layers()
-        if getattr(self, "interrupted", None):
+        if self.interrupted:
             raise RuntimeError(self.interrupted)
         if any(layer.held for layer in layers):
             raise RuntimeError(
@@ -147,7 +153,7 @@ class CompressedCache(Cache):
 
     @property
     def held(self) -> bool:
-        return getattr(self, "_held", False)
+        return self._held
 
     def replay_window(self, window: tuple[int, int] | None) -> None:
         """The arrival indices [start, stop) of the chunk the next forward (a replay) reconstructs; None after."""
@@ -214,7 +220,7 @@ class CompressedCache(Cache):
         out = []
         for i, layer in enumerate(self.layers):
             out += _held(layer, str(i))
-        tail = getattr(self, "replay_tail", None)  # a replaying rule's last tokens fed (its next replay's prompt)
+        tail = self.replay_tail  # a replaying rule's last tokens fed (its next replay's prompt)
         return out + ([("replay_tail", tail)] if tail is not None else [])
 
     # --- the cache as a whole ---------------------------------------------------------------------------------
@@ -227,26 +233,25 @@ class CompressedCache(Cache):
     def check_forward(self) -> None:
         """At a forward's first layer, before any layer takes its tokens: the model must still run what this cache
         needs to keep its bound (h2o's attention; a replaying rule's hooks), else nothing is written and it raises."""
-        config = getattr(self, "model_config", None)
-        if config is not None and self.policy.evicts:
-            from .attention import NAMES  # h2o.attention imports the layer kinds: not at module level
-
-            if config._attn_implementation not in NAMES.values():
-                raise UnobservedError(
-                    f"this {self.policy.name} cache was given a forward of a model that runs "
-                    f"{config._attn_implementation!r} attention, not h2o's: it could not evict (h2o.restore(model) was "
-                    "called, the attention implementation was switched, or the cache is used with another model). "
-                    "Nothing was written to the cache. Make a new cache with h2o.make_cache(model, ...) for the model "
-                    "you run")
-        if self.replays and self.policy.evicts and config is not None:
-            armed, self._armed = getattr(self, "_armed", False), False
+        config = self.model_config
+        if config is None or not self.policy.evicts:  # a cache made without a model, or one that never evicts
+            return
+        if config._attn_implementation not in H2O_ATTENTION.values():
+            raise UnobservedError(
+                f"this {self.policy.name} cache was given a forward of a model that runs "
+                f"{config._attn_implementation!r} attention, not h2o's: it could not evict (h2o.restore(model) was "
+                "called, the attention implementation was switched, or the cache is used with another model). "
+                "Nothing was written to the cache. Make a new cache with h2o.make_cache(model, ...) for the model "
+                "you run")
+        if self.replays:
+            armed, self._armed = self._armed, False
             if not armed:
                 raise UnobservedError(
                     f"{self.policy.name} scores the context by replaying it, and the hooks h2o.make_cache installed "
                     "for that did not run in this forward (h2o.restore removed them, or the cache is used with another "
                     "model): its scores would stay zero. Nothing was written to the cache. Make a new cache with "
                     "h2o.make_cache(model, ..., tokenizer=) for the model you run")
-        if getattr(self, "interrupted", None):
+        if self.interrupted:
             raise RuntimeError(self.interrupted)
 
     def reset(self) -> None:
@@ -271,9 +276,8 @@ class CompressedCache(Cache):
 
     def _rows_of_tail(self, take) -> None:
         """The replay's last tokens fed follow the cache's rows (beams, a selection), as the layers do."""
-        tail = getattr(self, "replay_tail", None)
-        if tail is not None:
-            self.replay_tail = take(tail)
+        if self.replay_tail is not None:
+            self.replay_tail = take(self.replay_tail)
 
     def rows(self) -> int | None:
         """Rows (batch size) the cache holds now; None while empty."""

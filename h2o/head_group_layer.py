@@ -13,6 +13,21 @@ from .policies import Policy
 from .policies.allocation import LayerPlan, split_budget
 
 
+def _first_group(name: str) -> property:
+    """A head-group layer's `keys` or `values`: its first group's, read live. The base classes set them to None (at
+    construction, on reset); any other value is refused."""
+
+    def read(self):
+        subs = self.sublayers if self.is_initialized else []
+        return getattr(subs[0], name) if subs else None
+
+    def write(self, value) -> None:
+        if value is not None:
+            raise AttributeError(f"a head-group layer's {name} are its head groups' (read-only)")
+
+    return property(read, write)
+
+
 class HeadGroupLayer(DynamicLayer):
     """One model layer whose KV heads hold different numbers of tokens: each group of heads is a `CompressedLayer`
     of its own over those heads (its own preallocated buffers, sized by its own budget), so a head holds, and
@@ -55,23 +70,8 @@ class HeadGroupLayer(DynamicLayer):
     # The first head group's kept keys and values: what the attention function finds the layer by (and what a view
     # of them keeps alive). Read live, never kept: a copy taken before an eviction would keep the evicted buffers
     # alive. The kept tokens of each head are `head_lengths()`.
-    @property
-    def keys(self):
-        subs = self.sublayers if self.is_initialized else []
-        return subs[0].keys if subs else None
-
-    @keys.setter
-    def keys(self, value) -> None:
-        _only_none(value)
-
-    @property
-    def values(self):
-        subs = self.sublayers if self.is_initialized else []
-        return subs[0].values if subs else None
-
-    @values.setter
-    def values(self, value) -> None:
-        _only_none(value)
+    keys = _first_group("keys")
+    values = _first_group("values")
 
     def attend(self, call, query, attention_mask, split: bool = True):
         """One compressed run per head group on its keys and its query heads, written back in head order; then (with
@@ -154,13 +154,6 @@ class HeadGroupLayer(DynamicLayer):
     def _each(self, method: str, arg) -> None:
         for sub in self.sublayers:
             getattr(sub, method)(arg)
-
-
-def _only_none(value) -> None:
-    """The base classes set keys and values to None (at construction, on reset); a head-group layer's are its
-    groups'."""
-    if value is not None:
-        raise AttributeError("a head-group layer's keys and values are its head groups' (read-only)")
 
 
 def split_evict(heads: list[CompressedLayer], total: int, floor: int, buffer: int) -> bool:

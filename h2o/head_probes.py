@@ -575,7 +575,6 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if texts and tokenizer is None:
         raise ValueError("texts given without a tokenizer: the retrieval score needs both")
-    check_ablation(tokenizer, texts, cases, ablation_cases)
     config = model.config
     layers, q_heads, kv_heads = shape_of(config)
     # the layers a policy compresses (a hybrid model's sliding-window layers are never evicted: no score for them)

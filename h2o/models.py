@@ -213,7 +213,7 @@ def _replay_hook(module, args, kwargs, output):
     if not isinstance(cache, CompressedCache) or not cache.replays or cache.replaying:
         return None
     ids = _forward_tokens(cache, args, kwargs)
-    tail = getattr(cache, "replay_tail", None)
+    tail = cache.replay_tail
     if cache.held:
         cache.replayer.run(module, cache, ids, tail)
     both = ids if tail is None else torch.cat([tail, ids], dim=1)

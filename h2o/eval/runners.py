@@ -51,6 +51,7 @@ import torch
 
 import h2o
 from h2o import models as h2o_models
+from h2o.cache import storage_bytes
 from h2o.policies import at_budget
 
 PREFIX = "kvpress:"
@@ -427,8 +428,6 @@ class PressRunner:
 
     def kv_bytes(self) -> int:
         """The storages the press's cache keeps alive (each once, whole: `h2o.cache.storage_bytes`), as h2o's own."""
-        from ..cache import storage_bytes
-
         return storage_bytes(t for layer in self.cache.layers for t in (getattr(layer, "keys", None),
                                                                         getattr(layer, "values", None))
                              if isinstance(t, torch.Tensor))
