@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from .attention import NAMES as H2O_ATTENTION
 from .compressed_layer import CompressedLayer, UnobservedError  # noqa: F401 (UnobservedError: importable here, as before)
 from .handover import take_pending  # noqa: F401 (take_pending: importable here, as before)
+from .context_fit import ContextFit
 from .head_group_layer import HeadGroupLayer
 from .policies import Policy
 from .policies.allocation import Allocated, head_tables
@@ -51,7 +52,11 @@ class CompressedCache(Cache):
             if kv_heads is None:
                 raise ValueError(f"{policy.name}: an allocation needs the model's number of KV heads (kv_heads=)")
             plans = policy.plan(len(compressed), kv_heads, head_scores)
-            made = [CompressedLayer(policy.rule.with_budget(plan.groups[0][1]), buffer, reindex, rope,
+            # fixed plans of unequal budgets: fitted to a context shorter than the largest, row by row, so each row is
+            # a layout of its own (h2o.context_fit)
+            fitted = not policy.across_layers and fits(plans)
+            made = [RowsLayer(plan, policy.rule, buffer, reindex, rope) if fitted else
+                    CompressedLayer(policy.rule.with_budget(plan.groups[0][1]), buffer, reindex, rope,
                                     rule_budget=policy.rule.budget)
                     if plan.uniform and not policy.across_layers else
                     (RowsLayer if plan.joint else HeadGroupLayer)(plan, policy.rule, buffer, reindex, rope)
@@ -60,6 +65,12 @@ class CompressedCache(Cache):
                 shared = SharedBudget(sum(plan.total for plan in plans), plans[0].floor, buffer)
                 for layer in made:
                     shared.join(layer)
+            if fitted:
+                fit = ContextFit([(budget, len(heads)) for plan in plans for heads, budget in plan.groups])
+                offset = 0
+                for plan, layer in zip(plans, made):
+                    layer.context_fit, layer.fit_offset = fit, offset
+                    offset += len(plan.groups)
         elif policy.evicts:
             made = [CompressedLayer(policy, buffer, reindex, rope) for _ in compressed]
         else:
@@ -258,6 +269,9 @@ class CompressedCache(Cache):
         """Empty the cache for a new prompt (or a new batch size): every layer, the held state and the replay's
         memory of the last tokens fed, so it behaves as a new cache."""
         super().reset()
+        for fit in {id(layer.context_fit): layer.context_fit for layer in self.layers
+                    if getattr(layer, "context_fit", None) is not None}.values():
+            fit.forget_rows()
         self._held = False
         self.replay_tail = None
         self.interrupted = None
@@ -288,6 +302,12 @@ class CompressedCache(Cache):
             elif isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4:
                 return layer.keys.shape[0]
         return None
+
+
+def fits(plans) -> bool:
+    """Whether a plan's budgets are fitted to a short context (`h2o.context_fit`): fixed head groups (no joint split)
+    of unequal budgets. A plan whose budgets are all equal holds what the uniform rule holds, as it is."""
+    return not any(plan.joint for plan in plans) and len({b for plan in plans for _, b in plan.groups}) > 1
 
 
 def storage_bytes(tensors) -> int:

@@ -44,6 +44,10 @@ class CompressedLayer(DynamicLayer):
         # tokens per head it is cut back to, set in _clear) is what that layer's last split gave it
         self.joint = joint
         self.is_initialized = False  # not set by the 4.56 base class
+        # a fixed head group of an allocation, in one row: its budget fitted to the context the row has seen (a
+        # `h2o.context_fit.RowFit`, and the group's place in its plans, `fit_group`)
+        self.context_fit = None
+        self.fit_group = 0
         self._zero_state = type(policy).initial_state is Policy.initial_state
         self._clear()
 
@@ -58,6 +62,7 @@ class CompressedLayer(DynamicLayer):
         self.storage: dict[str, torch.Tensor] = {}  # name -> buffer over `capacity` slots
         self.pads = None
         self.has_padding = False  # any kept slot may be padding (a host-side flag: no per-step sync)
+        self.padded = False  # any token seen may have been padding (`pads` may be nonzero; host-side, never cleared)
         self.unobserved = False  # updated, and its attention has not observed it yet
         self.model_ready = 0  # half-precision reindex: slots [0, model_ready) hold their `model_keys`
         self.model_slots = None  # (seen, kept) of a forward whose positions the model was given as slots
@@ -248,7 +253,9 @@ class CompressedLayer(DynamicLayer):
         q = new_valid.shape[-1]
         self.valid[:, -q:] = new_valid
         self.pads += (~new_valid).sum(-1)
-        self.has_padding = self.has_padding or q == 1 or not bool(new_valid.all())
+        padding = q == 1 or not bool(new_valid.all())
+        self.has_padding = self.has_padding or padding
+        self.padded = self.padded or padding
 
     def reposition(self, query: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         """reindex mode, when the model rotated the new keys and queries at its own positions (not at their
@@ -294,12 +301,22 @@ class CompressedLayer(DynamicLayer):
     def evict_if_needed(self) -> bool:
         """Cut back to the budget if over budget + buffer: one gather moves every per-slot tensor to the front
         of its buffer (or of a fresh, smaller one, after a larger forward). Without padding nothing
-        here reads a value back to the host."""
+        here reads a value back to the host. A fixed head group of one row (`RowsLayer`) on a context shorter than
+        its plan's largest budget is cut back to its budget on that context (`h2o.context_fit`)."""
+        fitted = None
+        if self.context_fit is not None:
+            fitted = self.context_fit.budget(self)
+            self.budget = self.policy.budget if fitted is None else fitted
         budget = self.budget
         if self.length <= budget + self.buffer:
             return False
+        targets = None
+        if fitted is not None:  # the rule's own budget is the plan's: each row to the fitted one (as `keep_indices`)
+            real = self.valid.sum(-1)
+            targets = torch.where(real > budget + self.buffer, torch.full_like(real, budget), real)
         idx, kept = keep_indices(self.policy, self.state, self.times, self.valid, self.pads, self.seen, self.buffer,
-                                 keys=self.keys, values=self.values, width=budget if not self.has_padding else None)
+                                 keys=self.keys, values=self.values, width=budget if not self.has_padding else None,
+                                 targets=targets)
         self._keep(idx, kept)
         return True
 

@@ -48,6 +48,7 @@ class HeadGroupLayer(DynamicLayer):
         self.sublayers = [CompressedLayer(rule.with_budget(budget), buffer, reindex, rope, joint=plan.joint,
                                           rule_budget=rule.budget)
                           for _, budget in plan.groups]
+        self.whole = plan.groups[0][0] == tuple(range(self.heads))  # one group of every head, in order
         self.buffer, self.is_initialized = buffer, False
         self._index: dict = {}  # (device, query groups) -> per group (KV head index, query head index)
 
@@ -61,7 +62,9 @@ class HeadGroupLayer(DynamicLayer):
         return self._index[key]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        for (kv, _), sub in zip(self.index(key_states.device), self.sublayers):
+        if self.whole:  # one group of every head in order (a layer budget): no heads to pick
+            self.sublayers[0].update(key_states, value_states)
+        for (kv, _), sub in zip(self.index(key_states.device), [] if self.whole else self.sublayers):
             sub.update(key_states.index_select(1, kv), value_states.index_select(1, kv))
         self.is_initialized = True
         leave_pending(self)
@@ -76,6 +79,11 @@ class HeadGroupLayer(DynamicLayer):
     def attend(self, call, query, attention_mask, split: bool = True):
         """One compressed run per head group on its keys and its query heads, written back in head order; then (with
         `split`) the layer's joint split, if any (a `RowsLayer` splits its rows itself)."""
+        if self.whole:  # one group of every head in order (a layer budget): no heads to pick
+            out = call.compressed(self.sublayers[0], query, attention_mask)
+            if split:
+                self.observed()
+            return out
         out = None
         for (_, heads), sub in zip(self.index(query.device, query.shape[1] // self.heads), self.sublayers):
             part = call.compressed(sub, query.index_select(1, heads), attention_mask)  # [B, q, group's heads, Dv]

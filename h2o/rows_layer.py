@@ -16,8 +16,9 @@ from .policies.allocation import LayerPlan
 
 
 class RowsLayer(HeadGroupLayer):
-    """A joint (Ada-KV) layer of a batch: one `HeadGroupLayer` per row, made at the first forward, so each row
-    splits its own budget across its heads exactly as it would alone, and each (row, head) holds only that row's
+    """A joint (Ada-KV) layer of a batch, or one of fixed head groups fitted to a short context (`h2o.context_fit`):
+    one `HeadGroupLayer` per row, made at the first forward, so each row splits its own budget across its heads (or
+    fits its groups' budgets to its own context) exactly as it would alone, and each (row, head) holds only that row's
     tokens for that head. A batch of B rows holds at most B x (total + heads x buffer) slots, the uniform rule's
     bound (one [B, H, L] layout would hold, per head, its widest row's share in every row). h2o's attention runs
     once per row and head; beam search and batch selection move whole rows (a row chosen twice is copied)."""
@@ -30,6 +31,9 @@ class RowsLayer(HeadGroupLayer):
         self.rows: list[HeadGroupLayer] = []
         self.held = False  # a replaying rule's forward, waiting for its replay (`CompressedCache.hold`)
         self.shared = None  # a budget shared with other layers (`h2o.shared_budget.SharedBudget`), which evicts them
+        # fixed head groups fitted to a short context (`h2o.context_fit.ContextFit`), and this layer's first group's
+        # place in the plans: each row's groups get that row's fit
+        self.context_fit, self.fit_offset = None, 0
 
     @property
     def sublayers(self) -> list[CompressedLayer]:
@@ -42,6 +46,10 @@ class RowsLayer(HeadGroupLayer):
                          for _ in range(batch)]
             for sub in self.sublayers:
                 sub.held = self.held
+            if self.context_fit is not None:
+                for b, row in enumerate(self.rows):
+                    for g, sub in enumerate(row.sublayers):
+                        sub.context_fit, sub.fit_group = self.context_fit.row(b), self.fit_offset + g
         elif len(self.rows) != batch:
             raise ValueError(f"a cache holding {len(self.rows)} rows was given a forward of {batch} rows: "
                              "reset() it (or make a new cache) for a new batch")

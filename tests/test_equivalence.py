@@ -377,9 +377,9 @@ def test_allocated_kv_bytes_never_exceed_the_uniform_rule(policy):
     assert allocated.kv_bytes(bookkeeping=False) <= uniform.kv_bytes(bookkeeping=False)
     # bookkeeping: one validity row [B, slots] (bool) and pad count (int64) more per extra head group of a layer
     groups = sum(len(getattr(layer, "sublayers", [layer])) - 1 for layer in allocated.layers)
-    # and, per head-group layer, the index tensors of its groups' KV and query heads (int64)
-    index = sum(t.numel() * t.element_size() for layer in allocated.layers
-                for pairs in getattr(layer, "_index", {}).values() for pair in pairs for t in pair)
+    # and, per head-group layer (each row's, in a layer of rows), the index tensors of its groups' KV and query heads
+    index = sum(t.numel() * t.element_size() for layer in allocated.layers for part in getattr(layer, "rows", [layer])
+                for pairs in getattr(part, "_index", {}).values() for pair in pairs for t in pair)
     assert allocated.kv_bytes() <= uniform.kv_bytes() + groups * (12 * 4 + 4 + 1 + 8) + index
     # what the heads hold: never more slots than every head at the rule's budget + buffer
     heads = [n for layer in allocated.head_lengths() for n in layer]

@@ -350,3 +350,51 @@ def test_a_replay_past_the_trained_context_is_said():
             model(token_ids(120, seed=2), past_key_values=cache, use_cache=True)
     h2o.restore(model)
 
+
+
+@pytest.mark.parametrize("allocation", ["retrieval_0.3_2", "induction_0.3_2", "headkv", "pyramid_4"])
+@pytest.mark.parametrize("prompt", [13, 15, 16])
+def test_a_fixed_plan_spends_the_uniform_rules_tokens_on_a_prompt_shorter_than_its_largest_head_budget(allocation,
+                                                                                                       prompt):
+    """Issue 38, item 7: a head cannot hold more tokens than the prompt has; what it cannot hold goes to the other
+    heads, so after the prompt the heads keep as many tokens in all as the uniform rule (buffer 0: layers x heads x
+    budget, less at most a token a head group: a group holds its heads' least share), each within its bound and never
+    more than the prompt; decoding, never more than the uniform rule; from the largest head budget on, the plan."""
+    model = model_for("chunks")
+    cache = h2o.make_cache(model, f"{allocation}+h2o_2_4_12", buffer=0, head_scores=head_scores_for(model),
+                           tokenizer=TOKENIZER)
+    ids = token_ids(60)
+    with torch.no_grad():
+        model(ids[:, :prompt], past_key_values=cache, use_cache=True)
+        groups = cache.compressed_layers()  # one row: its groups share one fit
+        assert groups[0].context_fit is not None and all(sub.context_fit is groups[0].context_fit for sub in groups)
+        planned = [sub.policy.budget for sub in groups]
+        assert prompt < max(planned) < 60  # the prompt is shorter than the largest head budget; the decoding is not
+        held = [n for layer in cache.head_lengths() for n in layer]
+        bounds = [b for layer in cache.head_bounds() for b in layer]
+        assert len(held) * BUDGET - len(planned) <= sum(held) <= len(held) * BUDGET, (held, planned)
+        assert all(n <= min(prompt, b) for n, b in zip(held, bounds)), (held, bounds)
+        for t in range(prompt, 60):  # decoding: never more than the uniform rule, at every step
+            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            held = [n for layer in cache.head_lengths() for n in layer]
+            assert sum(held) <= len(held) * BUDGET
+    h2o.restore(model)
+    assert [sub.budget for sub in groups] == planned  # past the largest head budget: the plan itself
+    assert sum(held) == len(held) * BUDGET
+
+
+@settings(max_examples=200, deadline=None)
+@given(budgets=st.lists(st.integers(1, 64), min_size=1, max_size=24), seen=st.integers(0, 80))
+def test_context_budgets_hold_the_plans_total_within_what_each_head_has_seen(budgets, seen):
+    """`context_budgets`: every head at most what it has seen and at least min(its budget, seen); in all, the plan's
+    total where the context can fill it (else every head holds the whole context); the plan itself from the largest
+    budget on."""
+    from h2o.policies.allocation import context_budgets
+
+    out = context_budgets(budgets, seen)
+    assert len(out) == len(budgets)
+    if seen >= max(budgets):
+        assert out == budgets
+    else:
+        assert all(min(b, seen) <= n <= seen for n, b in zip(out, budgets)), (out, budgets, seen)
+        assert sum(out) == min(sum(budgets), seen * len(budgets))

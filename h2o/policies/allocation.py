@@ -320,6 +320,20 @@ def water_fill(weights, total: int, low: int, high: int) -> list[int]:
     return out
 
 
+def context_budgets(budgets: list[int], seen: int) -> list[int]:
+    """A fixed plan's head budgets (one per KV head, every layer's) on a context of `seen` tokens: a head cannot hold
+    more tokens than it has seen, so while the context is shorter than the largest budget, what a head cannot hold
+    goes to the others in proportion to their planned budgets (`water_fill`, every head capped at `seen`), and the
+    heads hold as many tokens in all as the plan (as the uniform rule of the same mean budget): every head all it has
+    seen while that is within the plan's total, and from the largest budget on the plan itself. A head never gets
+    less than min(its budget, seen)."""
+    if seen >= max(budgets):
+        return list(budgets)
+    if seen * len(budgets) <= sum(budgets):
+        return [seen] * len(budgets)
+    return water_fill(budgets, sum(budgets), 0, seen)
+
+
 def head_tables(scores) -> dict[str, torch.Tensor]:
     """Head scores as the allocations read them, {name: float32 [layers, KV heads] on the CPU}, from a
     `h2o.HeadScores` or a mapping of name -> table (a tensor, a numpy array or nested lists of real numbers): every
