@@ -56,14 +56,17 @@ def main(argv=None) -> int:
                 after_prompt, kv_only = cache.kv_bytes(), cache.kv_bytes(bookkeeping=False)
                 uncounted = sum(b for b in reachable_storages(cache).values()) - after_prompt
                 kept = max(cache.kept_lengths())
+                tokens = sum(map(sum, cache.head_lengths()))  # every KV head's kept tokens, in all
                 model(ids_all[:, n:n + 1], past_key_values=cache, use_cache=True)
                 after_step = cache.kv_bytes()
             h2o.restore(model)
             rows.append({"policy": name, "prompt_tokens": n, "kv_mib": after_prompt / report.MIB,
                          "kv_only_mib": kv_only / report.MIB, "kv_mib_after_step": after_step / report.MIB,
-                         "kept_longest_layer": kept, "bytes_reachable_not_counted": uncounted})
+                         "kept_longest_layer": kept, "tokens_kept_all_heads": tokens,
+                         "bytes_reachable_not_counted": uncounted})
             print(f"{name:40s} {n:5d} tokens: {after_prompt / report.MIB:7.2f} MiB held ({kv_only / report.MIB:.2f} "
-                  f"keys/values), {after_step / report.MIB:.2f} after a step; longest layer keeps {kept}; "
+                  f"keys/values), {after_step / report.MIB:.2f} after a step; {tokens} tokens kept in all heads, the "
+                  f"longest layer {kept}; "
                   f"{uncounted} B reachable and not counted", file=sys.stderr)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,10 +76,11 @@ def main(argv=None) -> int:
         w.writerows(rows)
     (out / "kv_bytes_after_prompt.json").write_text(json.dumps(rows, indent=1))
     lengths = a.lengths
+    print("MiB held after the prompt (tokens kept in all KV heads)")
     print("| policy | " + " | ".join(f"{n} tokens" for n in lengths) + " |")
     print("|---|" + "---|" * len(lengths))
     for name in a.policies:
-        cells = [f"{r['kv_mib']:.2f}" for n in lengths for r in rows if r["policy"] == name and r["prompt_tokens"] == n]
+        cells = [f"{r['kv_mib']:.2f} ({r['tokens_kept_all_heads']})" for n in lengths for r in rows if r["policy"] == name and r["prompt_tokens"] == n]
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
