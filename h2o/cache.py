@@ -13,6 +13,8 @@ without being observed raises, so a compressed cache can never run without its b
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -213,6 +215,27 @@ class CompressedCache(Cache):
         for layer in self.compressed_layers():
             layer.fit()
 
+    # --- compress once, ask many -----------------------------------------------------------------------------------
+
+    def fork(self) -> CompressedCache:
+        """A new cache holding this cache's context exactly as it is now (compressed, with every rule's state), for
+        one answer: whatever runs on the fork (`generate`, a manual loop, more context) never changes this cache, so
+        any number of questions can be answered from one compressed context, each from the same state.
+
+        What is copied: each compressed layer's kept keys and values (its free slots are allocated, not copied) and
+        its small per-slot bookkeeping; a full-cache or sliding-window layer's keys and values are shared, not copied
+        (transformers' layers never write them in place: each update makes new tensors). The fork holds what this
+        cache holds (`kv_bytes()`), less what they share. Refused, before anything is copied, for a cache in the middle
+        of a forward or holding tokens its replay (KVzip) has not scored, and for an interrupted one."""
+        check_forkable(self)
+        memo = {id(x): x for x in (self.model_config, getattr(self, "replayer", None), self.replay_tail)
+                if x is not None}
+        for layer in self.layers:
+            if not isinstance(layer, (CompressedLayer, HeadGroupLayer)):
+                memo.update({id(t): t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                             if isinstance(t, torch.Tensor)})
+        return copy.deepcopy(self, memo)
+
     def evicted(self) -> bool:
         """Whether any head of any layer holds fewer tokens than it has seen."""
         return any(layer.length < layer.seen for layer in self.compressed_layers())
@@ -302,6 +325,21 @@ class CompressedCache(Cache):
             elif isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4:
                 return layer.keys.shape[0]
         return None
+
+
+def check_forkable(cache: CompressedCache) -> None:
+    """What `fork` cannot copy into a cache that would behave as this one: said before anything is copied."""
+    name = cache.policy.name
+    if cache.interrupted:
+        raise RuntimeError(f"cannot fork this {name} cache: {cache.interrupted}")
+    if cache.held or any(layer.held for layer in cache.compressed_layers()):
+        raise RuntimeError(f"cannot fork this {name} cache: it holds a forward's tokens that its replay has not scored "
+                           "yet (fork after the forward returns)")
+    if any(layer.unobserved for layer in cache.compressed_layers()) or any(
+            getattr(getattr(layer, "shared", None), "_reported", None) for layer in cache.layers):
+        raise RuntimeError(f"cannot fork this {name} cache in the middle of a forward (a layer has taken tokens that "
+                           "its attention has not observed: the forward raised, or the cache is being run): fork it "
+                           "between forwards, or reset() it")
 
 
 def fits(plans) -> bool:

@@ -7,6 +7,8 @@ bookkeeping that moves with them through one gather; `h2o.cache` builds caches o
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -401,6 +403,34 @@ class CompressedLayer(DynamicLayer):
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the layer holds, by name: the buffers at their full capacity, and `pads`."""
         return {**self.storage, "pads": self.pads} if self.is_initialized else {}
+
+    def __deepcopy__(self, memo) -> CompressedLayer:
+        """A copy that shares nothing it could write (`CompressedCache.fork`): the kept slots of keys and values copied
+        into buffers of the same capacity (the free slots are allocated, not copied: a forward writes them), every
+        other buffer and attribute copied whole."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            if name not in ("storage", "keys", "values"):
+                setattr(new, name, copy.deepcopy(value, memo))
+        new.storage = self._copy_storage()
+        if self.storage:
+            new._view()
+        else:
+            new.keys = new.values = None
+        return new
+
+    def _copy_storage(self) -> dict[str, torch.Tensor]:
+        """The buffers, copied: the per-token vectors (keys, values, half-precision model keys) only in their kept
+        slots, the rest (free slots ready for new tokens: valid, zero state) whole."""
+        out = {}
+        for name, buf in self.storage.items():
+            if buf.dim() == 4:
+                out[name] = torch.empty_like(buf)
+                _slots(out[name], 0, self.length).copy_(_slots(buf, 0, self.length))
+            else:
+                out[name] = buf.clone()
+        return out
 
     def _select_rows(self, index: torch.Tensor) -> None:
         index = index.to(self.device)

@@ -18,6 +18,8 @@ has seen padding, one read of its padding count back to the host per forward in 
 
 from __future__ import annotations
 
+import copy
+
 from .policies.allocation import context_budgets
 
 
@@ -66,8 +68,11 @@ class RowFit:
         self._past = False  # the row has seen at least the largest budget: the plan itself from now on
 
     def __deepcopy__(self, memo) -> RowFit:
-        """A row copied (beam search's row chosen twice): its own memory of what it has seen, the same plans."""
-        new = RowFit(self.fit)
+        """A row copied (beam search's row chosen twice, a fork of the cache): its own memory of what it has seen; the
+        plans copied with the copy's other objects (one per cache fork: `memo`)."""
+        new = RowFit.__new__(RowFit)
+        memo[id(self)] = new
+        new.fit = copy.deepcopy(self.fit, memo)
         new._real, new._past = self._real, self._past
         return new
 

@@ -106,6 +106,17 @@ class StaticLayer(CompressedLayer):
         self.keys = self.storage["keys"][:, :, :self._span]
         self.values = self.storage["values"][:, :, :self._span]
 
+    def _copy_storage(self) -> dict[str, torch.Tensor]:
+        """`CompressedCache.fork`: every buffer whole (in the static layout kept slots lie anywhere in the capacity,
+        and the free ones must stay finite)."""
+        return {name: buf.clone() for name, buf in self.storage.items()}
+
+    def __deepcopy__(self, memo) -> StaticLayer:
+        new = super().__deepcopy__(memo)
+        if new.static and not torch.compiler.is_compiling():
+            new._mark_static()
+        return new
+
     # --- switching layouts (eager code: never inside a compiled decode step) ---------------------------
 
     def to_static(self) -> None:
@@ -132,11 +143,14 @@ class StaticLayer(CompressedLayer):
         self.static = True
         self._view()
         if not torch.compiler.is_compiling():
-            for t in [*self.storage.values(), self.slot_valid, self.order, self.pads, *self.counters.values()]:
-                torch._dynamo.mark_static_address(t)  # fixed addresses, so CUDA graphs can replay the step
-                # and fixed shapes: a later batch size recompiles for its own (as transformers' StaticCache does)
-                # instead of a dynamic batch dimension, which torch.cond's guards cannot express
-                torch._dynamo.mark_static(t)
+            self._mark_static()
+
+    def _mark_static(self) -> None:
+        for t in [*self.storage.values(), self.slot_valid, self.order, self.pads, *self.counters.values()]:
+            torch._dynamo.mark_static_address(t)  # fixed addresses, so CUDA graphs can replay the step
+            # and fixed shapes: a later batch size recompiles for its own (as transformers' StaticCache does)
+            # instead of a dynamic batch dimension, which torch.cond's guards cannot express
+            torch._dynamo.mark_static(t)
 
     def to_eager(self) -> None:
         """Back to the eager layout: each row's kept slots gathered in arrival order, after its unused slots when
