@@ -12,7 +12,7 @@ The names below are imported on first use, so that `import h2o.eval.cli` (`h2o -
 import importlib
 
 _EXPORTS = {
-    "make_cache": "models", "restore": "models", "SUPPORTED_FAMILIES": "models",
+    "make_cache": "models", "restore": "models", "SUPPORTED_FAMILIES": "models", "load_model": "eval.checkpoints",
     "CompressedCache": "cache", "CompressedLayer": "compressed_layer", "UnobservedError": "compressed_layer",
     "head_scores": "head_probes", "HeadScores": "head_probes",
     **{name: "policies" for name in (
