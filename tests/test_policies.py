@@ -129,3 +129,22 @@ def test_parse_rejects_score_for_non_h2o_and_conflicts():
         parse("streaming_4_252", score="sum")
     with pytest.raises(ValueError, match="names score rule"):
         parse("h2o_4_32_256_mean", score="sum")
+
+
+@pytest.mark.parametrize("name,said", [
+    ("streeming", "did you mean 'streaming_<sinks>_<window>' (e.g. 'streaming_4_252')?"),
+    ("kvzp_4_32_256", "did you mean 'kvzip_<sinks>_<recent>_<budget>[+<rule>]'"),
+    ("recomended_256", "did you mean 'recommended_<budget>'"),
+    ("retreival_0.1_4+h2o_4_32_256", "did you mean 'retrieval_0.1_4+h2o_4_32_256'?"),
+    ("h2o_4_32_-5", "h2o names are h2o_<sinks>_<recent>_<budget>[_mean|_sum] (e.g. 'h2o_4_32_256')"),
+    ("snapkv_256", "snapkv names are snapkv_<sinks>_<recent>_<budget>_<window>"),
+    ("lru_256", "rules are a2sf, caote, full, h2o,"),
+])
+def test_an_unknown_policy_is_told_what_to_write_not_the_whole_grammar(name, said):
+    """Issue 42: a misspelt or malformed name gets the grammar of the rule it starts with, or "did you mean" the
+    closest names, in one short message (before: the whole grammar, ~1,000 characters)."""
+    with pytest.raises(ValueError) as error:
+        parse(name)
+    message = str(error.value)
+    assert message.startswith(f"unknown policy {name!r}") and said in message, message
+    assert len(message) < 420, len(message)

@@ -15,6 +15,7 @@ What a policy observes, keeps and decides, and when, is the contract written in
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 
 from . import allocation
@@ -120,15 +121,38 @@ def parse(spec: str | Policy, score: str | None = None) -> Policy:
             if policy is not None:
                 break
         if policy is None:
-            grammars = "; ".join([f"'{g}' (e.g. '{e}')" for g, e in policy_names().items()]
-                                 + ["'recommended_<budget>' (e.g. 'recommended_256': h2o.recommended(256))",
-                                    "'<allocation>+<rule>' (e.g. 'adakv+h2o_4_32_256', 'retrieval_0.1_4+h2o_4_32_256', "
-                                    "'pyramid_20+tova_4_32_256': head and layer budgets)"])
-            raise ValueError(f"unknown policy {spec!r}; expected one of: {grammars}")
+            raise ValueError(unknown_policy(spec))
     if score is not None and not type(policy).has_score:
         raise ValueError(f"score={score!r} only applies to H2O and the other rules with a scoring rule "
                          f"({', '.join(n for n, c in _REGISTRY.items() if c.has_score)}), not {policy.name!r}")
     return policy
+
+
+def unknown_policy(spec: str) -> str:
+    """Why `spec` names no policy, and what to write instead: the grammar of the rule it starts with, or the names
+    it is closest to ("did you mean"), never the whole grammar."""
+    names = policy_names()  # grammar -> example, per registered rule
+    by_rule = {g.partition("_")[0]: (g, e) for g, e in names.items()}
+    by_rule["recommended"] = ("recommended_<budget>", "recommended_256")
+    head, plus, rest = spec.partition("+")
+    every = "every name: h2o.policy_names() (or `h2o --help`)"
+    if plus and allocation.split(spec) is None and head.partition("_")[0] not in by_rule:
+        word = head.partition("_")[0]
+        close = difflib.get_close_matches(word, sorted(allocation.DEFAULTS), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(c + head[len(word):] + '+' + rest) for c in close)}? " if close else ""
+        return (f"unknown policy {spec!r}: {head!r} is no allocation; {hint}allocations: "
+                f"{', '.join(sorted(allocation.DEFAULTS))} (e.g. 'retrieval_0.1_4+h2o_4_32_256'); {every}")
+    word = spec.partition("_")[0]
+    if word in by_rule:
+        grammar, example = by_rule[word]
+        return (f"unknown policy {spec!r}: {word} names are {grammar} (e.g. {example!r}), every size a whole number "
+                f">= 0; {every}")
+    close = difflib.get_close_matches(word, sorted(by_rule), n=3, cutoff=0.6)
+    if close:
+        hint = " or ".join(f"{by_rule[c][0]!r} (e.g. {by_rule[c][1]!r})" for c in close)
+        return f"unknown policy {spec!r}: did you mean {hint}? {every}"
+    return (f"unknown policy {spec!r}: rules are {', '.join(sorted(by_rule))} (e.g. 'h2o_4_32_256'), head and layer "
+            f"budgets '<allocation>+<rule>' (e.g. 'adakv+h2o_4_32_256'); {every}")
 
 
 def resolve(names: list[str], score: str | None = None) -> list[str]:
