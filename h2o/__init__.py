@@ -13,6 +13,7 @@ import importlib
 
 _EXPORTS = {
     "make_cache": "models", "restore": "models", "SUPPORTED_FAMILIES": "models", "load_model": "eval.checkpoints",
+    "register_allocation": "policies.allocation", "Allocation": "policies.allocation",
     "CompressedCache": "cache", "CompressedLayer": "compressed_layer", "UnobservedError": "compressed_layer",
     "head_scores": "head_probes", "HeadScores": "head_probes",
     **{name: "policies" for name in (

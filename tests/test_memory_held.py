@@ -25,8 +25,13 @@ BUDGET = 12
 SLOT_BYTES = 2 * 16 * 4  # a float32 key and value of 16 dims (every tiny model's head dim)
 KV_HEADS = 2
 RULES = [cls.sized(2, 4, BUDGET).name for cls in h2o.policies.registered().values() if cls.evicts]
-ALLOCATIONS = [None, "adakv", "adakv_0.5", "retrieval_0.3_2", "induction_0.3_2", "ablation_0.3_2", "pyramid_4",
-               "global", "global_0.5", "headkv", "headkv_0.5"]
+# sized for the tiny models' 2 KV heads; every registered allocation is drawn too (bare: its defaults), a user's
+# included (registered from outside the package before the tests run: tests/test_user_allocation.py)
+SIZED = ["adakv_0.5", "retrieval_0.3_2", "induction_0.3_2", "ablation_0.3_2", "pyramid_4", "global_0.5", "headkv_0.5"]
+
+
+def allocations() -> list[str | None]:
+    return [None, *h2o.policies.allocation.registered_allocations(), *SIZED]
 MODES = ["one forward", "chunks", "token by token", "left-padded batch", "beams", "hybrid"]
 _MODELS: dict = {}
 
@@ -146,7 +151,7 @@ def feed(model, cache, mode: str, n: int, chunks: list[int], buffer: int, batch:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rule", RULES)
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(allocation=st.sampled_from(ALLOCATIONS), n=st.integers(8, 48),
+@given(allocation=st.deferred(lambda: st.sampled_from(allocations())), n=st.integers(8, 48),
        chunks=st.lists(st.integers(1, 24), min_size=1, max_size=4), buffer=st.integers(0, 4), batch=st.integers(2, 3))
 def test_storages_held_stay_within_the_uniform_rules_bound_for_every_rule_allocation_and_feeding(
         rule, mode, allocation, n, chunks, buffer, batch):

@@ -63,9 +63,15 @@ def test_bad_registrations_are_refused(registry):
         h2o.register_policy(Sees)
 
 
-def test_unknown_names_list_every_registered_grammar():
+def test_unknown_names_list_every_registered_rule_and_a_misspelling_is_told_the_users_own(registry):
+    """An unknown name lists every registered rule by name, the user's among them (the grammars: h2o.policy_names(),
+    each example parsing back); a misspelt user rule gets "did you mean" its grammar."""
+    exec(compile(readme_example(), "README.md", "exec"), {"__name__": "user_code"})
     with pytest.raises(ValueError) as err:
         h2o.parse("lru_256")
+    for cls in h2o.policies.registered().values():
+        assert f" {cls.NAME}," in str(err.value) or f" {cls.NAME} (" in str(err.value), cls.NAME
     for grammar, example in h2o.policy_names().items():
-        assert grammar in str(err.value) and example in str(err.value)
         assert h2o.parse(example).name == h2o.parse(h2o.parse(example).name).name
+    with pytest.raises(ValueError, match="did you mean 'peak_<sinks>_<recent>_<budget>' \\(e.g. 'peak_4_32_256'\\)"):
+        h2o.parse("peek_4_32_256")
