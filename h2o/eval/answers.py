@@ -26,11 +26,10 @@ import h2o
 from h2o.policies import is_family, resolve
 
 from . import checkpoints, report, retrieval
+from .retrieval import PROTOCOLS
 from .runners import canonical, describe, is_press, open_runner, policy_name
 from .stats import interval_text, mcnemar, wilson
 from .units import Unit
-
-PROTOCOLS = ("question-aware", "streaming")
 
 
 @dataclass(frozen=True)

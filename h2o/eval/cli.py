@@ -1,12 +1,14 @@
 """The `h2o` command: bench (the results table), tasks, stress, sweep, heatmap, perf, heads, choose.
 
-Each command is a module of `h2o.eval.commands` on the skeleton of `h2o.eval.session`; this file only wires them up:
-it checks that the `[eval]` extras are installed (before anything else is imported), builds the
-parser, refuses bad input through the command's `check` before any work, then runs it.
+Each command is a module of `h2o.eval.commands` on the skeleton of `h2o.eval.session`, its options in
+`h2o.eval.options`; this file only wires them up: it builds the parser and parses the arguments (`--help` and
+argparse's own refusals answer there, before torch is imported), checks that the `[eval]` extras are installed,
+refuses bad input through the command's `check` before any work, then runs it.
 
 `h2o --help`, `h2o` alone and an unknown command are answered from the static table below, without
-importing any command module (and so without torch or transformers); a command's full parser is
-built, and its module imported, only once that command is named.
+importing even the options; a command's options are built once that command is named (without torch,
+transformers or the command's module: `h2o <command> --help` answers at once), and its module is imported only
+to run it.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ policy families and budgets):
                                 retrieval_<share>_<factor>  the top <share> of KV heads by retrieval
                                   score (h2o heads) hold <factor> x budget, the rest share what is left
                                 induction_<share>_<factor>  the same, heads ranked by induction score
+                                ablation_<share>_<factor>  the same, heads ranked by ablation score
                                 adakv_<floor>  Ada-KV: a layer's budget split across its heads at
                                   every eviction by the rule's own scores, >= <floor> x budget each
                                 global_<floor>  one budget for the whole cache: every layer's and
@@ -94,7 +97,9 @@ policy families and budgets):
                                 pyramid_<beta>  PyramidKV: budgets fall linearly with depth
                                 e.g. adakv+h2o_4_32_256, retrieval_0.1_4+h2o_4_32_256,
                                 pyramid_20+tova_4_32_256; families too: --policies adakv+h2o_mean
-  a policy registered with h2o.register_policy parses the same way (h2o.policy_names() lists all)
+  a policy registered with h2o.register_policy (an allocation with h2o.register_allocation) parses
+  the same way (h2o.policy_names() lists the rules, h2o.policies.allocation.allocation_names() the
+  allocations)
   names that spell the same policy (h2o_4_32_256, h2o_4_32_256_mean) are merged and run once"""
 
 EXAMPLES = {
@@ -144,9 +149,9 @@ def missing_extras() -> list[str]:
 
 
 def build_parser(command: str | None = None, full: bool = True) -> argparse.ArgumentParser:
-    """The `h2o` parser. With `command`, that command gets its full options (its module is imported);
-    with full=True and no command, every command does; with full=False and no command, none does
-    (the static table only: nothing heavy is imported)."""
+    """The `h2o` parser. With `command`, that command gets its full options; with full=True and no command, every
+    command does; with full=False and no command, none does (the static table only). No command's module is
+    imported, nor torch (`h2o.eval.options`)."""
     parser = argparse.ArgumentParser(prog="h2o", description=DESCRIPTION, epilog=epilog(),
                                      formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
@@ -154,12 +159,10 @@ def build_parser(command: str | None = None, full: bool = True) -> argparse.Argu
         p = sub.add_parser(name, help=HELPS[name], description=HELPS[name], epilog=epilog(name),
                            formatter_class=HelpFormatter)
         if name == command or (full and command is None):
-            from .session import add_shared_options
+            from . import options
 
-            module = importlib.import_module(f"h2o.eval.commands.{name}")
-            module.add_arguments(p)
-            add_shared_options(p, model=name not in NO_MODEL)
-            p.set_defaults(module=module)
+            getattr(options, name)(p)
+            options.add_shared_options(p, model=name not in NO_MODEL)
     return parser
 
 
@@ -169,6 +172,7 @@ def main(argv=None) -> int:
     if command is None:  # --help, no command or an unknown one: answered by the static parser (exits)
         build_parser(full=False).parse_args(argv)
         return 2
+    build_parser(command).parse_args(argv)  # the command's --help and argparse's refusals exit here, before torch
     missing = missing_extras()
     if missing:
         print(f"h2o: error: the evaluation extras are not installed (missing: {', '.join(missing)}); "
@@ -180,8 +184,9 @@ def main(argv=None) -> int:
     from .session import Session
     from .ppl import ValidityError
 
+    # parsed again now that torch is imported: --device's default is torch's own answer, no longer a guess
     args = build_parser(command).parse_args(argv)
-    module = args.module
+    module = importlib.import_module(f"h2o.eval.commands.{command}")
     session = None
     try:
         if getattr(args, "threads", None) is not None and args.threads < 1:

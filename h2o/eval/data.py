@@ -16,12 +16,16 @@ Text specs (`load_spec`, `h2o sweep --texts`) and their genres (`GENRES`):
     <path>            file            a UTF-8 text file
 """
 
+from __future__ import annotations
+
 import importlib.util
 import os
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where ids are made: the command line's options read this module's names without torch
+    import torch
 
 CORPORA = ("wikitext", "pg19")
 SPLITS = ("train", "validation", "test")
@@ -152,6 +156,8 @@ def tokenize(tokenizer, text: str, n_tokens: int | None = None, add_bos: bool = 
     Special tokens are never added by the tokenizer itself: tokenizers (and transformers
     versions) disagree on whether they prepend BOS, so it is decided here, explicitly.
     """
+    import torch
+
     if not text.strip():
         raise ValueError("cannot tokenize empty text")
     bos = []
@@ -178,6 +184,8 @@ def tokenize(tokenizer, text: str, n_tokens: int | None = None, add_bos: bool = 
 
 def random_ids(vocab_size: int, n_tokens: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     """Uniform random token ids [batch, n_tokens], the same for the same seed (random-weight models)."""
+    import torch
+
     if min(vocab_size, n_tokens, batch) < 1:
         raise ValueError(f"vocab_size, n_tokens and batch must be positive, got {vocab_size}, {n_tokens}, {batch}")
     generator = torch.Generator().manual_seed(seed)

@@ -20,7 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from . import checkpoints, data
+from . import data
 
 CALIBRATION_BOOK = "3129"  # PG-19 test book no evaluation uses (they use 10146, 10321, 24553, 2544)
 DEFAULTS = {"seed": 0, "random_tokens": 256, "repeats": 4, "cases": 8, "context_tokens": 768, "ablation_cases": 0}
@@ -29,6 +29,8 @@ ABLATION_CASES = 4  # what an allocation ranking heads by ablation asks for (`h2
 
 def cache_path(model_name: str) -> Path:
     """Where the scores of `model_name` are cached (see the module docstring)."""
+    from . import checkpoints  # here, not at the top: the command line's options read this module's names without torch
+
     if model_name in (checkpoints.EMBEDDED, checkpoints.GEMMA3):
         return checkpoints.builtin_copy(model_name) / "head_scores.json"
     key = str(Path(model_name).expanduser().resolve()) if Path(model_name).expanduser().is_dir() else model_name

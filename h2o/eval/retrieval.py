@@ -212,6 +212,8 @@ def _var_name(rng: random.Random) -> str:
 PHRASINGS = ("answer-only", "restate", "completion")
 DEFAULT_PHRASING = {"passkey": "restate", "niah_multikey": "completion", "niah_multivalue": "completion",
                     "kv_retrieval": "completion", "variable_tracking": "completion"}
+# how a case is fed (h2o.eval.answers): the whole prompt in one forward, or the context in chunks, then the question
+PROTOCOLS = ("question-aware", "streaming")
 _RULER_KEY = "One of the special magic numbers for {key} is: {value}."
 TEXTS = {
     "passkey": {

@@ -1,14 +1,15 @@
-"""The skeleton every `h2o` command runs on: shared options, the run record, progress, outputs.
+"""The skeleton every `h2o` command runs on: the run record, progress, outputs.
 
 A command is a module with
 
     NAME, HELP                      its name and one line of help
-    add_arguments(parser)           its own options (the shared ones are added here)
     check(args) -> plan             every refusal of bad input, before any model loads or any output is made
     run(session, plan) -> int       its measurement, through the `Session` it is given
 
-and nothing else: loading the model, reading the text, the progress bars, the run record (model,
-versions, arguments, machine) and writing the table, CSV, JSON and plots (each atomically) live here.
+and nothing else: its options, the shared ones and its own, are defined in `h2o.eval.options` (built without
+importing torch or the command's module, so that `h2o <command> --help` answers at once); loading the model,
+reading the text, the progress bars, the run record (model, versions, arguments, machine) and writing the table,
+CSV, JSON and plots (each atomically) live here.
 """
 
 from __future__ import annotations
@@ -24,58 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from h2o.policies import DEFAULT_SCORE
-
 from . import checkpoints, data, report
-
-
-def add_shared_options(p: argparse.ArgumentParser, model: bool = True) -> None:
-    """The options every command shares; a command that runs no model (`model=False`) gets the output ones only."""
-    if model:
-        _add_model_options(p)
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="results", help="output directory")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=checkpoints.EMBEDDED,
-                   help=f"built-in name ({', '.join(checkpoints.list_models())}), hub id or local directory")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g.add_argument("--device", default=device,
-                   help=f"cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu; here {device})")
-    g.add_argument("--dtype", default=None,
-                   help="float32 | float16 | bfloat16 (or fp32, fp16, bf16): weights and activations "
-                        "(default: float32 on CPU, float16 on CUDA)")
-    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
-    g.add_argument("--device-map", default=None,
-                   help='passed to accelerate, e.g. "auto" for multi-GPU models (default: none, the whole model '
-                        'on --device)')
-    g.add_argument("--data-dir", default=None, help="local corpora (default: $H2O_DATA_DIR, ../shared/data, else the hub)")
-    g.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="prepend (--bos) or not (--no-bos) the tokenizer's BOS token to every text; default: as the "
-                        "tokenizer itself does (Gemma: yes, SmolLM2: no)")
-    g = p.add_argument_group("cache")
-    g.add_argument("--positions", default="original", choices=["original", "reindex"],
-                   help="original: every kept key keeps its absolute position (stay within the model's trained "
-                        "context); reindex: positions are cache slots, keys re-rotated after eviction "
-                        "(StreamingLLM; streams past the trained context)")
-    g.add_argument("--buffer", type=int, default=64,
-                   help="lazy eviction slack: a layer is cut back to its budget once it holds more than budget "
-                        "+ buffer tokens (0 = evict every step)")
-    g.add_argument("--score", default=None, choices=["mean", "sum"],
-                   help=f"H2O scoring rule for names without one (default: h2o.DEFAULT_SCORE = {DEFAULT_SCORE})")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-
-
-def add_text_options(p: argparse.ArgumentParser, corpus: str) -> None:
-    """--corpus / --pg19-book / --text-file, for commands that read one text."""
-    p.add_argument("--corpus", default=corpus, choices=list(data.CORPORA),
-                   help="text to use (pretrained models; random-weight models are fed random ids)")
-    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK,
-                   help="PG-19 test book id (Gutenberg id; used with --corpus pg19)")
-    p.add_argument("--text-file", default=None, help="use this UTF-8 text file instead of --corpus")
 
 
 def load_text(args) -> tuple[str, str] | None:
@@ -214,8 +164,7 @@ class Session:
 
     def record(self, **fields) -> dict:
         """The run record every JSON output carries: command, arguments, model, versions and machine."""
-        args = {k: v for k, v in vars(self.args).items() if k not in ("module",)}
-        record = {"command": self.command, "args": args, "model": self.info, "environment": report.environment(),
+        record = {"command": self.command, "args": dict(vars(self.args)), "model": self.info, "environment": report.environment(),
                   **fields, "wall_time_s": time.time() - self.started}
         if self.executor is not None:
             record["units"] = {**self.executor.record(), "ledger": str(self.ledger.path) if self.ledger else None,

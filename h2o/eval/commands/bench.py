@@ -6,7 +6,8 @@ import socket
 
 import torch
 
-from .. import answers, checkpoints, data, report, retrieval, units
+from .. import answers, checkpoints, data, report
+from ..options import BENCH_POLICIES, RANDOM_MODEL_ALLOCATION
 from ..session import unique_policies
 from ..ppl import check_eviction_in_force, text_losses
 from ..runners import canonical, describe, is_press, ppl_comparable
@@ -14,11 +15,6 @@ from ..speed import measure_speed
 
 NAME = "bench"
 HELP = "the results table: PPL, speed and memory per policy"
-# with the allocation that kept the most needles at the same bytes (docs/head-budgets.md): retrieval heads. A
-# random-weight model has no tokenizer, so no retrieval score: its default ranks the heads by induction instead.
-DEFAULT_POLICIES = ["full", "streaming_4_252", "h2o_4_32_256", "retrieval_0.1_4+h2o_4_32_256", "streaming_4_508",
-                    "h2o_4_64_512"]
-RANDOM_MODEL_ALLOCATION = "induction_0.1_4+h2o_4_32_256"
 TABLE = {
     "configuration": "Configuration",
     "wikitext_ppl": "Wikitext PPL",
@@ -33,36 +29,6 @@ TABLE = {
     "peak_mem_mib": "Peak Mem (MiB)",
     "kv_mib": "KV MiB",
 }
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
-                   help=f"policy names (grammar below); 'full' (the baseline) is always run, first (default: "
-                        f"{' '.join(DEFAULT_POLICIES)}; on a random-weight model {RANDOM_MODEL_ALLOCATION} for the "
-                        "retrieval-heads allocation, which needs a tokenizer)")
-    p.add_argument("--corpora", nargs="+", default=["wikitext", "pg19"], choices=list(data.CORPORA),
-                   help="texts whose PPL is measured (a column each); the speed prompt is WikiText-2's start")
-    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK, help="PG-19 test book id for the pg19 column")
-    p.add_argument("--text-file", default=None, help="also measure PPL on this text file")
-    p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per text")
-    p.add_argument("--no-ppl", action="store_true", help="speed and memory only")
-    p.add_argument("--ppl-mode", default="chunked", choices=["stream", "chunked"],
-                   help="stream: token by token (StreamingLLM protocol); chunked: --chunk tokens per forward")
-    p.add_argument("--chunk", type=int, default=32,
-                   help="tokens per forward in the chunked PPL mode")
-    p.add_argument("--context", type=int, default=2048, help="prompt tokens for the speed run")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speed run")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="interleaved repeats of the speed run (TPOT: median and min over them)")
-    p.add_argument("--batch", type=int, default=1, help="rows in the speed run")
-    p.add_argument("--tasks", nargs="+", default=["passkey"],
-                   help="retrieval tasks with a kept column each (h2o tasks' names: passkey, niah_multikey, ...)")
-    p.add_argument("--passkey-cases", type=int, default=10,
-                   help="cases per retrieval task (depths spread over 0.1-0.9) for the kept columns; 0 = none")
-    p.add_argument("--passkey-length", type=int, default=1280, help="prompt tokens of the retrieval cases")
-    p.add_argument("--phrasings", nargs="+", default=list(retrieval.PHRASINGS), choices=retrieval.PHRASINGS,
-                   help="wordings of the retrieval cases, crossed with them (the kept columns pool them)")
-    units.add_arguments(p)
 
 
 def _formable(policies: list[str], model: str) -> list[str]:
@@ -88,9 +54,9 @@ def _formable(policies: list[str], model: str) -> list[str]:
 
 
 def check(args) -> dict:
-    if args.policies is DEFAULT_POLICIES:  # not given: on a random-weight model, induction heads for retrieval heads
+    if args.policies is BENCH_POLICIES:  # not given: on a random-weight model, induction heads for retrieval heads
         args.policies = [RANDOM_MODEL_ALLOCATION if p.startswith("retrieval_") and args.model.startswith("random:")
-                         else p for p in DEFAULT_POLICIES]
+                         else p for p in BENCH_POLICIES]
         args.policies = _formable(args.policies, args.model)
     names = ["full"] + [p for p in args.policies if p != "full"]
     policies = unique_policies(names, canonical(names, args.score))

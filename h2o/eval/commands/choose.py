@@ -32,22 +32,6 @@ CELL_COLUMNS = {"candidate": "Candidate", "split": "Split", "where": "Where", "s
                 "interval": "[95%]", "surely_below": "Surely below"}
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--sweep", nargs="+", required=True, metavar="SWEEP_JSON",
-                   help="sweep.json of `h2o sweep --parts ppl --texts ...` (or its output directory); one per model "
-                        "to choose for several models at once")
-    p.add_argument("--tasks", nargs="+", required=True, metavar="TASKS_JSON",
-                   help="tasks.json of `h2o tasks` runs on the tuning cases, one per protocol and model (or their "
-                        "directories)")
-    p.add_argument("--held-out-tasks", nargs="+", default=[], metavar="TASKS_JSON",
-                   help="tasks.json of runs on held-out cases: reported, never used to choose")
-    p.add_argument("--tuning-texts", nargs="+", required=True, metavar="TEXT",
-                   help="the sweep's texts the criterion uses (its --texts labels); the others are held out")
-    p.add_argument("--reference", default="streaming", help="the rule no candidate may fall below")
-    p.add_argument("--candidates", nargs="+", default=None,
-                   help="rule families / policies to choose among (default: every one measured in all the inputs)")
-
-
 def _load(path: str, command: str) -> dict:
     p = Path(path)
     if p.is_dir():

@@ -17,30 +17,12 @@ from h2o.models import compressed_layers
 from h2o.models import kv_heads as h2o_kv_heads
 
 from .. import data, report
-from ..head_score_cache import CALIBRATION_BOOK, DEFAULTS, lookup
+from ..head_score_cache import lookup
 
 NAME = "heads"
 HELP = "training-free KV-head scores: induction and echo on repeated random tokens, retrieval on calibration needles"
 COLUMNS = {"rank": "Rank", "layer": "Layer", "kv_head": "KV head", "induction": "Induction", "echo": "Echo",
            "retrieval": "Retrieval", "ablation": "Ablation"}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--random-tokens", type=int, default=DEFAULTS["random_tokens"],
-                   help="random tokens per sequence (each sequence is fed twice in a row) for induction and echo")
-    p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], help="random sequences averaged over")
-    p.add_argument("--cases", type=int, default=DEFAULTS["cases"],
-                   help="calibration needle cases for the retrieval score (0: no retrieval score)")
-    p.add_argument("--ablation-cases", type=int, default=DEFAULTS["ablation_cases"],
-                   help="needle cases of the ablation score (each KV head restricted to sinks + recent in turn: "
-                        "1 + layers x KV heads forwards per case; 0: no ablation score)")
-    p.add_argument("--context-tokens", type=int, default=DEFAULTS["context_tokens"],
-                   help="haystack tokens per needle case")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="seed of the random tokens and the needles")
-    p.add_argument("--calibration-book", default=CALIBRATION_BOOK,
-                   help="PG-19 test book of the needle haystacks (one that no evaluation uses)")
-    p.add_argument("--top", type=int, default=8, help="heads listed per score")
-    p.add_argument("--recompute", action="store_true", help="recompute even when cached scores with the same inputs exist")
 
 
 def check(args) -> dict:

@@ -14,7 +14,7 @@ import psutil
 import torch
 
 from .. import report
-from ..session import add_text_options, load_text
+from ..session import load_text
 from ..memory import MEMORY_SHARE
 
 NAME = "heatmap"
@@ -22,15 +22,6 @@ HELP = "attention heatmaps (log scale) of chosen layers over a short text: sinks
 COLUMNS = {"layer": "Layer", "kind": "Kind", "sink_share": "Sink share", "uniform_sink_share": "Uniform sink share",
            "heavy_share": "Heavy-hitter share", "uniform_heavy_share": "Uniform HH share",
            "heavy_hitters": "Heavy hitters"}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--layers", nargs="+", type=int, default=None,
-                   help="layer indices, negative from the end (default: first, middle, last)")
-    p.add_argument("--tokens", type=int, default=128, help="text length (tokens)")
-    p.add_argument("--sinks", type=int, default=4, help="leading tokens counted as attention sinks")
-    p.add_argument("--top-k", type=int, default=8, help="heavy hitters marked among the other tokens")
-    add_text_options(p, "wikitext")
 
 
 def check_layers(requested: list[int] | None, n: int) -> list[int]:

@@ -29,7 +29,7 @@ from h2o.policies import parse
 from .. import compiled as compiled_steps
 from .. import parts
 from .. import report
-from ..session import add_text_options, load_text
+from ..session import load_text
 from ..runners import open_runner
 from ..speed import _run_step, timed
 
@@ -48,35 +48,6 @@ GOALS = {  # ratio -> the goal of issue 11 (the floor is 1.0)
     "decode_compiled_h2o_over_floor": None,  # the floor: weight bytes / measured copy bandwidth
 }
 TABLE = {"ratio": "Ratio", "min": "Min", "median": "Median", "goal": "Goal", "met": "Met"}
-
-
-def add_arguments(p) -> None:
-    add_text_options(p, "pg19")
-    p.add_argument("--h2o", default="h2o_4_32_256", help="the H2O-family policy whose bookkeeping is timed")
-    p.add_argument("--streaming", default="streaming_4_252", help="the StreamingLLM policy at the same budget")
-    p.add_argument("--allocation", default="adakv",
-                   help="the allocation timed against the --h2o rule uniform (adakv, retrieval, induction, pyramid, "
-                        "with parameters: adakv_0.2, retrieval_0.1_4, ...); 'none' to skip it")
-    p.add_argument("--prompt", type=int, default=4096, help="prompt tokens before the timed decode steps")
-    p.add_argument("--steps", type=int, default=64, help="interleaved decode steps per configuration")
-    p.add_argument("--prefill", type=int, default=2048, help="tokens of the timed prefill")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved prefills per configuration")
-    p.add_argument("--kv-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
-                   help="tokens fed before each KV-bytes reading")
-    p.add_argument("--kv-chunk", type=int, default=1024, help="tokens per forward while feeding the KV-bytes run")
-    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps of every configuration before the "
-                   "timed ones (the compiled ones compile in the first)")
-    p.add_argument("--prefill-parts", action="store_true",
-                   help="also profile one --prefill of --h2o and --streaming (torch.profiler) and print where the "
-                        "attention's time goes: QKᵀ, softmax, PV, column sums, masks, eviction, SDPA")
-    p.add_argument("--compile", action="store_true",
-                   help="also time --h2o and --streaming in the static layout through torch.compile(model.forward) "
-                        "and transformers' StaticCache of the same capacity compiled the same way, interleaved "
-                        "with the eager configurations; with the step's floor (weight bytes / copy bandwidth)")
-    p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode (default: reduce-overhead on CUDA, i.e. CUDA graphs; default elsewhere)")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend (inductor; aot_eager traces without generating code, for tests)")
 
 
 def check(args) -> dict:

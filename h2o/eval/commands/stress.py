@@ -29,28 +29,16 @@ from h2o.policies import parse, resolve
 
 from .. import memory, report, runners
 from ..memory import MEMORY_SHARE, OK, OOM, SKIPPED, is_oom
-from ..session import add_text_options, load_text, unique_policies
+from ..options import CPU_LENGTHS, CUDA_LENGTHS
+from ..session import load_text, unique_policies
 from ..ppl import PPLResult, ValidityError, check_bound, check_eviction_in_force, next_token_losses, trained_context
 from ..speed import sync
 
 NAME = "stress"
 HELP = "long-context stress test: TPOT, memory and segment PPL per policy from 1k to 16k tokens"
-DEFAULT_POLICIES = ["full", "streaming_4_252", "h2o_4_32_256"]
-CPU_LENGTHS = [1024, 2048, 4096, 8192, 16384]
-CUDA_LENGTHS = CPU_LENGTHS + [32768]
 COLUMNS = {"policy": "Policy", "length": "Context", "status": "Status", "tpot_median_ms": "TPOT med (ms)",
            "tpot_min_ms": "TPOT min (ms)", "kv_mib": "KV MiB", "kept_tokens": "Kept",
            "process_mem_mib": "Process MiB", "segment_ppl": "Segment PPL"}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, help="policy names (grammar below), run in lockstep")
-    p.add_argument("--lengths", nargs="+", type=int, default=None,
-                   help=f"checkpoint context lengths (default: {' '.join(map(str, CPU_LENGTHS))}; "
-                        f"on CUDA also {CUDA_LENGTHS[-1]})")
-    p.add_argument("--chunk", type=int, default=256, help="tokens per forward while streaming the text in")
-    p.add_argument("--decode-steps", type=int, default=8, help="timed single-token steps per policy per checkpoint")
-    add_text_options(p, "pg19")
 
 
 def _forward(model, ids, cache):

@@ -14,17 +14,17 @@ stops the policy with the largest cache ("OOM") and the batch size is retried wi
 
 from __future__ import annotations
 
-import argparse
 import gc
 
 import psutil
 import torch
 
 import h2o
-from h2o.policies import families, is_family, resolve
+from h2o.policies import resolve
 
-from .. import data, report, retrieval, stats, units
-from ..session import add_text_options, load_text, unique_policies
+from .. import data, report, retrieval, stats
+from ..options import DEFAULT_CONTEXT, DEFAULT_NEW_TOKENS, MAX_BATCH
+from ..session import load_text, unique_policies
 from ..memory import MEMORY_SHARE, OK, OOM, SKIPPED, PeakMemory, is_oom
 from ..ppl import check_eviction_in_force, text_losses
 from ..runners import policy_name
@@ -32,10 +32,6 @@ from ..speed import measure_speed
 
 NAME = "sweep"
 HELP = "PPL vs cache budget per policy family, and decode throughput vs batch size until memory runs out"
-PARTS = ("ppl", "throughput")
-MAX_BATCH = {"cpu": 8, "cuda": 1024}
-DEFAULT_CONTEXT = {"cpu": 512, "cuda": 1024}
-DEFAULT_NEW_TOKENS = {"cpu": 8, "cuda": 32}
 PPL_COLUMNS = {"text": "Text", "genre": "Genre", "family": "Family", "budget": "Budget", "policy": "Policy", "ppl": "PPL",
                "ppl_after_eviction": "PPL after 1st eviction", "full_ppl_after_eviction": "Full, same tokens",
                "gap_closed": "Gap closed", "gap_interval": "[95%]", "kv_mib": "KV MiB", "passkey_kept": "Passkey kept"}
@@ -47,53 +43,6 @@ PAIRED_COLUMNS = {"budget": "Budget", "family_a": "A", "family_b": "B", "texts":
 SPEED_COLUMNS = {"batch": "Batch", "policy": "Policy", "status": "Status", "tpot_median_ms": "TPOT med (ms)",
                  "decode_tok_s": "Decode tok/s", "throughput_tok_s": "Gen tok/s (with prefill)",
                  "kv_mib": "KV MiB", "run_peak_growth_mib": "Run peak +MiB"}
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
-    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="cache budgets (tokens)")
-    p.add_argument("--rules", "--families", dest="families", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"],
-                   type=rule_family, metavar="RULE",
-                   help=f"rule families, each at every budget: 4 sinks, recent budget/8 (StreamingLLM: the rest is its "
-                        f"window), e.g. streaming -> streaming_4_{{b-4}}, h2o_mean -> h2o_4_{{b//8}}_{{b}}_mean; a family "
-                        f"without a rule (h2o, vatp) takes --score; any of: {', '.join(families())}; or one under an allocation of head "
-                        "and layer budgets, <allocation>+<family>: adakv+h2o_mean, retrieval+h2o_mean, pyramid+tova, ... "
-                        "(the budget is the average per KV head)")
-    p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per policy")
-    p.add_argument("--chunk", type=int, default=32, help="tokens per forward in the PPL runs (1 = token by token)")
-    add_text_options(p, "wikitext")
-    p.add_argument("--passkey-cases", type=int, default=0,
-                   help="also the passkey kept share of every policy (question-aware, with the full-cache control) "
-                        "on this many cases per phrasing (all three phrasings, pooled); 0 = none")
-    p.add_argument("--passkey-length", type=int, default=1280, help="passkey prompt tokens (--passkey-cases)")
-    p.add_argument("--recent-share", type=float, default=0.125,
-                   help="recent window of every family but streaming, as a share of the budget")
-    p.add_argument("--texts", nargs="+", default=None, metavar="TEXT",
-                   help="PPL on several texts, each (policy, text) a unit of its own at batch 1: wikitext (encyclopaedic), "
-                        "pg19:<book id> (prose), code:<stdlib module> (code, e.g. code:argparse), licence:python "
-                        "(legal) or a text file; a table of the gap closed by genre follows (default: the one text "
-                        "of --corpus / --pg19-book / --text-file)")
-    units.add_arguments(p)
-    g = p.add_argument_group("throughput")
-    g.add_argument("--batches", nargs="+", type=int, default=None,
-                   help=f"batch sizes (default: 1, 2, 4, ... until memory runs out, at most {MAX_BATCH['cpu']} "
-                        f"on CPU, {MAX_BATCH['cuda']} on CUDA)")
-    g.add_argument("--context", type=int, default=None,
-                   help=f"prompt tokens per row (default {DEFAULT_CONTEXT['cpu']} on CPU, "
-                        f"{DEFAULT_CONTEXT['cuda']} on CUDA)")
-    g.add_argument("--new-tokens", type=int, default=None,
-                   help=f"tokens generated per run (default {DEFAULT_NEW_TOKENS['cpu']} on CPU, "
-                        f"{DEFAULT_NEW_TOKENS['cuda']} on CUDA)")
-    g.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch size")
-    g.add_argument("--throughput-budget", type=int, default=256, help="the compressed policies' budget")
-
-
-def rule_family(name: str) -> str:
-    """argparse type of --rules: a family, or <allocation>+<family>."""
-    if not is_family(name):
-        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(families())}, or "
-                                         "<allocation>+<family>: adakv, retrieval, induction, pyramid; e.g. adakv+h2o_mean)")
-    return name
 
 
 def check(args) -> dict:

@@ -18,16 +18,13 @@ from __future__ import annotations
 import statistics
 
 from h2o.models import layer_windows
-from h2o.policies import families
 
-from .. import checkpoints, data, report, retrieval, units
-from ..answers import POOLED, PROTOCOLS, check_budgets, check_context, compare, run_cases, summarize, variants
+from .. import checkpoints, data, report, retrieval
+from ..answers import POOLED, check_budgets, check_context, compare, run_cases, summarize, variants
 from ..runners import describe, is_press
 
 NAME = "tasks"
 HELP = "retrieval tasks (passkey, RULER NIAH, key-value, variable tracking) with a full-cache control"
-DEFAULT_TASKS = ["passkey", "niah_multikey", "niah_multivalue"]
-DEFAULT_BOOKS = ["10146", "10321", "24553"]
 COLUMNS = {"task": "Task", "phrasing": "Phrasing", "policy": "Policy", "budget": "Budget",
            "budget_share": "Budget / prompt", "kv_mib": "KV MiB", "answer_held": "Answer held",
            "cases": "Cases", "full_solved": "Full solved", "policy_solved": "Policy solved",
@@ -38,38 +35,6 @@ PAIRED_COLUMNS = {"task": "Task", "phrasing": "Phrasing", "budget": "Budget", "p
 
 
 # --- the command ---------------------------------------------------------------------------------------
-
-def add_arguments(p) -> None:
-    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help=f"any of {', '.join(retrieval.TASKS)}")
-    p.add_argument("--policies", nargs="+", default=["streaming", "h2o_mean"],
-                   help=f"families ({', '.join(families())}: sized by --budgets or --budget-ratio) or policy names (grammar below); "
-                        "the full cache always runs as the control")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--budgets", nargs="+", type=int, default=None, help="family budgets in tokens (default: unset; families are sized by --budget-ratio)")
-    group.add_argument("--budget-ratio", nargs="+", type=float, default=[0.15, 0.3],
-                       help="family budgets as shares of each case's length")
-    p.add_argument("--lengths", nargs="+", type=int, default=[768], help="prompt lengths (tokens)")
-    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9],
-                   help="needle depths in [0, 1]")
-    p.add_argument("--cases", type=int, default=2, help="cases per (length, depth) cell")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (needles, keys, values)")
-    p.add_argument("--phrasings", nargs="+", default=list(retrieval.PHRASINGS), choices=retrieval.PHRASINGS,
-                   help="wordings of instruction, needle and question, crossed with the cases (the same draws in "
-                        "each): answer-only asks for the bare answer, restate gives no answer opening (the model "
-                        "answers in its own words), completion gives the opening; results per phrasing and pooled")
-    p.add_argument("--protocol", default="question-aware", choices=PROTOCOLS,
-                   help="question-aware: the whole prompt, question included, in one forward, compressed "
-                        "after it; streaming: the context fed --chunk tokens per forward with eviction in force, "
-                        "then the question")
-    p.add_argument("--chunk", type=int, default=128, help="tokens per forward of the context (streaming protocol)")
-    p.add_argument("--min-solved", type=int, default=5,
-                   help="fewest cases the full cache must solve for a task to be scored")
-    p.add_argument("--corpora", nargs="+", default=["pg19", "wikitext"], choices=list(data.CORPORA),
-                   help="haystack text")
-    p.add_argument("--pg19-books", nargs="+", default=DEFAULT_BOOKS, help="PG-19 test books for the haystacks")
-    p.add_argument("--text-file", default=None, help="haystack from this text file instead of --corpora")
-    units.add_arguments(p)
-
 
 def check(args) -> dict:
     unknown = [t for t in args.tasks if t not in retrieval.TASKS]

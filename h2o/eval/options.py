@@ -1,0 +1,325 @@
+"""The options of the `h2o` commands: those every command shares (`add_shared_options`) and each command's own (one
+function per command, named as it: `bench(parser)`, `tasks(parser)`, ...).
+
+Nothing here imports torch, transformers, datasets or matplotlib, nor a command's module: `h2o <command> --help`
+and argparse's own refusals (an unknown option, a bad value) answer at once; the command's module is imported only
+to run it (`h2o.eval.cli`). The few names the help shows whose source imports torch are copied here, each held equal
+to its source by a test (tests/test_cli_fast.py): the built-in models, the rule families, H2O's default scoring rule.
+An option's `type` that must ask the policies (sweep's --rules) imports them when that option is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from . import data, retrieval, units
+from .head_score_cache import CALIBRATION_BOOK, DEFAULTS as HEAD_SCORE_DEFAULTS
+
+# checkpoints.list_models(), the embedded model (checkpoints.EMBEDDED, the default) first
+MODELS = ("smollm2-135m", "gemma3-270m", "random:pythia-160m", "random:pythia-410m", "random:pythia-1.4b",
+          "random:pythia-2.8b", "random:llama-1b", "random:smollm2-135m", "random:tiny-gpt-neox", "random:tiny-llama")
+# h2o.policies.families(): the built-in rule families
+FAMILIES = ("streaming", "h2o", "h2o_mean", "h2o_sum", "tova", "a2sf", "vatp", "vatp_mean", "vatp_sum", "knorm",
+            "keydiff", "snapkv", "caote", "vlen", "vlen_mean", "vlen_sum", "kvzip", "recommended")
+DEFAULT_SCORE = "mean"  # h2o.DEFAULT_SCORE
+# the built-in allocations (h2o.policies.allocation.registered_allocations(): a test holds them equal)
+ALLOCATIONS = ("retrieval", "induction", "ablation", "adakv", "global", "headkv", "pyramid")
+
+# bench: with the allocation that kept the most needles at the same bytes (docs/head-budgets.md): retrieval heads. A
+# random-weight model has no tokenizer, so no retrieval score: its default ranks the heads by induction instead.
+BENCH_POLICIES = ["full", "streaming_4_252", "h2o_4_32_256", "retrieval_0.1_4+h2o_4_32_256", "streaming_4_508",
+                  "h2o_4_64_512"]
+RANDOM_MODEL_ALLOCATION = "induction_0.1_4+h2o_4_32_256"
+# stress: the checkpoint lengths unless --lengths is given
+CPU_LENGTHS = [1024, 2048, 4096, 8192, 16384]
+CUDA_LENGTHS = CPU_LENGTHS + [32768]
+# sweep: the throughput part's defaults per device kind
+MAX_BATCH = {"cpu": 8, "cuda": 1024}
+DEFAULT_CONTEXT = {"cpu": 512, "cuda": 1024}
+DEFAULT_NEW_TOKENS = {"cpu": 8, "cuda": 32}
+
+
+# --- shared by every command ------------------------------------------------------------------------------------
+
+def add_shared_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """The options every command shares; a command that runs no model (`model=False`) gets the output ones only."""
+    if model:
+        _add_model_options(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="results", help="output directory")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=MODELS[0],
+                   help=f"built-in name ({', '.join(MODELS)}), hub id or local directory")
+    device = default_device()
+    g.add_argument("--device", default=device,
+                   help=f"cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu; here {device})")
+    g.add_argument("--dtype", default=None,
+                   help="float32 | float16 | bfloat16 (or fp32, fp16, bf16): weights and activations "
+                        "(default: float32 on CPU, float16 on CUDA)")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    g.add_argument("--device-map", default=None,
+                   help='passed to accelerate, e.g. "auto" for multi-GPU models (default: none, the whole model '
+                        'on --device)')
+    g.add_argument("--data-dir", default=None, help="local corpora (default: $H2O_DATA_DIR, ../shared/data, else the hub)")
+    g.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend (--bos) or not (--no-bos) the tokenizer's BOS token to every text; default: as the "
+                        "tokenizer itself does (Gemma: yes, SmolLM2: no)")
+    g = p.add_argument_group("cache")
+    g.add_argument("--positions", default="original", choices=["original", "reindex"],
+                   help="original: every kept key keeps its absolute position (stay within the model's trained "
+                        "context); reindex: positions are cache slots, keys re-rotated after eviction "
+                        "(StreamingLLM; streams past the trained context)")
+    g.add_argument("--buffer", type=int, default=64,
+                   help="lazy eviction slack: a layer is cut back to its budget once it holds more than budget "
+                        "+ buffer tokens (0 = evict every step)")
+    g.add_argument("--score", default=None, choices=["mean", "sum"],
+                   help=f"H2O scoring rule for names without one (default: h2o.DEFAULT_SCORE = {DEFAULT_SCORE})")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def default_device() -> str:
+    """--device's default: "cuda" when torch sees a GPU, else "cpu". Torch's own answer wherever torch is imported
+    (a run parses its arguments again once it is: `h2o.eval.cli.main`); before that (`--help`, argparse's
+    refusals) a guess that imports nothing, `_gpu_guess`."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if _gpu_guess() else "cpu"
+
+
+def _gpu_guess() -> bool:
+    """Whether torch would see a GPU, asked without importing it: a CUDA (or ROCm) build of torch, no
+    CUDA_VISIBLE_DEVICES that hides every device, and a GPU device node (nvidia-smi on a system without /dev)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        version = (Path(spec.origin).parent / "version.py").read_text()
+    except OSError:
+        return False
+    if not re.search(r"^(cuda|hip)\b[^=\n]*=\s*['\"]", version, re.MULTILINE):  # cuda = None: a CPU build
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    if os.path.isdir("/dev"):
+        return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
+    return shutil.which("nvidia-smi") is not None
+
+
+def add_text_options(p: argparse.ArgumentParser, corpus: str) -> None:
+    """--corpus / --pg19-book / --text-file, for commands that read one text."""
+    p.add_argument("--corpus", default=corpus, choices=list(data.CORPORA),
+                   help="text to use (pretrained models; random-weight models are fed random ids)")
+    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK,
+                   help="PG-19 test book id (Gutenberg id; used with --corpus pg19)")
+    p.add_argument("--text-file", default=None, help="use this UTF-8 text file instead of --corpus")
+
+
+# --- each command's own, in the order of `h2o --help` ---------------------------------------------------------------
+
+def bench(p) -> None:
+    p.add_argument("--policies", nargs="+", default=BENCH_POLICIES,
+                   help=f"policy names (grammar below); 'full' (the baseline) is always run, first (default: "
+                        f"{' '.join(BENCH_POLICIES)}; on a random-weight model {RANDOM_MODEL_ALLOCATION} for the "
+                        "retrieval-heads allocation, which needs a tokenizer)")
+    p.add_argument("--corpora", nargs="+", default=["wikitext", "pg19"], choices=list(data.CORPORA),
+                   help="texts whose PPL is measured (a column each); the speed prompt is WikiText-2's start")
+    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK, help="PG-19 test book id for the pg19 column")
+    p.add_argument("--text-file", default=None, help="also measure PPL on this text file")
+    p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per text")
+    p.add_argument("--no-ppl", action="store_true", help="speed and memory only")
+    p.add_argument("--ppl-mode", default="chunked", choices=["stream", "chunked"],
+                   help="stream: token by token (StreamingLLM protocol); chunked: --chunk tokens per forward")
+    p.add_argument("--chunk", type=int, default=32,
+                   help="tokens per forward in the chunked PPL mode")
+    p.add_argument("--context", type=int, default=2048, help="prompt tokens for the speed run")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speed run")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repeats of the speed run (TPOT: median and min over them)")
+    p.add_argument("--batch", type=int, default=1, help="rows in the speed run")
+    p.add_argument("--tasks", nargs="+", default=["passkey"],
+                   help="retrieval tasks with a kept column each (h2o tasks' names: passkey, niah_multikey, ...)")
+    p.add_argument("--passkey-cases", type=int, default=10,
+                   help="cases per retrieval task (depths spread over 0.1-0.9) for the kept columns; 0 = none")
+    p.add_argument("--passkey-length", type=int, default=1280, help="prompt tokens of the retrieval cases")
+    p.add_argument("--phrasings", nargs="+", default=list(retrieval.PHRASINGS), choices=retrieval.PHRASINGS,
+                   help="wordings of the retrieval cases, crossed with them (the kept columns pool them)")
+    units.add_arguments(p)
+
+
+def tasks(p) -> None:
+    p.add_argument("--tasks", nargs="+", default=["passkey", "niah_multikey", "niah_multivalue"],
+                   help=f"any of {', '.join(retrieval.TASKS)}")
+    p.add_argument("--policies", nargs="+", default=["streaming", "h2o_mean"],
+                   help=f"families ({', '.join(FAMILIES)}: sized by --budgets or --budget-ratio) or policy names (grammar below); "
+                        "the full cache always runs as the control")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--budgets", nargs="+", type=int, default=None, help="family budgets in tokens (default: unset; families are sized by --budget-ratio)")
+    group.add_argument("--budget-ratio", nargs="+", type=float, default=[0.15, 0.3],
+                       help="family budgets as shares of each case's length")
+    p.add_argument("--lengths", nargs="+", type=int, default=[768], help="prompt lengths (tokens)")
+    p.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                   help="needle depths in [0, 1]")
+    p.add_argument("--cases", type=int, default=2, help="cases per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases (needles, keys, values)")
+    p.add_argument("--phrasings", nargs="+", default=list(retrieval.PHRASINGS), choices=retrieval.PHRASINGS,
+                   help="wordings of instruction, needle and question, crossed with the cases (the same draws in "
+                        "each): answer-only asks for the bare answer, restate gives no answer opening (the model "
+                        "answers in its own words), completion gives the opening; results per phrasing and pooled")
+    p.add_argument("--protocol", default="question-aware", choices=retrieval.PROTOCOLS,
+                   help="question-aware: the whole prompt, question included, in one forward, compressed "
+                        "after it; streaming: the context fed --chunk tokens per forward with eviction in force, "
+                        "then the question")
+    p.add_argument("--chunk", type=int, default=128, help="tokens per forward of the context (streaming protocol)")
+    p.add_argument("--min-solved", type=int, default=5,
+                   help="fewest cases the full cache must solve for a task to be scored")
+    p.add_argument("--corpora", nargs="+", default=["pg19", "wikitext"], choices=list(data.CORPORA),
+                   help="haystack text")
+    p.add_argument("--pg19-books", nargs="+", default=["10146", "10321", "24553"],
+                   help="PG-19 test books for the haystacks")
+    p.add_argument("--text-file", default=None, help="haystack from this text file instead of --corpora")
+    units.add_arguments(p)
+
+
+def stress(p) -> None:
+    p.add_argument("--policies", nargs="+", default=["full", "streaming_4_252", "h2o_4_32_256"],
+                   help="policy names (grammar below), run in lockstep")
+    p.add_argument("--lengths", nargs="+", type=int, default=None,
+                   help=f"checkpoint context lengths (default: {' '.join(map(str, CPU_LENGTHS))}; "
+                        f"on CUDA also {CUDA_LENGTHS[-1]})")
+    p.add_argument("--chunk", type=int, default=256, help="tokens per forward while streaming the text in")
+    p.add_argument("--decode-steps", type=int, default=8, help="timed single-token steps per policy per checkpoint")
+    add_text_options(p, "pg19")
+
+
+def sweep(p) -> None:
+    parts = ("ppl", "throughput")
+    p.add_argument("--parts", nargs="+", default=list(parts), choices=parts, help="what to measure")
+    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="cache budgets (tokens)")
+    p.add_argument("--rules", "--families", dest="families", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"],
+                   type=rule_family, metavar="RULE",
+                   help=f"rule families, each at every budget: 4 sinks, recent budget/8 (StreamingLLM: the rest is its "
+                        f"window), e.g. streaming -> streaming_4_{{b-4}}, h2o_mean -> h2o_4_{{b//8}}_{{b}}_mean; a family "
+                        f"without a rule (h2o, vatp) takes --score; any of: {', '.join(FAMILIES)}; or one under an allocation of head "
+                        "and layer budgets, <allocation>+<family>: adakv+h2o_mean, retrieval+h2o_mean, pyramid+tova, ... "
+                        "(the budget is the average per KV head)")
+    p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per policy")
+    p.add_argument("--chunk", type=int, default=32, help="tokens per forward in the PPL runs (1 = token by token)")
+    add_text_options(p, "wikitext")
+    p.add_argument("--passkey-cases", type=int, default=0,
+                   help="also the passkey kept share of every policy (question-aware, with the full-cache control) "
+                        "on this many cases per phrasing (all three phrasings, pooled); 0 = none")
+    p.add_argument("--passkey-length", type=int, default=1280, help="passkey prompt tokens (--passkey-cases)")
+    p.add_argument("--recent-share", type=float, default=0.125,
+                   help="recent window of every family but streaming, as a share of the budget")
+    p.add_argument("--texts", nargs="+", default=None, metavar="TEXT",
+                   help="PPL on several texts, each (policy, text) a unit of its own at batch 1: wikitext (encyclopaedic), "
+                        "pg19:<book id> (prose), code:<stdlib module> (code, e.g. code:argparse), licence:python "
+                        "(legal) or a text file; a table of the gap closed by genre follows (default: the one text "
+                        "of --corpus / --pg19-book / --text-file)")
+    units.add_arguments(p)
+    g = p.add_argument_group("throughput")
+    g.add_argument("--batches", nargs="+", type=int, default=None,
+                   help=f"batch sizes (default: 1, 2, 4, ... until memory runs out, at most {MAX_BATCH['cpu']} "
+                        f"on CPU, {MAX_BATCH['cuda']} on CUDA)")
+    g.add_argument("--context", type=int, default=None,
+                   help=f"prompt tokens per row (default {DEFAULT_CONTEXT['cpu']} on CPU, "
+                        f"{DEFAULT_CONTEXT['cuda']} on CUDA)")
+    g.add_argument("--new-tokens", type=int, default=None,
+                   help=f"tokens generated per run (default {DEFAULT_NEW_TOKENS['cpu']} on CPU, "
+                        f"{DEFAULT_NEW_TOKENS['cuda']} on CUDA)")
+    g.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch size")
+    g.add_argument("--throughput-budget", type=int, default=256, help="the compressed policies' budget")
+
+
+def rule_family(name: str) -> str:
+    """argparse type of sweep's --rules: a family, or <allocation>+<family> (asks the policies: imports torch)."""
+    from h2o.policies import families, is_family
+
+    if not is_family(name):
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(families())}, or "
+                                         f"<allocation>+<family>: {', '.join(ALLOCATIONS)}; e.g. adakv+h2o_mean)")
+    return name
+
+
+def heatmap(p) -> None:
+    p.add_argument("--layers", nargs="+", type=int, default=None,
+                   help="layer indices, negative from the end (default: first, middle, last)")
+    p.add_argument("--tokens", type=int, default=128, help="text length (tokens)")
+    p.add_argument("--sinks", type=int, default=4, help="leading tokens counted as attention sinks")
+    p.add_argument("--top-k", type=int, default=8, help="heavy hitters marked among the other tokens")
+    add_text_options(p, "wikitext")
+
+
+def perf(p) -> None:
+    add_text_options(p, "pg19")
+    p.add_argument("--h2o", default="h2o_4_32_256", help="the H2O-family policy whose bookkeeping is timed")
+    p.add_argument("--streaming", default="streaming_4_252", help="the StreamingLLM policy at the same budget")
+    p.add_argument("--allocation", default="adakv",
+                   help=f"the allocation timed against the --h2o rule uniform ({', '.join(ALLOCATIONS)}, or with "
+                        "parameters: adakv_0.2, retrieval_0.1_4, ...); 'none' to skip it")
+    p.add_argument("--prompt", type=int, default=4096, help="prompt tokens before the timed decode steps")
+    p.add_argument("--steps", type=int, default=64, help="interleaved decode steps per configuration")
+    p.add_argument("--prefill", type=int, default=2048, help="tokens of the timed prefill")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved prefills per configuration")
+    p.add_argument("--kv-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
+                   help="tokens fed before each KV-bytes reading")
+    p.add_argument("--kv-chunk", type=int, default=1024, help="tokens per forward while feeding the KV-bytes run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps of every configuration before the "
+                   "timed ones (the compiled ones compile in the first)")
+    p.add_argument("--prefill-parts", action="store_true",
+                   help="also profile one --prefill of --h2o and --streaming (torch.profiler) and print where the "
+                        "attention's time goes: QKᵀ, softmax, PV, column sums, masks, eviction, SDPA")
+    p.add_argument("--compile", action="store_true",
+                   help="also time --h2o and --streaming in the static layout through torch.compile(model.forward) "
+                        "and transformers' StaticCache of the same capacity compiled the same way, interleaved "
+                        "with the eager configurations; with the step's floor (weight bytes / copy bandwidth)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode (default: reduce-overhead on CUDA, i.e. CUDA graphs; default elsewhere)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (inductor; aot_eager traces without generating code, for tests)")
+
+
+def heads(p) -> None:
+    p.add_argument("--random-tokens", type=int, default=HEAD_SCORE_DEFAULTS["random_tokens"],
+                   help="random tokens per sequence (each sequence is fed twice in a row) for induction and echo")
+    p.add_argument("--repeats", type=int, default=HEAD_SCORE_DEFAULTS["repeats"], help="random sequences averaged over")
+    p.add_argument("--cases", type=int, default=HEAD_SCORE_DEFAULTS["cases"],
+                   help="calibration needle cases for the retrieval score (0: no retrieval score)")
+    p.add_argument("--ablation-cases", type=int, default=HEAD_SCORE_DEFAULTS["ablation_cases"],
+                   help="needle cases of the ablation score (each KV head restricted to sinks + recent in turn: "
+                        "1 + layers x KV heads forwards per case; 0: no ablation score)")
+    p.add_argument("--context-tokens", type=int, default=HEAD_SCORE_DEFAULTS["context_tokens"],
+                   help="haystack tokens per needle case")
+    p.add_argument("--seed", type=int, default=HEAD_SCORE_DEFAULTS["seed"], help="seed of the random tokens and the needles")
+    p.add_argument("--calibration-book", default=CALIBRATION_BOOK,
+                   help="PG-19 test book of the needle haystacks (one that no evaluation uses)")
+    p.add_argument("--top", type=int, default=8, help="heads listed per score")
+    p.add_argument("--recompute", action="store_true", help="recompute even when cached scores with the same inputs exist")
+
+
+def choose(p) -> None:
+    p.add_argument("--sweep", nargs="+", required=True, metavar="SWEEP_JSON",
+                   help="sweep.json of `h2o sweep --parts ppl --texts ...` (or its output directory); one per model "
+                        "to choose for several models at once")
+    p.add_argument("--tasks", nargs="+", required=True, metavar="TASKS_JSON",
+                   help="tasks.json of `h2o tasks` runs on the tuning cases, one per protocol and model (or their "
+                        "directories)")
+    p.add_argument("--held-out-tasks", nargs="+", default=[], metavar="TASKS_JSON",
+                   help="tasks.json of runs on held-out cases: reported, never used to choose")
+    p.add_argument("--tuning-texts", nargs="+", required=True, metavar="TEXT",
+                   help="the sweep's texts the criterion uses (its --texts labels); the others are held out")
+    p.add_argument("--reference", default="streaming", help="the rule no candidate may fall below")
+    p.add_argument("--candidates", nargs="+", default=None,
+                   help="rule families / policies to choose among (default: every one measured in all the inputs)")
