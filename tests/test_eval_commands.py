@@ -224,7 +224,9 @@ def test_sweep_drops_the_policy_that_ran_out_of_memory(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--budgets", 4, 16], "budgets must be >= 8"),
+    (["--budgets", 4, 16], "argument --budgets: a budget is a whole number of tokens >= 8 (4 sinks plus a window), "
+                           "got '4'"),
+    (["--throughput-budget", 0], "argument --throughput-budget: a budget is a whole number of tokens >= 8"),
     (["--budgets", 128, "--ppl-tokens", 150], "--ppl-tokens 150 never outgrows the largest budget + buffer (128 + 64)"),
     (["--context", 300], "--context 300 does not outgrow --throughput-budget + --buffer (256 + 64)"),
     (["--batches", 2, 1], "--batches must be positive and strictly increasing, got 2 1"),

@@ -47,7 +47,13 @@ def test_a_policy_never_scores_on_a_case_the_full_cache_failed(monkeypatch):
     assert not notes
     summary, notes = answers.summarize(rows, min_solved=3)  # the full cache solved too few: no score at all
     assert summary[1]["kept_share"] is None
-    assert "solved 2 of 3 cases" in notes[0] and "the model cannot do this task" in notes[0]
+    # 2 of 3: the model does the task, the run was too small (issue 42: not "the model cannot do this task")
+    assert "solved 2 of 3 cases" in notes[0] and "too few cases to score; run more (--cases" in notes[0]
+    assert answers.compare(rows, min_solved=3) == []  # an unscored task gets no paired test either
+    assert answers.compare(rows, min_solved=2)
+    full_row = next(r for r in summary if r["policy"] == "full")
+    assert full_row["interval"] is None and full_row["full_interval"].startswith("[")  # one meaning per column
+    assert "rarely solves" in answers.unscored_note("passkey", "restate", 1, 6, "1000", 5)
 
 
 def test_phrasings_are_summarised_each_and_pooled_with_intervals_and_paired_tests(monkeypatch):

@@ -264,7 +264,8 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
                "kept_share": solved / len(control) if kept is not None else None,
                "kept_low": kept[0] if kept else None, "kept_high": kept[1] if kept else None,
                "full_low": full_ci[0] if full_ci else None, "full_high": full_ci[1] if full_ci else None,
-               "interval": interval_text(kept if policy != "full" else full_ci),
+               "interval": interval_text(kept) if policy != "full" else None,  # the kept share's
+               "full_interval": interval_text(full_ci) if policy == "full" else None,  # the full cache's solved share
                "policy_accuracy": statistics.mean(r["score"] for r in group),
                "full_accuracy": statistics.mean(float(r["full_solved"]) for r in group),
                "lengths": " ".join(map(str, sorted({r["length"] for r in group})))}
@@ -279,16 +280,25 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
     for task, phrasing in dict.fromkeys((r["task"], r["phrasing"]) for r in out):
         full = next(r for r in out if (r["task"], r["phrasing"]) == (task, phrasing) and r["policy"] == "full")
         if full["full_solved"] < min_solved:
-            notes.append(f"{task} ({phrasing}): the full cache solved {full['full_solved']} of {full['cases']} cases at "
-                         f"length(s) {full['lengths']}, fewer than --min-solved {min_solved}: the model cannot do "
-                         "this task there in this phrasing, so no policy is scored on it")
+            notes.append(unscored_note(task, phrasing, full["full_solved"], full["cases"], full["lengths"], min_solved))
     return out, notes
 
 
-def compare(rows: list[dict]) -> list[dict]:
+def unscored_note(task: str, phrasing: str, solved: int, cases: int, lengths: str, min_solved: int) -> str:
+    """Why a task gets no score: too few cases run to reach --min-solved, or a model that rarely solves it."""
+    said = (f"{task} ({phrasing}): the full cache solved {solved} of {cases} cases at length(s) {lengths}, fewer than "
+            f"--min-solved {min_solved}, so no policy is scored on it")
+    if solved * 2 >= cases:  # the model does the task: the run was too small to score it
+        return said + (f": too few cases to score; run more (--cases, --depths, --lengths, --phrasings) or lower "
+                       f"--min-solved")
+    return said + ": the model rarely solves this task there in this phrasing (more cases will not change that; a "                   "shorter length or another phrasing may)"
+
+
+def compare(rows: list[dict], min_solved: int = 1) -> list[dict]:
     """Every two policies at the same budget on the same cases (per task and phrasing, and pooled over phrasings):
     McNemar's exact test on the cases the full cache solved and both policies compressed (the kept share's
-    cases); the full cache is one of the policies. verdict: which is better where p < ALPHA, else not separated."""
+    cases); the full cache is one of the policies. verdict: which is better where p < ALPHA, else not separated.
+    A task and phrasing whose full cache solved fewer than `min_solved` cases is not compared (it is not scored)."""
     keyed: dict[tuple, dict] = {}
     for r in rows:
         keyed[r["task"], r["phrasing"], r["length"], r["depth"], r["index"], r["policy"], r["budget"]] = r
@@ -300,6 +310,8 @@ def compare(rows: list[dict]) -> list[dict]:
         budgets = list(dict.fromkeys(r["budget"] for r in rows if r["task"] == task and r["policy"] != "full"))
         for chosen in sets:
             mine = [r for r in rows if r["task"] == task and r["phrasing"] in chosen]
+            if sum(r["full_solved"] for r in mine if r["policy"] == "full") < min_solved:
+                continue
             for budget in budgets:
                 policies = ["full"] + list(dict.fromkeys(r["policy"] for r in mine
                                                          if r["budget"] == budget and r["policy"] != "full"))

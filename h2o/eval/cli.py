@@ -32,7 +32,7 @@ HELPS = {
 }
 COMMANDS = tuple(HELPS)
 NO_MODEL = ("choose",)  # commands that read results and run no model: no model, data or cache options
-DESCRIPTION = "KV-cache compression benchmarks (StreamingLLM, H2O)"
+DESCRIPTION = "KV-cache compression benchmarks: StreamingLLM, H2O, the field's newer rules and head and layer budgets"
 # import name -> the package that provides it (all in the [eval] extra)
 EXTRAS = {"matplotlib": "matplotlib", "tqdm": "tqdm", "psutil": "psutil", "datasets": "datasets",
           "accelerate": "accelerate", "gguf": "gguf", "safetensors": "safetensors",

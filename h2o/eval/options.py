@@ -29,6 +29,21 @@ MODELS = ("smollm2-135m", "gemma3-270m", "random:pythia-160m", "random:pythia-41
 FAMILIES = ("streaming", "h2o", "h2o_mean", "h2o_sum", "tova", "a2sf", "vatp", "vatp_mean", "vatp_sum", "knorm",
             "keydiff", "snapkv", "caote", "vlen", "vlen_mean", "vlen_sum", "kvzip", "recommended")
 DEFAULT_SCORE = "mean"  # h2o.DEFAULT_SCORE
+MIN_BUDGET = 8  # 4 sinks plus a window: the smallest budget a family is sized to (h2o.at_budget)
+
+
+def budget(text: str) -> int:
+    """argparse type of every command's budgets (--budgets, --throughput-budget): one message everywhere."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < MIN_BUDGET:
+        raise argparse.ArgumentTypeError(f"a budget is a whole number of tokens >= {MIN_BUDGET} (4 sinks plus a "
+                                         f"window), got {text!r}")
+    return value
+
+
 # the built-in allocations (h2o.policies.allocation.registered_allocations(): a test holds them equal)
 ALLOCATIONS = ("retrieval", "induction", "ablation", "adakv", "global", "headkv", "pyramid")
 
@@ -165,7 +180,7 @@ def tasks(p) -> None:
                    help=f"families ({', '.join(FAMILIES)}: sized by --budgets or --budget-ratio) or policy names (grammar below); "
                         "the full cache always runs as the control")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--budgets", nargs="+", type=int, default=None, help="family budgets in tokens (default: unset; families are sized by --budget-ratio)")
+    group.add_argument("--budgets", nargs="+", type=budget, default=None, help="family budgets in tokens (default: unset; families are sized by --budget-ratio)")
     group.add_argument("--budget-ratio", nargs="+", type=float, default=[0.15, 0.3],
                        help="family budgets as shares of each case's length")
     p.add_argument("--lengths", nargs="+", type=int, default=[768], help="prompt lengths (tokens)")
@@ -206,7 +221,7 @@ def stress(p) -> None:
 def sweep(p) -> None:
     parts = ("ppl", "throughput")
     p.add_argument("--parts", nargs="+", default=list(parts), choices=parts, help="what to measure")
-    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512], help="cache budgets (tokens)")
+    p.add_argument("--budgets", nargs="+", type=budget, default=[64, 128, 256, 512], help="cache budgets (tokens)")
     p.add_argument("--rules", "--families", dest="families", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"],
                    type=rule_family, metavar="RULE",
                    help=f"rule families, each at every budget: 4 sinks, recent budget/8 (StreamingLLM: the rest is its "
@@ -240,7 +255,7 @@ def sweep(p) -> None:
                    help=f"tokens generated per run (default {DEFAULT_NEW_TOKENS['cpu']} on CPU, "
                         f"{DEFAULT_NEW_TOKENS['cuda']} on CUDA)")
     g.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch size")
-    g.add_argument("--throughput-budget", type=int, default=256, help="the compressed policies' budget")
+    g.add_argument("--throughput-budget", type=budget, default=256, help="the compressed policies' budget")
 
 
 def rule_family(name: str) -> str:

@@ -50,8 +50,6 @@ def check(args) -> dict:
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     budgets = sorted(set(args.budgets))
     families = list(dict.fromkeys(args.families))
-    if budgets[0] < 8:
-        raise ValueError(f"budgets must be >= 8 (4 sinks plus a window), got {budgets[0]}")
     if "ppl" in args.parts:
         if args.chunk < 1:
             raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
@@ -70,8 +68,6 @@ def check(args) -> dict:
             raise ValueError(f"--batches must be positive and strictly increasing, got {' '.join(map(str, batches))}")
         if args.repeats < 1 or new_tokens < 2:
             raise ValueError(f"--repeats must be >= 1 and --new-tokens >= 2 (got {args.repeats}, {new_tokens})")
-        if args.throughput_budget < 8:
-            raise ValueError(f"--throughput-budget must be >= 8, got {args.throughput_budget}")
         if context <= args.throughput_budget + args.buffer:
             raise ValueError(f"--context {context} does not outgrow --throughput-budget + --buffer "
                              f"({args.throughput_budget} + {args.buffer}): the compressed caches would not evict")

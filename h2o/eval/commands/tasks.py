@@ -6,7 +6,7 @@ counts for a policy only where the full cache solved it (the full-cache control)
 
     kept share = cases the policy solved, among those the full cache solved / cases the full cache solved
 
-A task whose full cache solved fewer than `--min-solved` cases gets no score: the model cannot do
+A task whose full cache solved fewer than `--min-solved` cases gets no score (and no paired test): the model cannot do
 it at that length, and a policy's failures there would be the model's.
 
 Protocols, answers and scoring: `h2o.eval.answers` (the harness the command runs on) and
@@ -27,8 +27,9 @@ NAME = "tasks"
 HELP = "retrieval tasks (passkey, RULER NIAH, key-value, variable tracking) with a full-cache control"
 COLUMNS = {"task": "Task", "phrasing": "Phrasing", "policy": "Policy", "budget": "Budget",
            "budget_share": "Budget / prompt", "kv_mib": "KV MiB", "answer_held": "Answer held",
-           "cases": "Cases", "full_solved": "Full solved", "policy_solved": "Policy solved",
-           "kept_share": "Kept share", "interval": "[95%]", "policy_accuracy": "Policy acc.", "full_accuracy": "Full acc."}
+           "cases": "Cases", "full_solved": "Full solved", "full_interval": "Full solved [95%]",
+           "policy_solved": "Policy solved", "kept_share": "Kept share", "interval": "Kept [95%]",
+           "policy_accuracy": "Policy acc.", "full_accuracy": "Full acc."}
 PAIRED_COLUMNS = {"task": "Task", "phrasing": "Phrasing", "budget": "Budget", "policy_a": "A", "policy_b": "B",
                   "cases": "Cases", "a_solved": "A solved", "b_solved": "B solved", "a_only": "A only",
                   "b_only": "B only", "p_value": "p (McNemar)", "verdict": "Verdict"}
@@ -88,7 +89,7 @@ def run(session, plan) -> int:
     rows = run_cases(model, tokenizer, cases, variant_list, args.protocol, chunk=args.chunk,
                      positions=args.positions, buffer=args.buffer, score=args.score, run_units=session.run_units)
     summary, notes = summarize(rows, args.min_solved)
-    paired = compare(rows)
+    paired = compare(rows, args.min_solved)
     protocol = (f"protocol {args.protocol}" + (f" (context fed {args.chunk} tokens per forward)"
                                                  if args.protocol == "streaming" else " (one prefill)"))
     notes = [session.model_line,
@@ -99,7 +100,9 @@ def run(session, plan) -> int:
              "Kept share = cases the policy solved among those the full cache solved (the full-cache control) / "
              f"cases the full cache solved; no score where the full cache solved fewer than {args.min_solved}; "
              "Policy acc. = mean score over all cases (RULER string_match_all; passkey: exact first number); "
-             "[95%] = Wilson interval of the kept share (the full cache: of its solved share); "
+             "Kept [95%] = Wilson interval of the kept share; Full solved [95%] = Wilson interval of the full "
+             "cache's solved share (its row); KV MiB = what the cache holds once the prompt is in (kv_bytes(): every "
+             "storage it keeps alive, keys, values and bookkeeping, each once), mean over the cases; "
              "Answer held = share of the answer's tokens in the needle statements (per layer the policy holds, KV "
              "head and token) still in the cache once the prompt is in, mean over the cases: a policy that evicted "
              "the answer cannot give it, one that held it and still failed lost something else (– where unknown: a "
