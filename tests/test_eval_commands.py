@@ -361,3 +361,17 @@ def test_gap_closed_by_genre_and_the_sign_test_over_texts():
                                                  "gap_closed": None, "gap_high": None, "ppl": 5.0}])
     assert (pair["family_a"], pair["family_b"], pair["a_lower"], pair["b_lower"]) == ("h2o", "tova", 2, 1)
     assert pair["verdict"] == "not separated" and pair["p_value"] == 1.0
+
+
+def test_no_progress_hides_the_libraries_bars_too(tmp_path, capfd):
+    """Issue 42: --no-progress left transformers' "Loading weights" bar; every bar is off now."""
+    import transformers
+
+    try:
+        assert h2o_cli("heatmap", "--model", "smollm2-135m", "--tokens", 24, "--layers", 0,
+                       "--out", tmp_path / "out") == 0
+        assert "Loading weights" not in capfd.readouterr().err
+    finally:  # the switches are process-wide: back on for the other tests
+        transformers.utils.logging.enable_progress_bar()
+        import datasets
+        datasets.enable_progress_bars()

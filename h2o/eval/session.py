@@ -48,6 +48,18 @@ def unique_policies(names: list[str], canonical: list[str]) -> list[str]:
     return list(spellings)
 
 
+def quiet_libraries() -> None:
+    """--no-progress: transformers' and datasets' own progress bars off too (loading weights, reading data)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+    except ImportError:
+        return
+    datasets.disable_progress_bars()
+
+
 class Session:
     """One run of one command: its arguments, output directory, model, progress bars and outputs."""
 
@@ -61,6 +73,8 @@ class Session:
         self.files: list[Path] = []
         self.executor = self.ledger = None  # where units run, and their ledger (run_units)
         self.resumed = self.ran = 0
+        if getattr(args, "no_progress", False):  # every bar, the libraries' too (transformers' weight loading)
+            quiet_libraries()
 
     # --- inputs ---------------------------------------------------------------------------------
 
