@@ -141,3 +141,17 @@ def test_a_run_takes_torchs_device_default_even_where_the_guess_before_it_is_wro
         assert run.returncode == 2 and "stop here" in run.stderr, run.stderr
         _, given, truth = run.stdout.split()
         assert given == truth
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["tasks", "--buffer", "-5"], "h2o tasks: error: --buffer must be >= 0, got -5"),
+    (["sweep", "--threads", "0"], "h2o sweep: error: --threads must be >= 1, got 0"),
+    (["tasks", "--budgets", "0"], "h2o tasks: error: argument --budgets: a budget is a whole number of tokens >= 8 "
+                                  "(4 sinks plus a window), got '0'"),
+])
+def test_plain_numbers_are_refused_before_torch(argv, line):
+    """The shared options' plain numbers (and every command's budgets) are checked before anything heavy is
+    imported: exit 2, the line that says what is wrong, at once."""
+    run, seconds, heavy = h2o_fresh(*argv)
+    assert run.returncode == 2 and line in run.stderr, run.stderr
+    assert heavy == [] and seconds < BOUND_S, (heavy, seconds)

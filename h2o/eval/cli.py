@@ -172,7 +172,11 @@ def main(argv=None) -> int:
     if command is None:  # --help, no command or an unknown one: answered by the static parser (exits)
         build_parser(full=False).parse_args(argv)
         return 2
-    build_parser(command).parse_args(argv)  # the command's --help and argparse's refusals exit here, before torch
+    early = build_parser(command).parse_args(argv)  # the command's --help and argparse's refusals exit here
+    wrong = plain_refusal(early)  # and the checks of plain numbers, also before torch
+    if wrong:
+        print(f"h2o {command}: error: {wrong}", file=sys.stderr)
+        return 2
     missing = missing_extras()
     if missing:
         print(f"h2o: error: the evaluation extras are not installed (missing: {', '.join(missing)}); "
@@ -189,10 +193,6 @@ def main(argv=None) -> int:
     module = importlib.import_module(f"h2o.eval.commands.{command}")
     session = None
     try:
-        if getattr(args, "threads", None) is not None and args.threads < 1:
-            raise ValueError("--threads must be >= 1")
-        if getattr(args, "buffer", 0) < 0:
-            raise ValueError(f"--buffer must be >= 0, got {args.buffer}")
         if hasattr(args, "model"):  # a bad name, or a hub id while offline: refused before any work
             checkpoints.check_name(args.model)
             if getattr(args, "positions", "original") == "reindex" and not args.model.startswith("random:"):
@@ -221,6 +221,15 @@ def main(argv=None) -> int:
             session.discard()
             if not existed:
                 _remove_if_empty(session.out)
+
+
+def plain_refusal(args) -> str | None:
+    """What is wrong with the shared options' plain numbers (no model, no torch needed), or None."""
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
+    if getattr(args, "buffer", 0) < 0:
+        return f"--buffer must be >= 0, got {args.buffer}"
+    return None
 
 
 def _exists(path) -> bool:
