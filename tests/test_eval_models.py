@@ -146,3 +146,12 @@ def test_copy_is_complete_and_written_atomically(converted, gguf_model, tmp_path
     with pytest.raises(RuntimeError, match="interrupted"):
         checkpoints.load_model()
     assert not any(checkpoints.cache_dir().parent.iterdir())  # nothing half-written
+
+
+def test_a_misspelt_model_name_is_told_the_close_built_in_names():
+    """Issue 42: "did you mean" for model names, as for policy names."""
+    with pytest.raises(ValueError, match="did you mean 'random:pythia-160m'"):
+        checkpoints.check_name("random:pythia-16m")
+    assert checkpoints.did_you_mean("smolm2-135m").startswith("did you mean 'smollm2-135m'")
+    assert checkpoints.did_you_mean("gemma3-270") == "did you mean 'gemma3-270m'? "
+    assert checkpoints.did_you_mean("Qwen/Qwen3-0.6B") == ""  # nothing close: no guess

@@ -90,7 +90,7 @@ def builtin_copy(name: str) -> Path | None:
 def random_config(name: str):
     """The config of a built-in random model, without building it."""
     if name not in RANDOM:
-        raise ValueError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM)}")
+        raise ValueError(f"unknown random model {name!r}; {did_you_mean(name)}choose one of {', '.join(RANDOM)}")
     return RANDOM[name]()
 
 
@@ -369,6 +369,19 @@ def _hub_cached(name: str) -> bool:
         return False
 
 
+def did_you_mean(name: str) -> str:
+    """"did you mean 'smollm2-135m'? " for a name close to a built-in model (its last path part compared), or ""."""
+    import difflib
+
+    key, random = name.rpartition("/")[2].lower(), "random:"
+    models = list_models()
+    pool = {m.removeprefix(random): m for m in models if m.startswith(random)}  # compared without the prefix
+    if not key.startswith(random):  # a built-in before a random model of the same name
+        pool.update({m: m for m in models if not m.startswith(random)})
+    close = difflib.get_close_matches(key.removeprefix(random), list(pool), n=2, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(pool[c]) for c in close)}? " if close else ""
+
+
 def _checkpoint(name: str) -> str:
     """A local directory, or a hub id checked for shape and, offline, for a cached copy."""
     path = Path(name).expanduser()
@@ -377,14 +390,14 @@ def _checkpoint(name: str) -> str:
     if name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1:
         raise ModelUnavailable(f"no model directory at {name}")
     if not _HUB_ID.fullmatch(name):
-        raise ValueError(f"unknown model {name!r}: use one of {', '.join(list_models())}, "
+        raise ValueError(f"unknown model {name!r}: {did_you_mean(name)}use one of {', '.join(list_models())}, "
                          "a hub id such as EleutherAI/pythia-160m, or a local directory")
     offline = hub_offline()
     if offline and not _hub_cached(name):
         raise ModelUnavailable(
             f"could not load {name!r} from the Hugging Face hub ({offline}), and it is neither a local directory "
-            f"nor in the Hugging Face cache.\nPass a local model directory (--model path/to/dir) or a built-in "
-            f"model: {', '.join(list_models())}")
+            f"nor in the Hugging Face cache.\n{did_you_mean(name)}Pass a local model directory (--model path/to/dir) "
+            f"or a built-in model: {', '.join(list_models())}")
     return name
 
 
