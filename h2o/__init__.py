@@ -18,7 +18,7 @@ _EXPORTS = {
     "head_scores": "head_probes", "HeadScores": "head_probes",
     **{name: "policies" for name in (
         "parse", "resolve", "keep_indices", "register_policy", "policy_names", "Policy", "Observation",
-        "families", "at_budget", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "KVzip", "recommended",
+        "families", "at_budget", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "KVzip", "recommended",
         "DEFAULT_SCORE")},
 }
 __all__ = list(_EXPORTS)

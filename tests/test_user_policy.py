@@ -56,6 +56,11 @@ def test_bad_registrations_are_refused(registry):
     with pytest.raises(TypeError, match="GRAMMAR"):
         h2o.register_policy(NoGrammar)
 
+    class Pyramid(h2o.Policy):  # an allocation's name
+        NAME, GRAMMAR, EXAMPLE = "pyramid", "pyramid", "pyramid"
+    with pytest.raises(ValueError, match="the name of an allocation"):
+        h2o.register_policy(Pyramid)
+
     class Sees(h2o.Policy):
         NAME, GRAMMAR, EXAMPLE = "sees", "sees", "sees"
         observes = frozenset({"gradient"})

@@ -34,6 +34,8 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
             raise TypeError(f"{cls.__name__} must define the class attribute {attr} (a non-empty str)")
     if cls.NAME in _REGISTRY:
         raise ValueError(f"a policy named {cls.NAME!r} is already registered ({_REGISTRY[cls.NAME].__name__})")
+    if cls.NAME in allocation.registered_allocations():
+        raise ValueError(f"{cls.NAME!r} is the name of an allocation: a rule needs another name")
     unknown = set(cls.observes) - set(OBSERVATIONS)
     if unknown:
         raise ValueError(f"{cls.__name__} observes {sorted(unknown)}; what attention can give: {OBSERVATIONS}")
