@@ -15,11 +15,8 @@ ratios. Prints a table, writes CSV and JSON to --out.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -63,6 +60,7 @@ def main(argv=None) -> int:
         p.error("need 0 < --ratio <= 1, --context >= 16, and --forks, --question, --new-tokens >= 1")
     budget = max(8, int(a.ratio * a.context))
     names = [policy_at(f, budget) for f in a.policies]  # a bad name is refused before the model loads
+    out = report.prepare_output_dir(a.out)  # writable, before the model loads
     model, tokenizer = checkpoints.load_model(a.model, "cpu", "float32", "sdpa", None)
     text = data.load_text("pg19", book=a.book, data_dir=a.data_dir)
     ids, source = data.token_ids(tokenizer, model.config.vocab_size, text, a.context + a.question,
@@ -104,13 +102,8 @@ def main(argv=None) -> int:
         print(f"{name:36s} compress {compress_s:7.2f} s, fork {min(fork_s) * 1e3:8.2f} ms "
               f"({row['fork_over_compress']:.2e} of it), answer {answer_s:6.2f} s; {row['context_mib']:.2f} MiB held, "
               f"a fork {row['fork_mib']:.2f}, both {row['both_mib']:.2f}", file=sys.stderr)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "fork_cost.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "fork_cost.json").write_text(json.dumps(rows, indent=1))
+    report.write_csv(out / "fork_cost.csv", rows)
+    report.write_json(out / "fork_cost.json", {"rows": rows})
     print(f"| policy ({a.context}-token context, budget {budget}) | compress (s) | fork (ms) | fork / compress | "
           "answer (s) | context MiB | fork MiB | both MiB |")
     print("|---|---|---|---|---|---|---|---|")

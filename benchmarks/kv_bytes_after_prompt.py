@@ -12,10 +12,7 @@ left out of the count. Prints a table, writes CSV and JSON to --out.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -39,6 +36,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     for name in a.policies:
         h2o.parse(name)  # a bad name is refused before the model loads
+    out = report.prepare_output_dir(a.out)  # writable, before the model loads
     model, tokenizer = checkpoints.load_model(a.model, "cpu", "float32", "sdpa", None)
     text = data.load_text("wikitext", data_dir=a.data_dir)
     ids_all, source = data.token_ids(tokenizer, model.config.vocab_size, text, max(a.lengths) + 1,
@@ -68,13 +66,8 @@ def main(argv=None) -> int:
                   f"keys/values), {after_step / report.MIB:.2f} after a step; {tokens} tokens kept in all heads, the "
                   f"longest layer {kept}; "
                   f"{uncounted} B reachable and not counted", file=sys.stderr)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "kv_bytes_after_prompt.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "kv_bytes_after_prompt.json").write_text(json.dumps(rows, indent=1))
+    report.write_csv(out / "kv_bytes_after_prompt.csv", rows)
+    report.write_json(out / "kv_bytes_after_prompt.json", {"rows": rows})
     lengths = a.lengths
     print("MiB held after the prompt (tokens kept in all KV heads)")
     print("| policy | " + " | ".join(f"{n} tokens" for n in lengths) + " |")

@@ -21,12 +21,6 @@ class AdaKV(Allocation):
         if not 0 <= self.floor <= 1:
             raise ValueError(f"adakv_<floor>: floor must lie in [0, 1], got {self.floor}")
 
-    @classmethod
-    def from_args(cls, name, values, text):
-        if len(values) > 1:
-            raise ValueError(f"{text!r}: write adakv_<floor>")
-        return cls(*values)
-
     @property
     def name(self) -> str:
         return f"adakv_{self.floor:g}"

@@ -23,12 +23,6 @@ class Global(Allocation):
         if not 0 <= self.floor <= 1:
             raise ValueError(f"global_<floor>: floor must lie in [0, 1], got {self.floor}")
 
-    @classmethod
-    def from_args(cls, name, values, text):
-        if len(values) > 1:
-            raise ValueError(f"{text!r}: write global_<floor>")
-        return cls(*values)
-
     @property
     def name(self) -> str:
         return f"global_{self.floor:g}"

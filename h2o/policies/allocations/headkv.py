@@ -33,7 +33,7 @@ class HeadKV(Allocation):
             raise ValueError(f"headkv_<floor>_<factor>: factor must be a number >= 1, got {self.factor}")
 
     @classmethod
-    def from_args(cls, name, values, text):
+    def from_args(cls, name, values, text):  # its own words: the factor is optional
         if len(values) > 2:
             raise ValueError(f"{text!r}: write headkv_<floor> or headkv_<floor>_<factor>, e.g. headkv_0.2_4")
         return cls(*values)

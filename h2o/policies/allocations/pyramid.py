@@ -19,12 +19,6 @@ class Pyramid(Allocation):
         if not self.beta >= 1:
             raise ValueError(f"pyramid_<beta>: beta must be >= 1, got {self.beta}")
 
-    @classmethod
-    def from_args(cls, name, values, text):
-        if len(values) > 1:
-            raise ValueError(f"{text!r}: write pyramid_<beta>")
-        return cls(*values)
-
     @property
     def name(self) -> str:
         return f"pyramid_{self.beta:g}"
