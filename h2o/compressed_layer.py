@@ -136,6 +136,8 @@ class CompressedLayer(DynamicLayer):
                 _slots(buf, 0, self.length).copy_(_slots(old[name], 0, self.length))
             self.storage[name] = buf
         self.capacity = capacity
+        if old:
+            self._view()  # keys and values no longer view the old buffers, which are freed with them
 
     def _view(self) -> None:
         """Point keys and values at the first `length` slots."""
@@ -311,6 +313,13 @@ class CompressedLayer(DynamicLayer):
             self.budget = self.policy.budget if fitted is None else fitted
         budget = self.budget
         if self.length <= budget + self.buffer:
+            if fitted is not None:
+                # a fitted budget falls as the row sees more tokens (its capped heads take back their share): the
+                # buffers it was sized for would stay beside the growing buffers of those heads, past the rule's bytes
+                limit = max(self.length, budget + self.room + 1)
+                if self.capacity > limit:
+                    self._allocate(limit)
+                    self.fed_capacity = self.capacity
             return False
         targets = None
         if fitted is not None:  # the rule's own budget is the plan's: each row to the fitted one (as `keep_indices`)

@@ -197,3 +197,27 @@ def test_snapkv_hands_over_to_the_decode_rule():
     assert layer.state["decoding"].eq(1).all()
     with pytest.raises(ValueError, match="decode-time rule"):
         h2o.parse("snapkv_4_32_256_16+streaming")
+
+
+@pytest.mark.parametrize("name", ["snapkv_2_4_12_4+tova", "kvzip_2_4_12+h2o_mean", "h2o_2_4_12_mean"])
+def test_a_parsed_policy_object_makes_a_cache_as_its_name_does(name):
+    """`h2o tasks --policies snapkv_..+tova` once failed: the runner parses the name, then hands make_cache the object,
+    a variant class (SnapKVThen) that the registry refused as "not a registered policy"."""
+    policy = h2o.parse(name)
+    assert h2o.parse(policy) is policy
+    model = tiny_model("llama", "sdpa", layers=2)
+    cache = h2o.make_cache(model, policy, tokenizer=TOKENIZER)
+    assert cache.policy == policy
+    h2o.restore(model)
+
+
+def test_an_unregistered_subclass_is_refused_even_though_it_inherits_a_registered_name():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Quieter(type(h2o.parse("tova_2_4_12"))):
+        def rank(self, state, times, seen, **slots):
+            return -super().rank(state, times, seen, **slots)
+
+    with pytest.raises(ValueError, match="not a registered policy"):
+        h2o.parse(Quieter(2, 4, 12))

@@ -93,6 +93,13 @@ def at_budget(family: str, budget: int, score: str | None = None, recent: int | 
     return policy
 
 
+def _spells(policy: Policy) -> bool:
+    try:
+        return parse(policy.name) == policy
+    except (ValueError, TypeError):
+        return False
+
+
 def parse(spec: str | Policy, score: str | None = None) -> Policy:
     """The policy a name spells (or the object itself, checked); `score` sets H2O's scoring rule.
 
@@ -105,7 +112,10 @@ def parse(spec: str | Policy, score: str | None = None) -> Policy:
         return allocation.Allocated(allocation.parse_allocation(parts[0]), parse(parts[1], score))
     if isinstance(spec, Policy):
         policy = spec
-        if _REGISTRY.get(type(policy).NAME) is not type(policy):
+        registered = _REGISTRY.get(type(policy).NAME)
+        # a registered rule's own variant (snapkv_..+tova is a SnapKVThen) is accepted where its name spells it back
+        if registered is not type(policy) and not (registered is not None and isinstance(policy, registered)
+                                                   and _spells(policy)):
             raise ValueError(f"{type(policy).__name__} is not a registered policy; decorate it with "
                              "@h2o.register_policy")
         if score is not None and type(policy).has_score and policy.score != score:
