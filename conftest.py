@@ -21,3 +21,24 @@ def pytest_addoption(parser):
                     help="device for benchmarks/: cuda (default; env H2O_BENCH_DEVICE) or cpu (CPU-sized runs)")
     group.addoption("--bench-model", default="smollm2-135m",
                     help="model for the PPL suite (default smollm2-135m; its gates were measured on it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist (`-n 2`, the CI command), the Ray tests share one worker: two local Ray clusters
+    # started at once on a 2-core machine would only fight over its cores.
+    import pytest
+
+    for item in items:
+        if item.module.__name__.endswith("test_units"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def _share_the_cores_between_xdist_workers():
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores_between_xdist_workers()

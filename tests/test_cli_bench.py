@@ -33,10 +33,10 @@ def test_bench_on_a_random_model_measures_speed_and_memory_only(tmp_path, capsys
     (["--policies", "h2o_4_32_256", "--ppl-tokens", "300"], "never outgrows the largest budget"),
     (["--policies", "h2o_40_300_256"], "exceeds the budget"),
     (["--data-dir", "/nonexistent/corpora"], "wiki.test.raw"),
-    (["--text-file", "/nonexistent/file.txt"], "no text file"),
+    (["--add-text-file", "/nonexistent/file.txt"], "no text file"),
     (["--new-tokens", "1"], "--new-tokens >= 2"),
-    (["--passkey-length", "300"], "holds the whole 300-token task prompt"),
-    (["--passkey-cases", "-1"], "--passkey-cases must be >= 0"),
+    (["--lengths", "300"], "holds the whole 300-token task prompt"),
+    (["--cases", "-1"], "--cases must be >= 0"),
 ])
 def test_bench_refuses_bad_input_before_loading_anything(tmp_path, capsys, argv, message):
     out = tmp_path / "r"
@@ -56,8 +56,8 @@ def test_bench_refuses_an_unwritable_output_dir(tmp_path, capsys):
 def test_bench_on_the_embedded_model(tmp_path, capsys):
     out = tmp_path / "r"
     code = main(["bench", "--policies", "streaming_4_60", "h2o_4_8_64", "--buffer", "8", "--ppl-tokens", "160",
-                 "--chunk", "16", "--context", "96", "--new-tokens", "3", "--repeats", "1", "--out", str(out),
-                 "--passkey-cases", "2", "--passkey-length", "400", "--phrasings", "restate", "completion",
+                 "--ppl-chunk", "16", "--context", "96", "--new-tokens", "3", "--repeats", "1", "--out", str(out),
+                 "--cases", "2", "--lengths", "400", "--phrasings", "restate", "completion",
                  "--no-progress"])
     assert code == 0
     rows = {r["configuration"]: r for r in csv.DictReader(open(out / "bench.csv"))}

@@ -36,7 +36,7 @@ REFUSALS = {
     "stress": (["--lengths"], "h2o stress: error: argument --lengths: expected at least one argument"),
     "sweep": (["--parts", "speed"], "h2o sweep: error: argument --parts: invalid choice: 'speed'"),
     "heatmap": (["--no-such-option"], "h2o: error: unrecognized arguments: --no-such-option"),
-    "perf": (["--steps", "1.5"], "h2o perf: error: argument --steps: invalid int value: '1.5'"),
+    "perf": (["--decode-steps", "1.5"], "h2o perf: error: argument --decode-steps: invalid int value: '1.5'"),
     "heads": (["--top"], "h2o heads: error: argument --top: expected one argument"),
     "choose": (["--sweep", "sweep.json"], "h2o choose: error: the following arguments are required: --tasks, "
                                           "--tuning-texts"),

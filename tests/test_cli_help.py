@@ -177,7 +177,7 @@ def test_a_binary_text_file_is_refused_naming_the_file(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"nul\.bin is not text: it holds NUL bytes"):
         data.load_text_file(nul)
     out = tmp_path / "out"
-    assert cli.main(["bench", "--model", "random:tiny-llama", "--text-file", str(binary), "--out", str(out)]) == 2
+    assert cli.main(["bench", "--model", "random:tiny-llama", "--add-text-file", str(binary), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{binary} is not UTF-8 text" in err and "codec" not in err and not out.exists()
 

@@ -54,7 +54,7 @@ def kv_bytes(model_name, policy, tokens, batch=1):
 
 # --- stress ----------------------------------------------------------------------------------------
 
-STRESS = ["--policies", "full", "streaming_4_12", "h2o_2_4_16", "--buffer", 4, "--chunk", 8, "--decode-steps", 2]
+STRESS = ["--policies", "full", "streaming_4_12", "h2o_2_4_16", "--buffer", 4, "--context-chunk", 8, "--decode-steps", 2]
 
 
 @pytest.mark.parametrize("model, positions", [(LLAMA, "original"), (NEOX, "reindex")])
@@ -101,7 +101,7 @@ def test_stress_stops_a_policy_that_would_not_fit_in_memory(tmp_path, monkeypatc
     monkeypatch.setattr(stress.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=170_000))
     out = tmp_path / "out"
     assert h2o_cli("stress", "--model", LLAMA, "--lengths", 16, 64, 256, "--policies", "full", "streaming_4_12",
-                   "--buffer", 4, "--chunk", 8, "--decode-steps", 2, "--out", out) == 0
+                   "--buffer", 4, "--context-chunk", 8, "--decode-steps", 2, "--out", out) == 0
     rows = {(r["policy"], int(r["length"])): r for r in read_csv(out / "stress.csv")}
     assert [rows["full", n]["status"] for n in (16, 64, 256)] == ["ok", "ok", "skipped: would exceed memory"]
     assert rows["full", 256]["kv_bytes"] == "" and rows["full", 256]["tpot_median_ms"] == ""
@@ -132,7 +132,7 @@ def test_stress_survives_out_of_memory(tmp_path, monkeypatch):
     (["--lengths", 0, 16], "--lengths must be positive and strictly increasing, got 0 16"),
     (["--lengths", 64, 32], "--lengths must be positive and strictly increasing, got 64 32"),
     (["--lengths", 16, 17, "--decode-steps", 2], "checkpoints 16 and 17 are closer than --decode-steps 2"),
-    (["--chunk", 0], "--chunk and --decode-steps must be >= 1"),
+    (["--context-chunk", 0], "--context-chunk and --decode-steps must be >= 1"),
     (["--policies", "full", "h2o_4_300_256"], "sinks + recent (4 + 300) exceeds the budget 256"),
     (["--policies", "lru_16"], "unknown policy 'lru_16'"),
     (["--text-file", "/no/such/file.txt", "--model", "smollm2-135m"], "no text file at /no/such/file.txt"),
@@ -153,7 +153,7 @@ def test_an_unwritable_output_directory_is_an_error(tmp_path, capsys):
 
 # --- sweep -----------------------------------------------------------------------------------------
 
-SWEEP = ["--budgets", 8, 16, "--ppl-tokens", 64, "--chunk", 4, "--buffer", 4, "--context", 32,
+SWEEP = ["--budgets", 8, 16, "--ppl-tokens", 64, "--ppl-chunk", 4, "--buffer", 4, "--context", 32,
          "--new-tokens", 3, "--throughput-budget", 16]
 SPEED_POLICIES = ["full", "streaming_4_12", "h2o_4_2_16_mean", "h2o_4_2_16_sum"]
 
@@ -198,7 +198,7 @@ def test_sweep_stops_when_memory_would_run_out(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sweep.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=0))
     out = tmp_path / "out"
     assert h2o_cli("sweep", "--model", LLAMA, "--parts", "throughput", "--batches", 1, 2, 4,
-                   "--families", "streaming", "--out", out, *SWEEP) == 0
+                   "--rules", "streaming", "--out", out, *SWEEP) == 0
     rows = [(int(r["batch"]), r["policy"], r["status"]) for r in read_csv(out / "sweep_throughput.csv")]
     assert rows == [(1, "full", "ok"), (1, "streaming_4_12", "ok"),
                     (2, "full", "skipped: would exceed memory"), (2, "streaming_4_12", "skipped: would exceed memory")]
@@ -217,7 +217,7 @@ def test_sweep_drops_the_policy_that_ran_out_of_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "measure_speed", measure)
     out = tmp_path / "out"
     assert h2o_cli("sweep", "--model", LLAMA, "--parts", "throughput", "--batches", 1, 2, 4,
-                   "--families", "streaming", "--out", out, *SWEEP) == 0
+                   "--rules", "streaming", "--out", out, *SWEEP) == 0
     rows = [(int(r["batch"]), r["policy"], r["status"]) for r in read_csv(out / "sweep_throughput.csv")]
     assert rows == [(1, "full", "ok"), (1, "streaming_4_12", "ok"), (2, "full", "OOM"),
                     (2, "streaming_4_12", "ok"), (4, "streaming_4_12", "ok")]
@@ -231,7 +231,7 @@ def test_sweep_drops_the_policy_that_ran_out_of_memory(tmp_path, monkeypatch):
     (["--context", 300], "--context 300 does not outgrow --throughput-budget + --buffer (256 + 64)"),
     (["--batches", 2, 1], "--batches must be positive and strictly increasing, got 2 1"),
     (["--new-tokens", 1], "--new-tokens >= 2"),
-    (["--families", "lru"], "invalid choice: 'lru'"),
+    (["--rules", "lru"], "invalid choice: 'lru'"),
 ])
 def test_sweep_rejects_bad_input(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -264,7 +264,7 @@ def test_heatmap_shares_match_the_model(tmp_path, capsys):
         assert row["uniform_sink_share"] == pytest.approx(uniform_sinks, rel=1e-6)
         assert len(row["sink_share_per_head"]) == 4
     assert len(read_csv(out / "heatmap.csv")) == 2
-    assert "asked for sdpa: output_attentions needs eager" in capsys.readouterr().out
+    assert "eager attention (output_attentions needs it)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -298,7 +298,7 @@ def test_heatmap_on_the_embedded_model_shows_sinks(tmp_path):
 def test_sweep_takes_every_registered_rule_family(tmp_path):
     out = tmp_path / "out"
     assert h2o_cli("sweep", "--model", NEOX, "--parts", "ppl", "--rules", "streaming", "tova", "a2sf", "vatp_sum",
-                   "knorm", "keydiff", "--budgets", 16, "--ppl-tokens", 48, "--chunk", 4, "--buffer", 0,
+                   "knorm", "keydiff", "--budgets", 16, "--ppl-tokens", 48, "--ppl-chunk", 4, "--buffer", 0,
                    "--out", out) == 0
     ppl = read_csv(out / "sweep_ppl.csv")
     assert [r["policy"] for r in ppl] == ["full", "streaming_4_12", "tova_4_2_16", "a2sf_4_2_16_0.95",
@@ -312,8 +312,8 @@ def test_sweep_on_several_texts_reports_the_gap_closed(tmp_path):
         pytest.skip(f"the embedded model's weights package {checkpoints.SMOLLM2_PACKAGE} is not installed")
     out = tmp_path / "out"
     assert h2o_cli("sweep", "--parts", "ppl", "--texts", "wikitext", "pg19:10146", "--rules", "streaming", "tova",
-                   "--budgets", 16, "--ppl-tokens", 48, "--chunk", 8, "--buffer", 0, "--passkey-cases", 2,
-                   "--passkey-length", 200, "--out", out) == 0
+                   "--budgets", 16, "--ppl-tokens", 48, "--ppl-chunk", 8, "--buffer", 0, "--cases", 2,
+                   "--lengths", 200, "--out", out) == 0
     rows = read_csv(out / "sweep_ppl.csv")
     # the passkey column, pooled over the three phrasings: the full cache's solved cases, each policy's among them
     # (the same on every text row), each with its Wilson interval
@@ -338,7 +338,7 @@ def test_sweep_on_several_texts_reports_the_gap_closed(tmp_path):
 def test_sweep_merges_families_that_give_the_same_policy_and_rows_say_how(tmp_path, capsys):
     out = tmp_path / "out"
     assert h2o_cli("sweep", "--model", NEOX, "--parts", "ppl", "--rules", "streaming", "h2o", "h2o_mean",
-                   "--budgets", 16, "--ppl-tokens", 48, "--chunk", 4, "--buffer", 0, "--out", out) == 0
+                   "--budgets", 16, "--ppl-tokens", 48, "--ppl-chunk", 4, "--buffer", 0, "--out", out) == 0
     rows = read_csv(out / "sweep_ppl.csv")
     assert [r["policy"] for r in rows] == ["full", "streaming_4_12", "h2o_4_2_16_mean"]
     assert "give the same policy h2o_4_2_16_mean: it runs once" in capsys.readouterr().out

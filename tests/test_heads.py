@@ -317,7 +317,7 @@ def h2o_cli(*argv) -> int:
 def test_h2o_heads_writes_the_table_csv_json_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("H2O_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    assert h2o_cli("heads", "--model", "random:tiny-gpt-neox", "--random-tokens", 16, "--repeats", 1,
+    assert h2o_cli("heads", "--model", "random:tiny-gpt-neox", "--random-tokens", 16, "--random-sequences", 1,
                    "--top", 3, "--out", out) == 0
     printed = capsys.readouterr().out
     assert "top 3 of 8 KV heads by induction:" in printed and "top 3 of 8 KV heads by echo:" in printed
@@ -331,13 +331,13 @@ def test_h2o_heads_writes_the_table_csv_json_and_plot(tmp_path, monkeypatch, cap
     assert payload["top"]["induction"][0][:2] == list(scores.top("induction", 1)[0])
     assert float(rows[0]["echo"]) == pytest.approx(float(scores["echo"][0, 0]))
     assert (out / "heads.png").stat().st_size > 5000
-    assert h2o_cli("heads", "--model", "random:tiny-gpt-neox", "--random-tokens", 16, "--repeats", 1,
+    assert h2o_cli("heads", "--model", "random:tiny-gpt-neox", "--random-tokens", 16, "--random-sequences", 1,
                    "--out", out) == 0
     assert "cached scores reused" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--repeats", 0], "--repeats must be >= 1"),
+    (["--random-sequences", 0], "--random-sequences must be >= 1"),
     (["--cases", -1], "--cases must be >= 0"),
     (["--cases", 2, "--ablation-cases", 1], "--ablation-cases needs needle cases in real text"),
     (["--model", "smollm2-135m", "--calibration-book", "99999999"], "no PG-19 test book '99999999'"),
@@ -365,7 +365,7 @@ def test_h2o_heads_on_the_embedded_model_finds_its_copying_heads(tmp_path, monke
     checkpoints.smollm2_copy()  # the converted copy, in the usual cache; the scores go to tmp_path, not beside it
     monkeypatch.setattr(head_score_cache, "cache_path", lambda name: tmp_path / "cache" / "head_scores.json")
     out = tmp_path / "out"
-    assert h2o_cli("heads", "--random-tokens", 64, "--repeats", 1, "--cases", 1, "--context-tokens", 128,
+    assert h2o_cli("heads", "--random-tokens", 64, "--random-sequences", 1, "--cases", 1, "--context-tokens", 128,
                    "--out", out) == 0
     scores = H.HeadScores.from_json(json.loads((out / "heads.json").read_text())["head_scores"])
     assert scores.shape == (30, 3) and set(scores.scores) == {"induction", "echo", "retrieval"}

@@ -8,8 +8,8 @@ import pytest
 
 from h2o.eval.cli import main
 
-TINY = ["--model", "random:tiny-llama", "--h2o", "h2o_2_4_16", "--streaming", "streaming_2_14", "--buffer", "4",
-        "--prompt", "48", "--prefill", "40", "--steps", "6", "--rounds", "2", "--kv-lengths", "32", "64",
+TINY = ["--model", "random:tiny-llama", "--policy", "h2o_2_4_16", "--streaming", "streaming_2_14", "--buffer", "4",
+        "--context", "48", "--prefill", "40", "--decode-steps", "6", "--rounds", "2", "--kv-lengths", "32", "64",
         "--kv-chunk", "16", "--no-progress"]
 
 
@@ -43,9 +43,9 @@ def test_perf_reports_the_four_ratios_and_flat_kv_bytes(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--streaming", "streaming_2_30"], "must keep the same number of tokens"),
-    (["--prompt", "20"], "must exceed budget \\+ buffer"),
-    (["--h2o", "full"], "must be evicting policies"),
-    (["--steps", "1"], "--steps must be >= 2"),
+    (["--context", "20"], "must exceed budget \\+ buffer"),
+    (["--policy", "full"], "must be evicting policies"),
+    (["--decode-steps", "1"], "--decode-steps must be >= 2"),
     # what the static layout cannot time
     (["--compile", "--positions", "reindex"], "keeps original positions"),
     (["--compile", "--warmup", "0"], "--warmup must be >= 1"),
@@ -55,6 +55,16 @@ def test_perf_refuses_bad_input_before_loading_anything(tmp_path, capsys, args, 
     assert main(["perf", *TINY, *args, "--out", str(tmp_path / "x")]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+def test_perf_streaming_is_a_streamingllm_policy_as_its_name_says(capsys):
+    """--streaming names the policy every ratio is over: another rule is refused by argparse, before anything loads
+    (the timed policy, any evicting one, is --policy)."""
+    with pytest.raises(SystemExit) as exit:
+        main(["perf", "--streaming", "h2o_4_32_256"])
+    assert exit.value.code == 2
+    assert ("argument --streaming: a StreamingLLM policy, streaming_<sinks>_<window> (e.g. streaming_4_252), got "
+            "'h2o_4_32_256'") in capsys.readouterr().err
 
 
 def test_perf_compile_times_the_compiled_caches_interleaved_without_recompiling(tmp_path):

@@ -361,45 +361,51 @@ def check_context(model: str, positions: str, length: int, new_tokens: int, prom
                          f"{trained} with positions 'original'; use --positions reindex or shorter prompts")
 
 
-def check_passkey(policies: list[str], length: int, buffer: int, model: str, positions: str,
+def check_passkey(policies: list[str], lengths: int | list[int], buffer: int, model: str, positions: str,
                   task_names: tuple[str, ...] = ("passkey",), phrasings: tuple[str, ...] = retrieval.PHRASINGS) -> None:
-    """The retrieval columns of bench and sweep: something to compress, and inside the trained context."""
+    """The retrieval columns of bench and sweep (their --lengths): something to compress in the shortest prompt, the
+    longest inside the trained context."""
     unknown = [t for t in task_names if t not in retrieval.TASKS]
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(retrieval.TASKS)}")
-    check_budgets(policies, length, buffer, "task prompt", "raise --passkey-length")
-    check_context(model, positions, length, max(retrieval.max_new_tokens(t, p) for t in task_names for p in phrasings),
-                  "task prompt")
+    lengths = sorted({lengths} if isinstance(lengths, int) else set(lengths))
+    check_budgets(policies, lengths[0], buffer, "task prompt", "raise --lengths")
+    check_context(model, positions, lengths[-1],
+                  max(retrieval.max_new_tokens(t, p) for t in task_names for p in phrasings), "task prompt")
 
 
-def passkey_kept(session, policies: list[str], haystacks: dict[str, str], n: int, length: int,
+def passkey_kept(session, policies: list[str], haystacks: dict[str, str], n: int, lengths: int | list[int],
                  phrasings: list[str] | None = None) -> tuple[dict, str]:
-    """n passkey cases of `length` tokens (depths spread over 0.1-0.9) in each phrasing, question-aware, under
-    every policy with the full-cache control: ({policy: its summary row, pooled over the phrasings}, a note)."""
-    kept, note, _ = tasks_kept(session, policies, haystacks, ["passkey"], n, length, phrasings)
+    """n passkey cases of each of `lengths` tokens (depths spread over 0.1-0.9) in each phrasing, question-aware,
+    under every policy with the full-cache control: ({policy: its summary row, pooled over the phrasings}, a
+    note)."""
+    kept, note, _ = tasks_kept(session, policies, haystacks, ["passkey"], n, lengths, phrasings)
     return kept["passkey"], note
 
 
 def tasks_kept(session, policies: list[str], haystacks: dict[str, str], task_names: list[str], n: int,
-               length: int, phrasings: list[str] | None = None) -> tuple[dict, str, list[dict]]:
-    """n cases of `length` tokens per task and phrasing (depths spread over 0.1-0.9; phrasings default: each task's
-    retrieval.DEFAULT_PHRASING), question-aware, under every policy with the full-cache control:
+               lengths: int | list[int], phrasings: list[str] | None = None) -> tuple[dict, str, list[dict]]:
+    """n cases of each of `lengths` tokens per task and phrasing (depths spread over 0.1-0.9; phrasings default: each
+    task's retrieval.DEFAULT_PHRASING), question-aware, under every policy with the full-cache control:
     ({task: {policy: its summary row, pooled over the phrasings}}, a note saying how it was measured, the paired
     tests of `compare` pooled over the phrasings)."""
     args = session.args
+    lengths = [lengths] if isinstance(lengths, int) else list(dict.fromkeys(lengths))
     depths = [0.5] if n == 1 else [round(0.1 + 0.8 * i / (n - 1), 4) for i in range(n)]
     cases = [c for task in task_names for phrasing in (phrasings or [retrieval.DEFAULT_PHRASING[task]])
-             for c in retrieval.generate_cases(task, session.tokenizer, haystacks, [length], depths, 1, 0,
+             for c in retrieval.generate_cases(task, session.tokenizer, haystacks, lengths, depths, 1, 0,
                                                phrasing=phrasing)]
     variant_list = [Variant(p, budget_label(p), name=p) for p in policies if p != "full"]
-    rows = run_cases(session.model, session.tokenizer, cases, variant_list, "question-aware", chunk=args.chunk,
+    # chunk: unused by the question-aware protocol (one prefill); the PPL chunk, as before, keeps the units' keys
+    rows = run_cases(session.model, session.tokenizer, cases, variant_list, "question-aware", chunk=args.ppl_chunk,
                      positions=args.positions, buffer=args.buffer, run_units=session.run_units)
     summary, notes = summarize(rows, min_solved=1)
     what = "passkey" if list(task_names) == ["passkey"] else "retrieval"
     worded = (f"phrasings {', '.join(phrasings)}, pooled" if phrasings and len(phrasings) > 1 else
               f"phrasing {phrasings[0] if phrasings else ' / '.join(retrieval.DEFAULT_PHRASING[t] for t in task_names)}")
-    note = (f"{what.capitalize()} kept: {n} {' / '.join(task_names)} cases of {length} tokens"
-            f"{' each' if len(task_names) > 1 else ''} per phrasing (depths 0.1-0.9, haystacks {', '.join(haystacks)}; "
+    note = (f"{what.capitalize()} kept: {n} {' / '.join(task_names)} cases of {' / '.join(map(str, lengths))} tokens"
+            f"{' each' if len(task_names) > 1 or len(lengths) > 1 else ''} per phrasing (depths 0.1-0.9, haystacks "
+            f"{', '.join(haystacks)}; "
             f"{worded}), question-aware protocol; full: cases it solved; policies: solved among the full cache's "
             "solved cases (the full-cache control), with the Wilson 95% interval of the share; `h2o tasks` has "
             "more cases, lengths and phrasings, and the paired tests")

@@ -41,8 +41,8 @@ EXTRAS = {"matplotlib": "matplotlib", "tqdm": "tqdm", "psutil": "psutil", "datas
 # Hard-coded so that `h2o --help` imports nothing; a test parses every example with h2o.parse and
 # checks the default rule against h2o.DEFAULT_SCORE.
 POLICY_GRAMMAR = """\
-policy names (--policies of bench, stress and tasks; sweep, and tasks, also build them from
-policy families and budgets):
+policy names (--policies of bench, stress and tasks, perf's --policy; sweep's --rules, and tasks,
+also build them from policy families and budgets):
   full                          keep every token (the baseline; bench and tasks always run it)
   streaming_<sinks>_<window>    StreamingLLM: the first <sinks> tokens (attention sinks) + the
                                 last <window> tokens; budget = sinks + window
@@ -114,7 +114,7 @@ EXAMPLES = {
     "sweep": ["h2o sweep --parts ppl --budgets 64 128 256",
               "h2o sweep --parts throughput --model random:pythia-410m"],
     "heatmap": ["h2o heatmap --layers 0 -1 --tokens 96"],
-    "perf": ["h2o perf", "h2o perf --steps 32 --rounds 3 --kv-lengths 1024 4096"],
+    "perf": ["h2o perf", "h2o perf --decode-steps 32 --rounds 3 --kv-lengths 1024 4096"],
     "heads": ["h2o heads", "h2o heads --model random:tiny-llama --random-tokens 64 --recompute"],
     "choose": ["h2o choose --sweep results/sweep.json --tasks qa/tasks.json st/tasks.json --tuning-texts wikitext "
                "pg19:10146"],
@@ -162,7 +162,8 @@ def build_parser(command: str | None = None, full: bool = True) -> argparse.Argu
             from . import options
 
             getattr(options, name)(p)
-            options.add_shared_options(p, model=name not in NO_MODEL)
+            options.add_shared_options(p, model=name not in NO_MODEL, command=name)
+            options.add_aliases(p, name)
     return parser
 
 
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     if command is None:  # --help, no command or an unknown one: answered by the static parser (exits)
         build_parser(full=False).parse_args(argv)
         return 2
-    early = build_parser(command).parse_args(argv)  # the command's --help and argparse's refusals exit here
+    early = build_parser(command).parse_args(argv)  # the command's --help, argparse's refusals exit here; a
+    # deprecated option name says so here, once
     wrong = plain_refusal(early)  # and the checks of plain numbers, also before torch
     if wrong:
         print(f"h2o {command}: error: {wrong}", file=sys.stderr)
@@ -184,12 +186,13 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    from . import checkpoints
+    from . import checkpoints, options
     from .session import Session
     from .ppl import ValidityError
 
     # parsed again now that torch is imported: --device's default is torch's own answer, no longer a guess
-    args = build_parser(command).parse_args(argv)
+    with options.quiet_aliases():
+        args = build_parser(command).parse_args(argv)
     module = importlib.import_module(f"h2o.eval.commands.{command}")
     session = None
     try:

@@ -6,11 +6,17 @@ and argparse's own refusals (an unknown option, a bad value) answer at once; the
 to run it (`h2o.eval.cli`). The few names the help shows whose source imports torch are copied here, each held equal
 to its source by a test (tests/test_cli_fast.py): the built-in models, the rule families, H2O's default scoring rule.
 An option's `type` that must ask the policies (sweep's --rules) imports them when that option is given.
+
+One vocabulary (issue 42): one option name per concept, with one meaning wherever it appears (the table and its
+deliberate differences: tests/test_vocabulary.py). A renamed option keeps its old name one release as a deprecated
+alias (`DEPRECATED`, added by `add_aliases`): it parses to the new option's destination and prints one line on
+stderr naming the new option.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib.util
 import os
@@ -63,44 +69,56 @@ DEFAULT_NEW_TOKENS = {"cpu": 8, "cuda": 32}
 
 # --- shared by every command ------------------------------------------------------------------------------------
 
-def add_shared_options(p: argparse.ArgumentParser, model: bool = True) -> None:
-    """The options every command shares; a command that runs no model (`model=False`) gets the output ones only."""
+def add_shared_options(p: argparse.ArgumentParser, model: bool = True, command: str | None = None) -> None:
+    """The options every command shares; a command that runs no model (`model=False`) gets the output ones only,
+    and a command leaves out those it would ignore (`NOT_TAKEN`)."""
     if model:
-        _add_model_options(p)
+        _add_model_options(p, NOT_TAKEN.get(command, ()))
     g = p.add_argument_group("output")
     g.add_argument("--out", default="results", help="output directory")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+# the shared options a command would ignore, left out of its parser (issue 42: an option that does nothing is not
+# offered): heatmap runs eager attention (output_attentions needs it) over the full text, no cache; heads runs its own
+# probe attention on its own framing (random tokens, chat-framed needles: no BOS of ours), no cache
+NOT_TAKEN = {"heatmap": ("--attn", "--positions", "--buffer", "--score"),
+             "heads": ("--attn", "--bos", "--positions", "--buffer", "--score")}
+
+
+def _add_model_options(p: argparse.ArgumentParser, leave_out=()) -> None:
+    def add(group, name, **kwargs):
+        if name not in leave_out:
+            group.add_argument(name, **kwargs)
+
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=MODELS[0],
-                   help=f"built-in name ({', '.join(MODELS)}), hub id or local directory")
+    add(g, "--model", default=MODELS[0], help=f"built-in name ({', '.join(MODELS)}), hub id or local directory")
     device = default_device()
-    g.add_argument("--device", default=device,
-                   help=f"cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu; here {device})")
-    g.add_argument("--dtype", default=None,
-                   help="float32 | float16 | bfloat16 (or fp32, fp16, bf16): weights and activations "
-                        "(default: float32 on CPU, float16 on CUDA)")
-    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
-    g.add_argument("--device-map", default=None,
-                   help='passed to accelerate, e.g. "auto" for multi-GPU models (default: none, the whole model '
-                        'on --device)')
-    g.add_argument("--data-dir", default=None, help="local corpora (default: $H2O_DATA_DIR, ../shared/data, else the hub)")
-    g.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="prepend (--bos) or not (--no-bos) the tokenizer's BOS token to every text; default: as the "
-                        "tokenizer itself does (Gemma: yes, SmolLM2: no)")
+    add(g, "--device", default=device,
+        help=f"cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu; here {device})")
+    add(g, "--dtype", default=None,
+        help="float32 | float16 | bfloat16 (or fp32, fp16, bf16): weights and activations "
+             "(default: float32 on CPU, float16 on CUDA)")
+    add(g, "--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+    add(g, "--device-map", default=None,
+        help='passed to accelerate, e.g. "auto" for multi-GPU models (default: none, the whole model on --device)')
+    add(g, "--data-dir", default=None, help="local corpora (default: $H2O_DATA_DIR, ../shared/data, else the hub)")
+    add(g, "--bos", action=argparse.BooleanOptionalAction, default=None,
+        help="prepend (--bos) or not (--no-bos) the tokenizer's BOS token to every text; default: as the "
+             "tokenizer itself does (Gemma: yes, SmolLM2: no)")
+    add(g, "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    if all(name in leave_out for name in ("--positions", "--buffer", "--score")):
+        return
     g = p.add_argument_group("cache")
-    g.add_argument("--positions", default="original", choices=["original", "reindex"],
-                   help="original: every kept key keeps its absolute position (stay within the model's trained "
-                        "context); reindex: positions are cache slots, keys re-rotated after eviction "
-                        "(StreamingLLM; streams past the trained context)")
-    g.add_argument("--buffer", type=int, default=64,
-                   help="lazy eviction slack: a layer is cut back to its budget once it holds more than budget "
-                        "+ buffer tokens (0 = evict every step)")
-    g.add_argument("--score", default=None, choices=["mean", "sum"],
-                   help=f"H2O scoring rule for names without one (default: h2o.DEFAULT_SCORE = {DEFAULT_SCORE})")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    add(g, "--positions", default="original", choices=["original", "reindex"],
+        help="original: every kept key keeps its absolute position (stay within the model's trained "
+             "context); reindex: positions are cache slots, keys re-rotated after eviction "
+             "(StreamingLLM; streams past the trained context)")
+    add(g, "--buffer", type=int, default=64,
+        help="lazy eviction slack: a layer is cut back to its budget once it holds more than budget "
+             "+ buffer tokens (0 = evict every step)")
+    add(g, "--score", default=None, choices=["mean", "sum"],
+        help=f"H2O scoring rule for names without one (default: h2o.DEFAULT_SCORE = {DEFAULT_SCORE})")
 
 
 def default_device() -> str:
@@ -132,13 +150,95 @@ def _gpu_guess() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
+# the text options, one meaning in every command: --corpus names the corpus (or corpora, where a command reads
+# several), --pg19-book the PG-19 book(s) of --corpus pg19, --text-file a UTF-8 file read INSTEAD of them
+TEXT_FILE_HELP = "read this UTF-8 text file instead of --corpus and --pg19-book"
+
+
 def add_text_options(p: argparse.ArgumentParser, corpus: str) -> None:
     """--corpus / --pg19-book / --text-file, for commands that read one text."""
     p.add_argument("--corpus", default=corpus, choices=list(data.CORPORA),
-                   help="text to use (pretrained models; random-weight models are fed random ids)")
+                   help="corpus of the text (pretrained models; random-weight models are fed random ids)")
     p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK,
                    help="PG-19 test book id (Gutenberg id; used with --corpus pg19)")
-    p.add_argument("--text-file", default=None, help="use this UTF-8 text file instead of --corpus")
+    p.add_argument("--text-file", default=None, help=TEXT_FILE_HELP)
+
+
+def streaming_policy(text: str) -> str:
+    """argparse type of perf's --streaming: a StreamingLLM policy, as its name says (the ratios are over it)."""
+    if not re.fullmatch(r"streaming_\d+_\d+", text):
+        raise argparse.ArgumentTypeError(f"a StreamingLLM policy, streaming_<sinks>_<window> (e.g. streaming_4_252), "
+                                         f"got {text!r}")
+    return text
+
+
+# --- deprecated aliases: old names kept one release -------------------------------------------------------------
+
+# command -> {old name: new name}; each old name parses to its new option's destination and prints one line on
+# stderr that names the new option
+DEPRECATED = {
+    "bench": {"--corpora": "--corpus", "--text-file": "--add-text-file", "--chunk": "--ppl-chunk",
+              "--passkey-cases": "--cases", "--passkey-length": "--lengths"},
+    "tasks": {"--corpora": "--corpus", "--pg19-books": "--pg19-book", "--chunk": "--context-chunk"},
+    "stress": {"--chunk": "--context-chunk"},
+    "sweep": {"--families": "--rules", "--chunk": "--ppl-chunk", "--passkey-cases": "--cases",
+              "--passkey-length": "--lengths"},
+    "perf": {"--h2o": "--policy", "--prompt": "--context", "--steps": "--decode-steps"},
+    "heads": {"--repeats": "--random-sequences"},
+}
+# why, where the new name is not a plain rename
+DEPRECATION_NOTES = {
+    ("bench", "--text-file"): "in every other command --text-file reads a file instead of --corpus",
+    ("perf", "--h2o"): "it times any evicting policy, not only H2O's",
+}
+_quiet = False
+
+
+def deprecation(command: str, old: str, new: str) -> str:
+    """The one line a deprecated alias prints on stderr."""
+    note = DEPRECATION_NOTES.get((command, old))
+    return (f"h2o {command}: warning: {old} is deprecated and will be removed in the next release: use {new}"
+            + (f" ({note})" if note else ""))
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option name kept one release: stores into its new option's destination, as the new option does, and
+    prints `deprecation` on stderr."""
+
+    def __init__(self, option_strings, dest, command: str, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.command, self.new = command, new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not _quiet:
+            print(deprecation(self.command, option_string, self.new), file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_aliases(p: argparse.ArgumentParser, command: str) -> None:
+    """The command's deprecated aliases (`DEPRECATED`), each parsed as its new option (same destination, type,
+    number of values and choices), hidden from the help, which names it beside the new option."""
+    for old, new in DEPRECATED.get(command, {}).items():
+        target = p._option_string_actions.get(new)
+        if target is None:
+            raise ValueError(f"h2o {command}: {old} is a deprecated alias of {new}, which h2o {command} does not offer")
+        if type(target) is not argparse._StoreAction:  # every renamed option stores its value(s)
+            raise TypeError(f"h2o {command} {new}: an alias needs an option that stores its value(s)")
+        p.add_argument(old, action=DeprecatedAlias, command=command, new=new, dest=target.dest, nargs=target.nargs,
+                       type=target.type, choices=target.choices, metavar=target.metavar, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
+        target.help += f" (formerly {old}, deprecated)"
+
+
+@contextlib.contextmanager
+def quiet_aliases():
+    """No deprecation lines while the arguments are parsed again (`h2o.eval.cli.main` parses twice)."""
+    global _quiet
+    before, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = before
 
 
 # --- each command's own, in the order of `h2o --help` ---------------------------------------------------------------
@@ -148,16 +248,20 @@ def bench(p) -> None:
                    help=f"policy names (grammar below); 'full' (the baseline) is always run, first (default: "
                         f"{' '.join(BENCH_POLICIES)}; on a random-weight model {RANDOM_MODEL_ALLOCATION} for the "
                         "retrieval-heads allocation, which needs a tokenizer)")
-    p.add_argument("--corpora", nargs="+", default=["wikitext", "pg19"], choices=list(data.CORPORA),
-                   help="texts whose PPL is measured (a column each); the speed prompt is WikiText-2's start")
-    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK, help="PG-19 test book id for the pg19 column")
-    p.add_argument("--text-file", default=None, help="also measure PPL on this text file")
+    p.add_argument("--corpus", nargs="+", default=["wikitext", "pg19"], choices=list(data.CORPORA),
+                   help="corpora whose PPL is measured (a column each; the haystacks of the retrieval columns); the "
+                        "speed prompt is WikiText-2's start")
+    p.add_argument("--pg19-book", default=data.PG19_FIRST_BOOK,
+                   help="PG-19 test book id (Gutenberg id) of the pg19 column")
+    p.add_argument("--add-text-file", default=None, metavar="TEXT_FILE",
+                   help="also measure PPL on this UTF-8 text file: a column of its own beside --corpus's (unlike "
+                        "--text-file elsewhere, which reads a file instead of --corpus)")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per text")
     p.add_argument("--no-ppl", action="store_true", help="speed and memory only")
     p.add_argument("--ppl-mode", default="chunked", choices=["stream", "chunked"],
-                   help="stream: token by token (StreamingLLM protocol); chunked: --chunk tokens per forward")
-    p.add_argument("--chunk", type=int, default=32,
-                   help="tokens per forward in the chunked PPL mode")
+                   help="stream: token by token (StreamingLLM protocol); chunked: --ppl-chunk tokens per forward")
+    p.add_argument("--ppl-chunk", type=int, default=32,
+                   help="tokens per forward of the chunked PPL evaluation")
     p.add_argument("--context", type=int, default=2048, help="prompt tokens for the speed run")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per speed run")
     p.add_argument("--repeats", type=int, default=3,
@@ -165,9 +269,11 @@ def bench(p) -> None:
     p.add_argument("--batch", type=int, default=1, help="rows in the speed run")
     p.add_argument("--tasks", nargs="+", default=["passkey"],
                    help="retrieval tasks with a kept column each (h2o tasks' names: passkey, niah_multikey, ...)")
-    p.add_argument("--passkey-cases", type=int, default=10,
-                   help="cases per retrieval task (depths spread over 0.1-0.9) for the kept columns; 0 = none")
-    p.add_argument("--passkey-length", type=int, default=1280, help="prompt tokens of the retrieval cases")
+    p.add_argument("--cases", type=int, default=10,
+                   help="retrieval cases of the kept columns per task, phrasing and length (their depths spread over "
+                        "0.1-0.9); 0 = none")
+    p.add_argument("--lengths", nargs="+", type=int, default=[1280],
+                   help="prompt lengths (tokens) of the retrieval cases")
     p.add_argument("--phrasings", nargs="+", default=list(retrieval.PHRASINGS), choices=retrieval.PHRASINGS,
                    help="wordings of the retrieval cases, crossed with them (the kept columns pool them)")
     units.add_arguments(p)
@@ -194,16 +300,17 @@ def tasks(p) -> None:
                         "answers in its own words), completion gives the opening; results per phrasing and pooled")
     p.add_argument("--protocol", default="question-aware", choices=retrieval.PROTOCOLS,
                    help="question-aware: the whole prompt, question included, in one forward, compressed "
-                        "after it; streaming: the context fed --chunk tokens per forward with eviction in force, "
-                        "then the question")
-    p.add_argument("--chunk", type=int, default=128, help="tokens per forward of the context (streaming protocol)")
+                        "after it; streaming: the context fed --context-chunk tokens per forward with eviction in "
+                        "force, then the question")
+    p.add_argument("--context-chunk", type=int, default=128,
+                   help="tokens of the context fed per forward, eviction in force (--protocol streaming)")
     p.add_argument("--min-solved", type=int, default=5,
                    help="fewest cases the full cache must solve for a task to be scored")
-    p.add_argument("--corpora", nargs="+", default=["pg19", "wikitext"], choices=list(data.CORPORA),
-                   help="haystack text")
-    p.add_argument("--pg19-books", nargs="+", default=["10146", "10321", "24553"],
-                   help="PG-19 test books for the haystacks")
-    p.add_argument("--text-file", default=None, help="haystack from this text file instead of --corpora")
+    p.add_argument("--corpus", nargs="+", default=["pg19", "wikitext"], choices=list(data.CORPORA),
+                   help="corpora of the haystacks")
+    p.add_argument("--pg19-book", nargs="+", default=["10146", "10321", "24553"],
+                   help="PG-19 test book ids (Gutenberg ids) of the pg19 haystacks, one haystack each")
+    p.add_argument("--text-file", default=None, help=TEXT_FILE_HELP + ": the haystacks are cut from it")
     units.add_arguments(p)
 
 
@@ -213,7 +320,8 @@ def stress(p) -> None:
     p.add_argument("--lengths", nargs="+", type=int, default=None,
                    help=f"checkpoint context lengths (default: {' '.join(map(str, CPU_LENGTHS))}; "
                         f"on CUDA also {CUDA_LENGTHS[-1]})")
-    p.add_argument("--chunk", type=int, default=256, help="tokens per forward while streaming the text in")
+    p.add_argument("--context-chunk", type=int, default=256,
+                   help="tokens of the text fed per forward, eviction in force, between the checkpoints")
     p.add_argument("--decode-steps", type=int, default=8, help="timed single-token steps per policy per checkpoint")
     add_text_options(p, "pg19")
 
@@ -222,20 +330,22 @@ def sweep(p) -> None:
     parts = ("ppl", "throughput")
     p.add_argument("--parts", nargs="+", default=list(parts), choices=parts, help="what to measure")
     p.add_argument("--budgets", nargs="+", type=budget, default=[64, 128, 256, 512], help="cache budgets (tokens)")
-    p.add_argument("--rules", "--families", dest="families", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"],
-                   type=rule_family, metavar="RULE",
+    p.add_argument("--rules", nargs="+", default=["streaming", "h2o_mean", "h2o_sum"], type=rule_family, metavar="RULE",
                    help=f"rule families, each at every budget: 4 sinks, recent budget/8 (StreamingLLM: the rest is its "
                         f"window), e.g. streaming -> streaming_4_{{b-4}}, h2o_mean -> h2o_4_{{b//8}}_{{b}}_mean; a family "
                         f"without a rule (h2o, vatp) takes --score; any of: {', '.join(FAMILIES)}; or one under an allocation of head "
                         "and layer budgets, <allocation>+<family>: adakv+h2o_mean, retrieval+h2o_mean, pyramid+tova, ... "
                         "(the budget is the average per KV head)")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens scored per policy")
-    p.add_argument("--chunk", type=int, default=32, help="tokens per forward in the PPL runs (1 = token by token)")
+    p.add_argument("--ppl-chunk", type=int, default=32,
+                   help="tokens per forward of the chunked PPL evaluation (1 = token by token)")
     add_text_options(p, "wikitext")
-    p.add_argument("--passkey-cases", type=int, default=0,
+    p.add_argument("--cases", type=int, default=0,
                    help="also the passkey kept share of every policy (question-aware, with the full-cache control) "
-                        "on this many cases per phrasing (all three phrasings, pooled); 0 = none")
-    p.add_argument("--passkey-length", type=int, default=1280, help="passkey prompt tokens (--passkey-cases)")
+                        "on this many cases per phrasing and length (their depths spread over 0.1-0.9; all three "
+                        "phrasings, pooled); 0 = none")
+    p.add_argument("--lengths", nargs="+", type=int, default=[1280],
+                   help="prompt lengths (tokens) of the passkey cases (with --cases)")
     p.add_argument("--recent-share", type=float, default=0.125,
                    help="recent window of every family but streaming, as a share of the budget")
     p.add_argument("--texts", nargs="+", default=None, metavar="TEXT",
@@ -279,13 +389,18 @@ def heatmap(p) -> None:
 
 def perf(p) -> None:
     add_text_options(p, "pg19")
-    p.add_argument("--h2o", default="h2o_4_32_256", help="the H2O-family policy whose bookkeeping is timed")
-    p.add_argument("--streaming", default="streaming_4_252", help="the StreamingLLM policy at the same budget")
+    p.add_argument("--policy", default="h2o_4_32_256",
+                   help="the compressed policy whose bookkeeping is timed: any evicting policy (h2o_4_32_256, "
+                        "tova_4_32_256, kvzip_4_32_256, ...), against --streaming and the full cache at its budget")
+    p.add_argument("--streaming", default="streaming_4_252", type=streaming_policy,
+                   help="the StreamingLLM policy (streaming_<sinks>_<window>) timed beside --policy, at the same "
+                        "budget")
     p.add_argument("--allocation", default="adakv",
-                   help=f"the allocation timed against the --h2o rule uniform ({', '.join(ALLOCATIONS)}, or with "
+                   help=f"the allocation timed against the --policy rule uniform ({', '.join(ALLOCATIONS)}, or with "
                         "parameters: adakv_0.2, retrieval_0.1_4, ...); 'none' to skip it")
-    p.add_argument("--prompt", type=int, default=4096, help="prompt tokens before the timed decode steps")
-    p.add_argument("--steps", type=int, default=64, help="interleaved decode steps per configuration")
+    p.add_argument("--context", type=int, default=4096, help="prompt tokens before the timed decode steps")
+    p.add_argument("--decode-steps", type=int, default=64, help="timed single-token steps per configuration, "
+                   "interleaved")
     p.add_argument("--prefill", type=int, default=2048, help="tokens of the timed prefill")
     p.add_argument("--rounds", type=int, default=5, help="interleaved prefills per configuration")
     p.add_argument("--kv-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
@@ -294,10 +409,10 @@ def perf(p) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps of every configuration before the "
                    "timed ones (the compiled ones compile in the first)")
     p.add_argument("--prefill-parts", action="store_true",
-                   help="also profile one --prefill of --h2o and --streaming (torch.profiler) and print where the "
+                   help="also profile one --prefill of --policy and --streaming (torch.profiler) and print where the "
                         "attention's time goes: QKᵀ, softmax, PV, column sums, masks, eviction, SDPA")
     p.add_argument("--compile", action="store_true",
-                   help="also time --h2o and --streaming in the static layout through torch.compile(model.forward) "
+                   help="also time --policy and --streaming in the static layout through torch.compile(model.forward) "
                         "and transformers' StaticCache of the same capacity compiled the same way, interleaved "
                         "with the eager configurations; with the step's floor (weight bytes / copy bandwidth)")
     p.add_argument("--compile-mode", default=None,
@@ -309,7 +424,8 @@ def perf(p) -> None:
 def heads(p) -> None:
     p.add_argument("--random-tokens", type=int, default=HEAD_SCORE_DEFAULTS["random_tokens"],
                    help="random tokens per sequence (each sequence is fed twice in a row) for induction and echo")
-    p.add_argument("--repeats", type=int, default=HEAD_SCORE_DEFAULTS["repeats"], help="random sequences averaged over")
+    p.add_argument("--random-sequences", type=int, default=HEAD_SCORE_DEFAULTS["repeats"],
+                   help="random sequences averaged over (each of --random-tokens, fed twice)")
     p.add_argument("--cases", type=int, default=HEAD_SCORE_DEFAULTS["cases"],
                    help="calibration needle cases for the retrieval score (0: no retrieval score)")
     p.add_argument("--ablation-cases", type=int, default=HEAD_SCORE_DEFAULTS["ablation_cases"],

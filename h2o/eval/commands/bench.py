@@ -71,17 +71,19 @@ def check(args) -> dict:
     if budgets and not args.no_ppl and args.ppl_tokens <= max(budgets) + args.buffer:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} never outgrows the largest budget + buffer "
                          f"({max(budgets)} + {args.buffer}): no eviction would be measured")
-    if args.context < 1 or args.new_tokens < 2 or args.repeats < 1 or args.batch < 1 or args.chunk < 1:
-        raise ValueError("--context, --repeats, --batch and --chunk must be >= 1 and --new-tokens >= 2")
+    if args.context < 1 or args.new_tokens < 2 or args.repeats < 1 or args.batch < 1 or args.ppl_chunk < 1:
+        raise ValueError("--context, --repeats, --batch and --ppl-chunk must be >= 1 and --new-tokens >= 2")
     texts = {}  # {column: (text, source)}; any missing one is an error, never replaced
-    for corpus in args.corpora:
+    for corpus in args.corpus:
         texts[corpus] = data.load_document(corpus, args.pg19_book if corpus == "pg19" else None, args.data_dir)
-    if args.text_file:
-        texts["text"] = data.load_text_file(args.text_file)
-    if args.passkey_cases < 0:
-        raise ValueError(f"--passkey-cases must be >= 0, got {args.passkey_cases}")
-    if args.passkey_cases and not args.model.startswith("random:"):
-        answers.check_passkey(policies, args.passkey_length, args.buffer, args.model, args.positions, tuple(args.tasks),
+    if args.add_text_file:
+        texts["text"] = data.load_text_file(args.add_text_file)
+    if args.cases < 0:
+        raise ValueError(f"--cases must be >= 0, got {args.cases}")
+    if min(args.lengths) < 1:
+        raise ValueError(f"--lengths must be positive, got {min(args.lengths)}")
+    if args.cases and not args.model.startswith("random:"):
+        answers.check_passkey(policies, args.lengths, args.buffer, args.model, args.positions, tuple(args.tasks),
                               tuple(args.phrasings))
     return {"policies": policies, "texts": texts}
 
@@ -96,7 +98,7 @@ def run(session, plan) -> int:
     if tokenizer is None:
         print(f"note: {args.model} has random weights: perplexity is not measured, only speed and memory")
     elif not args.no_ppl:
-        chunk = 1 if args.ppl_mode == "stream" else args.chunk
+        chunk = 1 if args.ppl_mode == "stream" else args.ppl_chunk
         measured = []
         for policy in policies:
             why = ppl_comparable(policy)
@@ -115,10 +117,10 @@ def run(session, plan) -> int:
         ppl_sources = {name: source for name, (_, source) in texts.items()}
 
     passkey, passkey_note = {}, None
-    if tokenizer is not None and args.passkey_cases:
+    if tokenizer is not None and args.cases:
         haystacks = {name: text for name, (text, _) in texts.items()}
         passkey, passkey_note, paired = answers.tasks_kept(session, policies, haystacks, args.tasks,
-                                                           args.passkey_cases, args.passkey_length, args.phrasings)
+                                                           args.cases, args.lengths, args.phrasings)
         passkey_note = "; ".join([passkey_note] + [answers.supported_note([c for c in paired if c["task"] == t],
                                                                            f"{t} kept") for t in args.tasks])
 
@@ -133,7 +135,7 @@ def run(session, plan) -> int:
 
     # what every row was measured under (README: the PPL mode is labelled in every output)
     setup = {"ppl_mode": args.ppl_mode if ppl else "not measured",
-             "ppl_chunk": (1 if args.ppl_mode == "stream" else args.chunk) if ppl else None,
+             "ppl_chunk": (1 if args.ppl_mode == "stream" else args.ppl_chunk) if ppl else None,
              "ppl_tokens": args.ppl_tokens if ppl else None,
              "positions": args.positions, "buffer": args.buffer}
     rows = []
@@ -164,7 +166,7 @@ def run(session, plan) -> int:
     kept_columns = {f"{t}_kept": f"{'Passkey' if t == 'passkey' else t} kept" for t in passkey}
     table = {**dict(list(table.items())[:at]), **kept_columns, **dict(list(table.items())[at + 1:])}
     columns = {k: v for k, v in table.items() if k == "configuration" or any(k in r for r in rows)}
-    mode = "token by token" if args.ppl_mode == "stream" else f"chunked, {args.chunk} tokens per forward"
+    mode = "token by token" if args.ppl_mode == "stream" else f"chunked, {args.ppl_chunk} tokens per forward"
     notes += [
         f"PPL: {args.ppl_tokens} tokens per text, {mode}, BOS {'on' if args.bos else 'off'}; texts: "
         + "; ".join(f"{k}={v}" for k, v in ppl_sources.items()) if ppl else "PPL: not measured",

@@ -26,7 +26,7 @@ COLUMNS = {"rank": "Rank", "layer": "Layer", "kv_head": "KV head", "induction": 
 
 
 def check(args) -> dict:
-    for name in ("random_tokens", "repeats", "top"):
+    for name in ("random_tokens", "random_sequences", "top"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.cases < 0:
@@ -47,14 +47,14 @@ def check(args) -> dict:
 
 def run(session, plan) -> int:
     args = session.args
-    model, tokenizer = session.load_model()
+    model, tokenizer = session.load_model(attn="sdpa")  # the scores run the probe's own attention, whatever this
     info = session.info
-    options = {"seed": args.seed, "random_tokens": args.random_tokens, "repeats": args.repeats,
+    options = {"seed": args.seed, "random_tokens": args.random_tokens, "repeats": args.random_sequences,
                "cases": args.cases, "context_tokens": args.context_tokens, "ablation_cases": args.ablation_cases}
     retrieval = tokenizer is not None and args.cases > 0
     layers_heads = len(compressed_layers(model.config)) * h2o_kv_heads(model.config)
     ablated = args.ablation_cases * layers_heads if retrieval else 0
-    bar = session.progress(total=args.repeats + (args.cases if retrieval else 0) + ablated, desc="head scores")
+    bar = session.progress(total=args.random_sequences + (args.cases if retrieval else 0) + ablated, desc="head scores")
     try:
         scores, path, reused = lookup(model, tokenizer, args.model, args.data_dir, bar, book=args.calibration_book,
                                       text=plan["text"], recompute=args.recompute, **options)
@@ -82,7 +82,7 @@ def run(session, plan) -> int:
              (f"cached scores reused from {path} (same inputs; --recompute to redo)" if reused else
               f"computed in {method.get('seconds', float('nan')):.0f} s and cached at {path}"),
              f"induction / echo: the attention of the second copy's queries on the token after / at their token's "
-             f"previous occurrence, {args.repeats} x {args.random_tokens} random tokens fed twice (seed {args.seed})"]
+             f"previous occurrence, {args.random_sequences} x {args.random_tokens} random tokens fed twice (seed {args.seed})"]
     if "retrieval" in names:
         counts = method.get("token_counts", {})
         source = (method.get("calibration_text") or {}).get("source", "")

@@ -89,8 +89,8 @@ def run(session, plan) -> int:
         session.plot(f"heatmap_layer{layer}.png",
                      plot_layer(mean, received, heavy, labels, args.sinks, layer, info, source, row))
 
-    notes = [f"model {info['name']} ({info['family']}, {info['dtype']}, {info['device']}), eager attention"
-             + (f" (asked for {args.attn}: output_attentions needs eager)" if args.attn != "eager" else ""),
+    notes = [f"model {info['name']} ({info['family']}, {info['dtype']}, {info['device']}), eager attention "
+             "(output_attentions needs it)",
              f"text: {source}, BOS {'on' if args.bos else 'off'}",
              f"share = attention mass on those keys / all mass ({t} query rows, each summing to 1), head-averaged; "
              f"heavy hitters = top {args.top_k} keys by attention received, outside the first {args.sinks}; "

@@ -5,13 +5,13 @@ timing must be on a noisy machine: the configurations compared advance step by s
 (their order rotating every step), each figure is the minimum over its rounds, and only ratios are
 reported, never absolute times across runs.
 
-- decode step: `h2o` and `streaming` caches after a `--prompt`-token prompt (cut back to their budget)
+- decode step: `--policy` (`h2o`) and `--streaming` caches after a `--context`-token prompt (cut back to their budget)
   and a full cache holding `budget` tokens (the prompt's last ones) take one decode step each in turn,
-  `--steps` times; a step's time is the forward of one new token (all layers, eviction included when it
+  `--decode-steps` times; a step's time is the forward of one new token (all layers, eviction included when it
   falls in that step). Ratios of the minimum step time (and, as a second figure, of the median).
 - prefill: `--prefill` tokens into a fresh `h2o` and a fresh `streaming` cache, in turn, `--rounds` times;
   the ratio of the minimum times (the prefill cut back to the budget included).
-- allocation: the `--h2o` rule under `--allocation` (head or layer budgets, `h2o.policies.allocation`) takes its
+- allocation: the `--policy` rule under `--allocation` (head or layer budgets, `h2o.policies.allocation`) takes its
   decode steps in the same rotation; its ratio is against the same rule uniform (same average budget).
 - KV bytes: the bytes the cache keeps alive (`kv_bytes`: every storage under its tensors, each once) after
   feeding 1k .. 16k tokens in chunks of `--kv-chunk`, for each policy and the full cache: flat for a compressed
@@ -51,20 +51,20 @@ TABLE = {"ratio": "Ratio", "min": "Min", "median": "Median", "goal": "Goal", "me
 
 
 def check(args) -> dict:
-    h2o_policy, streaming = parse(args.h2o, args.score), parse(args.streaming)
+    h2o_policy, streaming = parse(args.policy, args.score), parse(args.streaming)
     if not h2o_policy.evicts or not streaming.evicts:
-        raise ValueError("--h2o and --streaming must be evicting policies")
+        raise ValueError("--policy and --streaming must be evicting policies")
     if h2o_policy.budget != streaming.budget:
-        raise ValueError(f"--h2o {h2o_policy.name} (budget {h2o_policy.budget}) and --streaming {streaming.name} "
+        raise ValueError(f"--policy {h2o_policy.name} (budget {h2o_policy.budget}) and --streaming {streaming.name} "
                          f"(budget {streaming.budget}) must keep the same number of tokens")
     budget = h2o_policy.budget
-    if args.prompt <= budget + args.buffer:
-        raise ValueError(f"--prompt {args.prompt} must exceed budget + buffer ({budget} + {args.buffer}), "
+    if args.context <= budget + args.buffer:
+        raise ValueError(f"--context {args.context} must exceed budget + buffer ({budget} + {args.buffer}), "
                          "or the timed caches never evicted")
     if args.prefill <= budget + args.buffer:
         raise ValueError(f"--prefill {args.prefill} must exceed budget + buffer ({budget} + {args.buffer})")
-    if args.steps < 2 or args.rounds < 1 or args.kv_chunk < 1 or min(args.kv_lengths) < 1:
-        raise ValueError("--steps must be >= 2; --rounds, --kv-chunk and --kv-lengths must be >= 1")
+    if args.decode_steps < 2 or args.rounds < 1 or args.kv_chunk < 1 or min(args.kv_lengths) < 1:
+        raise ValueError("--decode-steps must be >= 2; --rounds, --kv-chunk and --kv-lengths must be >= 1")
     if args.warmup < (1 if args.compile else 0):
         raise ValueError(f"--warmup must be >= {1 if args.compile else 0}" +
                          (" with --compile (the first compiled step compiles)" if args.compile else ""))
@@ -80,7 +80,7 @@ def check(args) -> dict:
                              f"{args.model} has sliding-window layers: leave out --compile")
     if (args.compile_mode or args.compile_backend != "inductor") and not args.compile:
         raise ValueError("--compile-mode and --compile-backend apply with --compile")
-    needed = max(args.prompt, args.prefill, max(args.kv_lengths))
+    needed = max(args.context, args.prefill, max(args.kv_lengths))
     policies = {"h2o": h2o_policy.name, "streaming": streaming.name}
     if args.allocation != "none":
         policies["allocated"] = parse(f"{args.allocation}+{h2o_policy.name}").name
@@ -94,7 +94,7 @@ def decode_steps(session, ids, policies: dict[str, str], budget: int, steps: int
     each produced; the graphs dynamo compiled during the timed steps. `compiled`: {key: CompiledRunner}, warmed
     up before the timed steps and timed in the same rotation."""
     a, model, device = session.args, session.model, session.device
-    prompt = ids[:, :a.prompt].to(device)
+    prompt = ids[:, :a.context].to(device)
     caches = {key: open_runner(model, name, a.positions, a.buffer) for key, name in policies.items()}
     caches["full"] = open_runner(model, "full", a.positions, a.buffer)
     nxt = {key: _run_step(cache, prompt if key != "full" else prompt[:, -budget:]) for key, cache in caches.items()}
@@ -176,7 +176,7 @@ def kv_bytes(session, ids, policies: list[str], lengths: list[int], chunk: int) 
 
 def ratio_rows(decode: dict[str, list[float]], prefill: dict[str, list[float]], floor_s: float | None = None,
                replays: bool = False) -> list[dict]:
-    """The ratios; `replays`: --h2o replays the context (KVzip), whose prefill includes the replay (its own goal)."""
+    """The ratios; `replays`: --policy replays the context (KVzip), whose prefill includes the replay (its own goal)."""
     def row(key, num, den):
         lo, mid = min(num) / min(den), statistics.median(num) / statistics.median(den)
         goal = GOALS[key]
@@ -205,7 +205,7 @@ def run(session, plan) -> int:
     ids, source = session.token_ids(plan["text"], plan["tokens"])
     if ids.shape[1] < plan["tokens"]:
         raise ValueError(f"{source} has only {ids.shape[1]} tokens; perf needs {plan['tokens']} "
-                         "(--prompt, --prefill, --kv-lengths)")
+                         "(--context, --prefill, --kv-lengths)")
     policies, budget = plan["policies"], plan["budget"]
     names = {**policies, "full": f"full holding {budget}"}
     compiled, floor_s, extra = None, None, {}
@@ -223,11 +223,11 @@ def run(session, plan) -> int:
             bandwidth = compiled_steps.copy_bandwidth(session.device)
             weights = compiled_steps.weight_bytes(model)
             floor_s = weights / bandwidth
-        decode, tokens, recompiled = decode_steps(session, ids, policies, budget, a.steps, compiled)
+        decode, tokens, recompiled = decode_steps(session, ids, policies, budget, a.decode_steps, compiled)
         prefill = prefills(session, ids, {k: v for k, v in policies.items() if k != "allocated"}, a.rounds)
         kv = kv_bytes(session, ids, ["full", *policies.values()], plan["kv_lengths"], a.kv_chunk)
         part_rows = prefill_parts(session, ids, policies) if a.prefill_parts else []
-    ratios = ratio_rows(decode, prefill, floor_s, replays=parse(a.h2o, a.score).replays)
+    ratios = ratio_rows(decode, prefill, floor_s, replays=parse(a.policy, a.score).replays)
     timing = [{"configuration": names[k], "kind": "decode", "min_ms": 1000 * min(v),
                "median_ms": 1000 * statistics.median(v), "samples": len(v)} for k, v in decode.items()]
     timing += [{"configuration": names[k], "kind": f"prefill {a.prefill}", "min_ms": 1000 * min(v),
@@ -252,14 +252,14 @@ def run(session, plan) -> int:
             ("" if recompiled == 0 else " (RECOMPILED: the compiled figures include compile time)"),
             f"the compiled static caches attend {capacity} slots each step (budget + buffer + 1), the StaticCache "
             f"holds {budget}..{capacity} tokens (reset and prefilled again, untimed, when full); same tokens as the "
-            f"eager cache over the {a.steps} timed steps: " + ", ".join(f"{policies[k]} {n}/{a.steps}"
+            f"eager cache over the {a.decode_steps} timed steps: " + ", ".join(f"{policies[k]} {n}/{a.decode_steps}"
                                                                       for k, n in same.items()),
             f"floor: weight bytes ({weights / report.MIB:.0f} MiB) / the bandwidth of one 256 MiB copy (read + "
             f"write, fastest of 7: {bandwidth / 1e9:.1f} GB/s) = {1000 * floor_s:.1f} ms; KV and activations left out"]
     notes = [session.model_line,
              f"text: {source}",
-             f"decode: after a {a.prompt}-token prompt ({names['full']}: the prompt's last {plan['budget']} tokens), "
-             f"{a.steps} steps interleaved step by step, order rotating; prefill: {a.prefill} tokens, {a.rounds} "
+             f"decode: after a {a.context}-token prompt ({names['full']}: the prompt's last {plan['budget']} tokens), "
+             f"{a.decode_steps} steps interleaved step by step, order rotating; prefill: {a.prefill} tokens, {a.rounds} "
              "interleaved rounds; ratios of the minimum (median beside it); only ratios compare across runs",
              f"KV bytes: the storages the cache keeps alive (kv_bytes: each once, whole), fed in chunks of {a.kv_chunk} tokens",
              *compile_notes]

@@ -1,6 +1,6 @@
 """`h2o stress`: the long-context stress test.
 
-One document streams through every policy's cache in lockstep (for each `--chunk` tokens, each
+One document streams through every policy's cache in lockstep (for each `--context-chunk` tokens, each
 policy in turn), so machine noise falls on all alike. At each checkpoint length every policy
 takes `--decode-steps` single-token steps on the next real tokens, interleaved step by step and
 timed (TPOT min and median). Recorded per policy and length: TPOT, the exact cache bytes
@@ -63,8 +63,9 @@ def check(args) -> dict:
     lengths = args.lengths or (CUDA_LENGTHS if args.device.startswith("cuda") else CPU_LENGTHS)
     if min(lengths) < 1 or lengths != sorted(set(lengths)):
         raise ValueError(f"--lengths must be positive and strictly increasing, got {' '.join(map(str, lengths))}")
-    if args.chunk < 1 or args.decode_steps < 1:
-        raise ValueError(f"--chunk and --decode-steps must be >= 1 (got {args.chunk}, {args.decode_steps})")
+    if args.context_chunk < 1 or args.decode_steps < 1:
+        raise ValueError(f"--context-chunk and --decode-steps must be >= 1 (got {args.context_chunk}, "
+                         f"{args.decode_steps})")
     for a, b in zip(lengths, lengths[1:]):
         if b < a + args.decode_steps:
             raise ValueError(f"checkpoints {a} and {b} are closer than --decode-steps {args.decode_steps}: "
@@ -159,7 +160,7 @@ def run(session, plan) -> int:
             for i, length in enumerate(lengths):
                 peak = memory.PeakMemory(device).start()
                 while pos < length:
-                    stop = min(pos + args.chunk, length)
+                    stop = min(pos + args.context_chunk, length)
                     _each(model, runs, ids, pos, stop, device, length)
                     bar.update((stop - pos) * len(runs))
                     pos = stop
@@ -187,11 +188,11 @@ def run(session, plan) -> int:
 
     notes = _notes(session, source, runs, rows, context, mem_kind, tokenizer is None)
     for row in rows:  # every row says how it was measured
-        row.update(chunk=args.chunk, decode_steps=steps, positions=args.positions, buffer=args.buffer)
+        row.update(chunk=args.context_chunk, decode_steps=steps, positions=args.positions, buffer=args.buffer)
     session.write_csv("stress.csv", rows)
     session.write_json("stress.json", policies=policies, lengths=lengths, text=source, memory_kind=mem_kind,
                        trained_context=context, rows=rows, notes=notes)
-    title = f"{info['name']} ({info['device']}, {info['dtype']}), positions {args.positions}, chunk {args.chunk}"
+    title = f"{info['name']} ({info['device']}, {info['dtype']}), positions {args.positions}, chunk {args.context_chunk}"
     for name, figure in plot(rows, title, context, mem_kind):
         session.plot(name, figure)
     return session.finish([report.format_table(rows, COLUMNS)], notes)
@@ -235,7 +236,7 @@ def _notes(session, source, runs, rows, context, mem_kind, random_weights) -> li
     args, info = session.args, session.info
     notes = [
         f"{session.model_line}; text: {source}, BOS {'on' if args.bos else 'off'}",
-        f"text streamed {args.chunk} tokens per forward, all policies in lockstep; at each checkpoint "
+        f"text streamed {args.context_chunk} tokens per forward, all policies in lockstep; at each checkpoint "
         f"{args.decode_steps} single-token decode steps per policy on the next real tokens, interleaved; "
         "TPOT = one decode forward (min and median of those steps)",
         "Segment PPL: every token predicted since the previous checkpoint (chunk and decode forwards)",

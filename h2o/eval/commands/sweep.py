@@ -49,10 +49,10 @@ def check(args) -> dict:
     """Resolve the device-dependent defaults and reject impossible requests before any loading."""
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     budgets = sorted(set(args.budgets))
-    families = list(dict.fromkeys(args.families))
+    families = list(dict.fromkeys(args.rules))
     if "ppl" in args.parts:
-        if args.chunk < 1:
-            raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+        if args.ppl_chunk < 1:
+            raise ValueError(f"--ppl-chunk must be >= 1, got {args.ppl_chunk}")
         if args.ppl_tokens <= budgets[-1] + args.buffer:
             raise ValueError(f"--ppl-tokens {args.ppl_tokens} never outgrows the largest budget + buffer "
                              f"({budgets[-1]} + {args.buffer}): no eviction would be measured")
@@ -80,13 +80,15 @@ def check(args) -> dict:
     ppl_policies = [policy_name(f, b, args.score, args.recent_share) for b in budgets for f in families]
     speed_policies = ["full"] + [policy_name(f, args.throughput_budget, args.score, args.recent_share) for f in families]
     resolve(ppl_policies + speed_policies)  # every name parses
-    if args.passkey_cases < 0:
-        raise ValueError(f"--passkey-cases must be >= 0, got {args.passkey_cases}")
-    if args.passkey_cases and "ppl" in args.parts:
+    if args.cases < 0:
+        raise ValueError(f"--cases must be >= 0, got {args.cases}")
+    if min(args.lengths) < 1:
+        raise ValueError(f"--lengths must be positive, got {min(args.lengths)}")
+    if args.cases and "ppl" in args.parts:
         from ..answers import check_passkey
         if args.model.startswith("random:"):
-            raise ValueError("--passkey-cases needs a pretrained model with a tokenizer")
-        check_passkey(ppl_policies, args.passkey_length, args.buffer, args.model, args.positions)
+            raise ValueError("--cases (the passkey column) needs a pretrained model with a tokenizer")
+        check_passkey(ppl_policies, args.lengths, args.buffer, args.model, args.positions)
     return {"budgets": budgets, "families": families, "batches": batches, "context": context,
             "new_tokens": new_tokens, "speed_policies": list(dict.fromkeys(speed_policies)),
             "text": load_text(args), "texts": load_texts(args.texts, args.data_dir) if args.texts else None}
@@ -169,7 +171,7 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
              for budget in plan["budgets"] for family in plan["families"]]
     texts = {label: ids[i : i + 1] for i, label in enumerate(labels)}
     results = text_losses(session.run_units, texts, ["full"] + [name for _, _, name in names], desc="PPL",
-                          chunk=args.chunk, prefill=args.chunk, positions=args.positions, buffer=args.buffer)
+                          chunk=args.ppl_chunk, prefill=args.ppl_chunk, positions=args.positions, buffer=args.buffer)
     rows = []
     for label in labels:
         full = results[label, "full"]
@@ -197,14 +199,14 @@ def ppl_part(session, plan, notes) -> tuple[list[dict], str]:
               "block bootstrap's noise, so there is no gap to close there: no gap closed" for text, budget in sorted(no_gap)]
     _gap_closed(rows, no_gap)
     _gap_intervals(rows, losses)
-    mode = "token by token" if args.chunk == 1 else f"chunked, {args.chunk} tokens per forward"
+    mode = "token by token" if args.ppl_chunk == 1 else f"chunked, {args.ppl_chunk} tokens per forward"
     for r in rows:  # every row says how it was measured
         r.update(genre=genre(r["text"]) if plan["texts"] else None, ppl_mode=mode, ppl_tokens=args.ppl_tokens, positions=args.positions, buffer=args.buffer)
-    if args.passkey_cases:
+    if args.cases:
         from ..answers import kept_text, passkey_kept
         texts = plan["texts"] or {"text": plan["text"]}
         kept, note = passkey_kept(session, list(dict.fromkeys(r["policy"] for r in rows)),
-                                  {k: v[0] for k, v in texts.items()}, args.passkey_cases, args.passkey_length,
+                                  {k: v[0] for k, v in texts.items()}, args.cases, args.lengths,
                                   list(retrieval.PHRASINGS))
         for r in rows:
             k = kept[r["policy"]]

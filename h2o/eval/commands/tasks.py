@@ -48,8 +48,8 @@ def check(args) -> dict:
         raise ValueError(f"--depths must lie in [0, 1], got {bad[0]}")
     if args.cases < 1:
         raise ValueError(f"--cases must be >= 1, got {args.cases}")
-    if args.chunk < 1 or args.min_solved < 1:
-        raise ValueError(f"--chunk and --min-solved must be >= 1 (got {args.chunk}, {args.min_solved})")
+    if args.context_chunk < 1 or args.min_solved < 1:
+        raise ValueError(f"--context-chunk and --min-solved must be >= 1 (got {args.context_chunk}, {args.min_solved})")
     if min(args.lengths) < 1:
         raise ValueError(f"--lengths must be positive, got {min(args.lengths)}")
     if args.budgets is None and not all(0 < r < 1 for r in args.budget_ratio):
@@ -60,7 +60,7 @@ def check(args) -> dict:
     prefill_presses = [v.label for v in variant_list if is_press(v.label) and not describe(v.label).decoding]
     if args.protocol == "streaming" and prefill_presses:
         raise ValueError(f"{prefill_presses[0]}: a kvpress prefill press compresses only the first forward, so under "
-                         "--protocol streaming (the context fed --chunk tokens a forward) it would not bound the "
+                         "--protocol streaming (the context fed --context-chunk tokens a forward) it would not bound the "
                          "cache; use kvpress:decoding:<press> or --protocol question-aware")
     lengths = sorted(set(args.lengths))
     check_budgets([v.policy(lengths[0], args.score) for v in variant_list], lengths[0], args.buffer, "prompt",
@@ -72,8 +72,8 @@ def check(args) -> dict:
         haystacks = {"file": data.load_text_file(args.text_file)[0]}
     else:
         haystacks = {}
-        for corpus in args.corpora:
-            for doc in (args.pg19_books if corpus == "pg19" else [None]):
+        for corpus in args.corpus:
+            for doc in (args.pg19_book if corpus == "pg19" else [None]):
                 text, _ = data.load_document(corpus, doc, args.data_dir)
                 haystacks[f"pg19/{doc}" if corpus == "pg19" else "wikitext"] = text
     return {"variants": variant_list, "lengths": lengths, "haystacks": haystacks}
@@ -86,11 +86,11 @@ def run(session, plan) -> int:
              retrieval.generate_cases(task, tokenizer, plan["haystacks"], plan["lengths"], args.depths, args.cases,
                                       args.seed, phrasing=phrasing)]
     variant_list = plan["variants"]
-    rows = run_cases(model, tokenizer, cases, variant_list, args.protocol, chunk=args.chunk,
+    rows = run_cases(model, tokenizer, cases, variant_list, args.protocol, chunk=args.context_chunk,
                      positions=args.positions, buffer=args.buffer, score=args.score, run_units=session.run_units)
     summary, notes = summarize(rows, args.min_solved)
     paired = compare(rows, args.min_solved)
-    protocol = (f"protocol {args.protocol}" + (f" (context fed {args.chunk} tokens per forward)"
+    protocol = (f"protocol {args.protocol}" + (f" (context fed {args.context_chunk} tokens per forward)"
                                                  if args.protocol == "streaming" else " (one prefill)"))
     notes = [session.model_line,
              f"{protocol}; {len(cases)} cases: tasks {', '.join(args.tasks)}, lengths "
