@@ -231,7 +231,7 @@ def test_sweep_drops_the_policy_that_ran_out_of_memory(tmp_path, monkeypatch):
     (["--context", 300], "--context 300 does not outgrow --throughput-budget + --buffer (256 + 64)"),
     (["--batches", 2, 1], "--batches must be positive and strictly increasing, got 2 1"),
     (["--new-tokens", 1], "--new-tokens >= 2"),
-    (["--rules", "lru"], "invalid choice: 'lru'"),
+    (["--rules", "lru"], "argument --rules: unknown rule family 'lru'"),
 ])
 def test_sweep_rejects_bad_input(tmp_path, capsys, argv, message):
     out = tmp_path / "out"

@@ -1,4 +1,5 @@
-"""`h2o tasks`: the full-cache control, the two protocols, every refusal, and the embedded model."""
+"""`h2o tasks`: the full-cache control, the two single-question protocols, every refusal, and the embedded model
+(the multi-question protocols: tests/test_multi_question.py)."""
 
 import csv
 import importlib.util
@@ -153,7 +154,7 @@ def embedded():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", answers.PROTOCOLS)
+@pytest.mark.parametrize("protocol", answers.SINGLE_PROTOCOLS)
 def test_full_cache_finds_the_passkey_and_a_window_that_cannot_hold_it_does_not(embedded, protocol):
     model, tokenizer, haystacks = embedded
     case = retrieval.generate_cases("passkey", tokenizer, haystacks, [600], [0.2], 1, seed=0)[0]

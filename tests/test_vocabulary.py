@@ -87,7 +87,8 @@ CONCEPTS = {
     "needle cases": "--cases",
     "needle depths": "--depths",
     "wordings of the retrieval cases": "--phrasings",
-    "retrieval protocol: question-aware or streaming": "--protocol",
+    "retrieval protocol: question-aware, streaming, multi-question or multi-turn": "--protocol",
+    "questions asked of one context (the multi-question protocols)": "--questions",
     "fewest cases the full cache must solve for a score": "--min-solved",
     "seed of the generated inputs": "--seed",
     # heatmap

@@ -7,6 +7,19 @@ Protocols (named in every output; the control always runs the same one):
   so every answer token is predicted from the compressed cache, none from the full prefill.
 - streaming: the context is fed `chunk` tokens per forward with eviction in force throughout
   (the memory-bounded case), then the question (suffix) on the compressed cache.
+- multi-question (cases with follow-ups, `retrieval.generate_cases(questions=...)`): the first question's prompt
+  less its last token in one forward, as question-aware: the compression, once per case and the same feeds for
+  every rule (a rule that reads the question, SnapKV, sees the first one there, as a user who sends the document
+  with a first question; KVzip replays the context there, once). Every question is then answered from its own
+  fork of that state (`cache.fork()`: the state itself never changes): question 1 by feeding the prompt's last
+  token (its answer is the question-aware protocol's), question i > 1 by feeding, in one forward, that token, the
+  first answer's tokens as the policy gave them and question i's turn (the end of the assistant's turn, the user's
+  turn with question i, the assistant's header and answer opening), less its last token, then the answer: every
+  follow-up is asked in a conversation [question 1, its answer, question i], a branch of its own.
+- multi-turn: the same compression, then the questions in turn in one conversation on the one cache: each answer
+  is decoded on it and kept (the cache evicting as it decodes), the next question's turn fed after it.
+Under both, a row per question (`question`, 1-based), each with its own full-cache control (the full cache's
+answer to that question under the same protocol) and scored with the case's scorer on that question's references.
 Answers are greedy, token by token on the cache, until EOS or the task's `max_new_tokens`; every
 layer's cache must stay within budget + buffer after every forward (`ValidityError` otherwise),
 and a case whose prompt never made the policy evict is reported as not compressed, never scored.
@@ -26,7 +39,7 @@ import h2o
 from h2o.policies import is_family, resolve
 
 from . import checkpoints, report, retrieval
-from .retrieval import PROTOCOLS
+from .retrieval import MULTI_PROTOCOLS, PROTOCOLS
 from .runners import canonical, describe, is_press, open_runner, policy_name
 from .stats import interval_text, mcnemar, wilson
 from .units import Unit
@@ -104,6 +117,7 @@ class Answer:
     answer_held: list[float] | None = None  # per layer the policy holds, the share of the answer's context tokens
     # (over its KV heads) held once the prompt is in; None: not known (a kvpress press, a tokenizer without offsets)
     kept_per_layer: list[int] | None = None  # tokens each layer the policy holds keeps once the prompt is in
+    question: int = 1  # which question of the case (1-based; the multi-question protocols ask several)
 
     @property
     def solved(self) -> bool:
@@ -113,6 +127,8 @@ class Answer:
 def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, *, chunk: int = 256,
             positions: str = "original", buffer: int = 64) -> Answer:
     """Feed the case's prompt under `protocol` into a `policy` cache, then answer greedily on it."""
+    if protocol in MULTI_PROTOCOLS:
+        raise ValueError(f"{protocol} asks several questions of a case: respond_questions answers them")
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     prefix, context, suffix = retrieval.case_token_ids(tokenizer, case)
@@ -148,6 +164,96 @@ def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, 
                   runner.budget_for(len(ids) - 1), kv, answer_held, list(per_layer))
 
 
+def respond_questions(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, *,
+                      positions: str = "original", buffer: int = 64) -> list[Answer]:
+    """Every question of `case` under `protocol` (multi-question or multi-turn, module docstring) in a `policy` cache:
+    the first question's prompt (less its last token) fed once, in one forward (the compression); then each
+    question answered from its own fork of that state, a follow-up after the first answer (multi-question), or
+    in turn on the one cache, each answer kept (multi-turn). One Answer per question, in order: its KV bytes are
+    those held right after the compression (the same for every question of the case: what is kept while they are
+    asked; a fork holds a copy of it while it answers), what else it says of the cache (kept tokens, answer held,
+    evicted) is read once that question's prompt is in (question 1: right after the compression). The wall time of
+    the case (every question) is its unit's, in the ledger (`h2o.eval.units`), as for the other protocols."""
+    if protocol not in MULTI_PROTOCOLS:
+        raise ValueError(f"respond_questions runs {' and '.join(MULTI_PROTOCOLS)}, not {protocol!r}")
+    if case.questions < 2:
+        raise ValueError(f"{protocol} asks several questions of one context, and this {case.task} case asks one "
+                         "(generate_cases(..., questions=n))")
+    prefix, context, suffix = retrieval.case_token_ids(tokenizer, case)
+    first = prefix + context + suffix
+    turns = retrieval.turn_token_ids(tokenizer, case)
+    runner = open_runner(model, policy, positions=positions, buffer=buffer)
+    if protocol == "multi-question" and not hasattr(runner, "fork"):
+        runner.close()
+        raise ValueError(f"{policy}: multi-question answers every question from a fork of the compressed context, "
+                         "and this runner's cache cannot be forked")
+    device = next(model.parameters()).device
+    stop = _eos_ids(model, tokenizer)
+    out = []
+    try:
+        with torch.no_grad():
+            _feed(runner, first[:-1], device)  # the compression: once per case
+            kv = runner.kv_bytes()
+            if protocol == "multi-question":
+                reply = []  # the first answer's ids, as the policy gave them
+                for question in range(1, case.questions + 1):
+                    feed = [] if question == 1 else [first[-1]] + reply + turns[question - 2][:-1]
+                    last = first[-1] if question == 1 else turns[question - 2][-1]
+                    fork = runner.fork()
+                    try:
+                        _feed(fork, feed, device)
+                        answer, ids, _ = _ask(fork, tokenizer, case, question, len(prefix),
+                                              len(first) - 1 + len(feed), last, stop, device)
+                    finally:
+                        fork.close()
+                    reply = ids if question == 1 else reply
+                    out.append(answer)
+            else:
+                fed, unfed = len(first) - 1, []  # tokens in the cache; the answer's last one where the limit ended it
+                for question in range(1, case.questions + 1):
+                    feed = [] if question == 1 else unfed + turns[question - 2][:-1]
+                    last = first[-1] if question == 1 else turns[question - 2][-1]
+                    _feed(runner, feed, device)
+                    fed += len(feed)
+                    answer, ids, unfed = _ask(runner, tokenizer, case, question, len(prefix), fed, last, stop, device)
+                    fed += 1 + len(ids) - len(unfed)  # `last` and the answer (a stop token is never fed)
+                    out.append(answer)
+    finally:
+        runner.close()
+    return [dataclasses.replace(a, kv_bytes=kv) for a in out]
+
+
+def _feed(runner, ids: list[int], device) -> None:
+    """One forward of `ids` (nothing where there are none), the cache checked after it."""
+    if ids:
+        runner.forward(torch.tensor([ids], device=device), logits_to_keep=1)
+        runner.check()
+
+
+def _ask(runner, tokenizer, case: retrieval.Case, question: int, prefix_tokens: int, fed: int, last: int,
+         stop: set[int], device) -> tuple[Answer, list[int], list[int]]:
+    """Question `question` answered on `runner`, whose cache holds its prompt (`fed` tokens) but the last token,
+    `last`: what the cache holds now, then the greedy answer. (the Answer, the answer's ids, those of them not fed:
+    the last one where the task's limit, not a stop token, ended the answer)."""
+    per_layer, compressed, kv = runner.kept_lengths(), runner.compressed(), runner.kv_bytes()
+    where = retrieval.answer_positions(tokenizer, case, prefix_tokens, question)
+    answer_held = None if where is None else runner.kept_share(where)
+    token, out, unfed = last, [], []
+    for _ in range(case.max_new_tokens):
+        logits = runner.forward(torch.tensor([[token]], device=device), logits_to_keep=1)
+        runner.check()
+        token = int(logits[0, -1].argmax())
+        if token in stop:
+            break
+        out.append(token)
+    else:
+        unfed = out[-1:]
+    text = tokenizer.decode(out, skip_special_tokens=True)
+    answer = Answer(text, retrieval.score(case, text, question), fed + 1, max(per_layer), compressed,
+                    runner.budget_for(fed), kv, answer_held, list(per_layer), question=question)
+    return answer, out, unfed
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
@@ -158,9 +264,12 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 def answer_unit(model, tokenizer, spec: dict) -> dict:
     """A unit of work (h2o.eval.units): one case under one policy, answered; the Answer as a dict."""
-    case = retrieval.Case(**{**spec["case"], "references": tuple(spec["case"]["references"]),
-                             "needles": tuple(spec["case"]["needles"])})
+    case = retrieval.Case.from_dict(spec["case"])
     try:
+        if spec["protocol"] in MULTI_PROTOCOLS:  # one answer per question
+            return {"answers": [dataclasses.asdict(a) for a in respond_questions(
+                model, tokenizer, case, spec["policy"], spec["protocol"], positions=spec["positions"],
+                buffer=spec["buffer"])]}
         answer = respond(model, tokenizer, case, spec["policy"], spec["protocol"], chunk=spec["chunk"],
                          positions=spec["positions"], buffer=spec["buffer"])
     finally:
@@ -169,17 +278,26 @@ def answer_unit(model, tokenizer, spec: dict) -> dict:
     return dataclasses.asdict(answer)
 
 
+def unit_answers(result: dict) -> list[Answer]:
+    """The answers of a unit's result, one per question (one for a single-question protocol)."""
+    return [Answer(**a) for a in result["answers"]] if "answers" in result else [Answer(**result)]
+
+
 def case_unit(case: retrieval.Case, policy: str, protocol: str, chunk: int, positions: str, buffer: int) -> Unit:
+    fields = dataclasses.asdict(case)
+    if not case.follow_ups:  # a single-question case's unit is what it was before follow-ups existed (its key too)
+        del fields["follow_ups"]
     return Unit("answer", f"{protocol}:{case.task}:{case.phrasing}:{case.length}:{case.depth}:{case.index}:{policy}",
-                {"case": dataclasses.asdict(case), "policy": policy, "protocol": protocol,
+                {"case": fields, "policy": policy, "protocol": protocol,
                  "chunk": chunk, "positions": positions, "buffer": buffer})
 
 
 def run_cases(model, tokenizer, cases: list[retrieval.Case], variant_list: list[Variant], protocol: str, *,
               chunk: int, positions: str, buffer: int, score: str | None = None, bar=None,
               run_units=None) -> list[dict]:
-    """One row per case and policy, the full cache first: its answer is every row's control. Each (case, policy)
-    answer is a unit, the full cache's once per case; `run_units` (a Session's: in this process or on Ray,
+    """One row per case, policy and question (one question but under the multi-question protocols), the full cache
+    first: its answer to the same question is every row's control. Each (case, policy) answer, all its questions, is
+    a unit, the full cache's once per case; `run_units` (a Session's: in this process or on Ray,
     resumable) runs them, by default here, one after another."""
     kw = dict(protocol=protocol, chunk=chunk, positions=positions, buffer=buffer)
     plan = [(case, [("full", "–", "full")] + [(v.label, v.budget, v.policy(case.length, score)) for v in variant_list])
@@ -195,17 +313,17 @@ def run_cases(model, tokenizer, cases: list[retrieval.Case], variant_list: list[
         results = run_units(work, desc=f"tasks ({protocol})")
     rows = []
     for case, runs in plan:
-        full = Answer(**results[case_unit(case, "full", **kw).key])
+        full = unit_answers(results[case_unit(case, "full", **kw).key])
         for label, budget, name in runs:
-            answer = Answer(**results[case_unit(case, name, **kw).key])
-            rows.append(_case_row(case, label, budget, name, protocol, answer, full))
+            for answer, control in zip(unit_answers(results[case_unit(case, name, **kw).key]), full, strict=True):
+                rows.append(_case_row(case, label, budget, name, protocol, answer, control))
     return rows
 
 
 def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer) -> dict:
     p = describe(name)
     return {"task": case.task, "phrasing": case.phrasing, "length": case.length, "depth": case.depth,
-            "index": case.index,
+            "index": case.index, "question": answer.question,
             "protocol": protocol, "policy": label, "budget": budget, "policy_name": p.name,
             "budget_tokens": answer.budget_tokens if answer.budget_tokens is not None else p.budget,
             "prompt_tokens": answer.prompt_tokens, "kept_tokens": answer.kept_tokens,
@@ -214,8 +332,8 @@ def _case_row(case, label, budget, name, protocol, answer: Answer, full: Answer)
             "answer_held_per_layer": _listed(answer.answer_held, "{:.2f}"),
             "kept_per_layer": _listed(answer.kept_per_layer, "{}"),
             "compressed": answer.compressed if p.evicts else None, "score": answer.score, "solved": answer.solved,
-            "full_solved": full.solved, "references": " | ".join(case.references), "answer": answer.text,
-            "source": case.source}
+            "full_solved": full.solved, "references": " | ".join(case.references_of(answer.question)),
+            "answer": answer.text, "source": case.source}
 
 
 POOLED = "all"  # the phrasing of a summary row over every phrasing run
@@ -230,20 +348,31 @@ def _mean(values: list) -> float | None:
     return None if not values or any(v is None for v in values) else statistics.mean(values)
 
 
+def _question(row: dict) -> int:
+    return row.get("question", 1)  # rows written before the multi-question protocols ask one
+
+
+def _asked(question: int, several: bool) -> str:
+    """', question n' where the rows ask several questions of a case, else nothing."""
+    return f", question {question}" if several else ""
+
+
 def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]:
-    """Per task, phrasing, policy and budget: cases, the full cache's solved cases, the policy's among them, the
-    kept share with its Wilson 95% interval; with more than one phrasing, also each task pooled over them
-    (phrasing "all")."""
+    """Per task, phrasing, question index (1-based; 1 for the single-question protocols), policy and budget: cases,
+    the full cache's solved cases, the policy's among them (the full cache's answers to the same question), the kept
+    share with its Wilson 95% interval; with more than one phrasing, also each task pooled over them (phrasing
+    "all")."""
     groups: dict[tuple, list[dict]] = {}
     phrasings: dict[str, set] = {}
+    several = any(_question(r) > 1 for r in rows)
     for r in rows:
         phrasings.setdefault(r["task"], set()).add(r["phrasing"])
     for r in rows:
-        groups.setdefault((r["task"], r["phrasing"], r["policy"], r["budget"]), []).append(r)
+        groups.setdefault((r["task"], r["phrasing"], _question(r), r["policy"], r["budget"]), []).append(r)
         if len(phrasings[r["task"]]) > 1:
-            groups.setdefault((r["task"], POOLED, r["policy"], r["budget"]), []).append(r)
+            groups.setdefault((r["task"], POOLED, _question(r), r["policy"], r["budget"]), []).append(r)
     out, notes = [], []
-    for (task, phrasing, policy, budget), group in groups.items():
+    for (task, phrasing, question, policy, budget), group in groups.items():
         scored = [r for r in group if r["compressed"] is not False]  # full rows: None; uncompressed: excluded
         control = [r for r in scored if r["full_solved"]]
         solved = sum(r["solved"] for r in control)
@@ -251,8 +380,8 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
         enough = full_solved >= min_solved
         kept = wilson(solved, len(control)) if enough and control and policy != "full" else None
         full_ci = wilson(full_solved, len(group)) if policy == "full" else None
-        row = {"task": task, "phrasing": phrasing, "protocol": group[0]["protocol"], "policy": policy,
-               "budget": budget,
+        row = {"task": task, "phrasing": phrasing, "question": question, "protocol": group[0]["protocol"],
+               "policy": policy, "budget": budget,
                "budget_share": None if policy == "full" else statistics.mean(
                    r["budget_tokens"] / r["prompt_tokens"] for r in group),
                "kv_mib": statistics.mean(r["kv_mib"] for r in group),
@@ -270,46 +399,54 @@ def summarize(rows: list[dict], min_solved: int) -> tuple[list[dict], list[str]]
                "full_accuracy": statistics.mean(float(r["full_solved"]) for r in group),
                "lengths": " ".join(map(str, sorted({r["length"] for r in group})))}
         if row["not_compressed"] and phrasing != POOLED:
-            notes.append(f"{task} ({phrasing}), {policy} at {budget}: {row['not_compressed']} case(s) never made the "
-                         "cache evict (the budget held the prompt): not scored")
+            notes.append(f"{task} ({phrasing}{_asked(question, several)}), {policy} at {budget}: "
+                         f"{row['not_compressed']} case(s) never made the cache evict (the budget held the prompt): "
+                         "not scored")
         out.append(row)
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     order = {p: i for i, p in enumerate((*retrieval.PHRASINGS, POOLED))}
     policies = list(dict.fromkeys((r["policy"], r["budget"]) for r in out))
-    out.sort(key=lambda r: (tasks.index(r["task"]), order[r["phrasing"]], policies.index((r["policy"], r["budget"]))))
-    for task, phrasing in dict.fromkeys((r["task"], r["phrasing"]) for r in out):
-        full = next(r for r in out if (r["task"], r["phrasing"]) == (task, phrasing) and r["policy"] == "full")
+    out.sort(key=lambda r: (tasks.index(r["task"]), order[r["phrasing"]], r["question"],
+                            policies.index((r["policy"], r["budget"]))))
+    for task, phrasing, question in dict.fromkeys((r["task"], r["phrasing"], r["question"]) for r in out):
+        full = next(r for r in out if (r["task"], r["phrasing"], r["question"]) == (task, phrasing, question)
+                    and r["policy"] == "full")
         if full["full_solved"] < min_solved:
-            notes.append(unscored_note(task, phrasing, full["full_solved"], full["cases"], full["lengths"], min_solved))
+            notes.append(unscored_note(task, phrasing, full["full_solved"], full["cases"], full["lengths"], min_solved,
+                                       _asked(question, several)))
     return out, notes
 
 
-def unscored_note(task: str, phrasing: str, solved: int, cases: int, lengths: str, min_solved: int) -> str:
-    """Why a task gets no score: too few cases run to reach --min-solved, or a model that rarely solves it."""
-    said = (f"{task} ({phrasing}): the full cache solved {solved} of {cases} cases at length(s) {lengths}, fewer than "
-            f"--min-solved {min_solved}, so no policy is scored on it")
+def unscored_note(task: str, phrasing: str, solved: int, cases: int, lengths: str, min_solved: int,
+                  asked: str = "") -> str:
+    """Why a task gets no score: too few cases run to reach --min-solved, or a model that rarely solves it. `asked`:
+    ', question n' where the cases ask several."""
+    said = (f"{task} ({phrasing}{asked}): the full cache solved {solved} of {cases} cases at length(s) {lengths}, "
+            f"fewer than --min-solved {min_solved}, so no policy is scored on it")
     if solved * 2 >= cases:  # the model does the task: the run was too small to score it
-        return said + (f": too few cases to score; run more (--cases, --depths, --lengths, --phrasings) or lower "
-                       f"--min-solved")
+        return said + (": too few cases to score; run more (--cases, --depths, --lengths, --phrasings) or lower "
+                       "--min-solved")
     return said + ": the model rarely solves this task there in this phrasing (more cases will not change that; a "                   "shorter length or another phrasing may)"
 
 
 def compare(rows: list[dict], min_solved: int = 1) -> list[dict]:
-    """Every two policies at the same budget on the same cases (per task and phrasing, and pooled over phrasings):
-    McNemar's exact test on the cases the full cache solved and both policies compressed (the kept share's
-    cases); the full cache is one of the policies. verdict: which is better where p < ALPHA, else not separated.
-    A task and phrasing whose full cache solved fewer than `min_solved` cases is not compared (it is not scored)."""
+    """Every two policies at the same budget on the same cases (per task, phrasing and question index, and pooled
+    over phrasings): McNemar's exact test on the cases the full cache solved and both policies compressed (the kept
+    share's cases); the full cache is one of the policies. verdict: which is better where p < ALPHA, else not
+    separated. A task and phrasing whose full cache solved fewer than `min_solved` cases (of that question) is not
+    compared (it is not scored)."""
     keyed: dict[tuple, dict] = {}
     for r in rows:
-        keyed[r["task"], r["phrasing"], r["length"], r["depth"], r["index"], r["policy"], r["budget"]] = r
+        keyed[r["task"], r["phrasing"], r["length"], r["depth"], r["index"], _question(r), r["policy"],
+              r["budget"]] = r
     phrasings = {t: sorted({r["phrasing"] for r in rows if r["task"] == t}, key=retrieval.PHRASINGS.index)
                  for t in {r["task"] for r in rows}}
     out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
+    for task, question in dict.fromkeys((r["task"], _question(r)) for r in rows):
         sets = [[p] for p in phrasings[task]] + ([phrasings[task]] if len(phrasings[task]) > 1 else [])
         budgets = list(dict.fromkeys(r["budget"] for r in rows if r["task"] == task and r["policy"] != "full"))
         for chosen in sets:
-            mine = [r for r in rows if r["task"] == task and r["phrasing"] in chosen]
+            mine = [r for r in rows if r["task"] == task and r["phrasing"] in chosen and _question(r) == question]
             if sum(r["full_solved"] for r in mine if r["policy"] == "full") < min_solved:
                 continue
             for budget in budgets:
@@ -322,7 +459,7 @@ def compare(rows: list[dict], min_solved: int = 1) -> list[dict]:
                             if r["policy"] != b or r["budget"] != budget:
                                 continue
                             other = keyed.get((*[r[k] for k in ("task", "phrasing", "length", "depth", "index")],
-                                               a, "–" if a == "full" else budget))
+                                               question, a, "–" if a == "full" else budget))
                             if other is None or not r["full_solved"] or False in (r["compressed"], other["compressed"]):
                                 continue
                             pairs.append((other["solved"], r["solved"]))
@@ -332,7 +469,8 @@ def compare(rows: list[dict], min_solved: int = 1) -> list[dict]:
                         verdict = "not separated" if not test["supported"] else (
                             f"{a} better" if test["a_only"] > test["b_only"] else f"{b} better")
                         out.append({"task": task, "phrasing": chosen[0] if len(chosen) == 1 else POOLED,
-                                    "budget": budget, "policy_a": a, "policy_b": b, "cases": test["cases"],
+                                    "question": question, "budget": budget, "policy_a": a, "policy_b": b,
+                                    "cases": test["cases"],
                                     "a_solved": test["both"] + test["a_only"], "b_solved": test["both"] + test["b_only"],
                                     "a_only": test["a_only"], "b_only": test["b_only"], "p_value": test["p_value"],
                                     "verdict": verdict})

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         return 2
     early = build_parser(command).parse_args(argv)  # the command's --help, argparse's refusals exit here; a
     # deprecated option name says so here, once
-    wrong = plain_refusal(early)  # and the checks of plain numbers, also before torch
+    wrong = plain_refusal(early) or name_refusal(early)  # and the checks of plain numbers and names, also before torch
     if wrong:
         print(f"h2o {command}: error: {wrong}", file=sys.stderr)
         return 2
@@ -232,6 +232,36 @@ def plain_refusal(args) -> str | None:
         return f"--threads must be >= 1, got {args.threads}"
     if getattr(args, "buffer", 0) < 0:
         return f"--buffer must be >= 0, got {args.buffer}"
+    return None
+
+
+PRESS = "kvpress:"  # h2o.eval.runners.PREFIX: a kvpress press's name, left to its own check (a test holds them equal)
+
+
+def name_refusal(args) -> str | None:
+    """What is wrong with the policy, rule-family and allocation names (bench, stress and tasks' --policies, perf's
+    --policy, --streaming and --allocation), in the registry's words, or None: `h2o.names`, whose table is generated
+    from the registry, checks them without torch. A name it lets through may still be refused by the registry when
+    the command checks it (a rule's own constraints: SnapKV's window, A2SF's gamma, ...). sweep's --rules are
+    checked as they are parsed (`options.rule_family`)."""
+    from h2o import names
+
+    for name in getattr(args, "policies", None) or ():
+        if name.startswith(PRESS):
+            continue
+        # tasks takes rule families too (sized by --budgets or --budget-ratio), as h2o.eval.answers.variants reads them
+        family = args.command == "tasks" and names.is_family(name)
+        error = names.family_error(name) if family else names.policy_error(name)
+        if error:
+            return error
+    if args.command == "perf":  # the allocation is timed around --policy: "<allocation>+<policy>" is what it runs
+        given = [args.policy, args.streaming]
+        if args.allocation != "none":
+            given.append(f"{args.allocation}+{args.policy}")
+        for name in given:
+            error = names.policy_error(name)
+            if error:
+                return error
     return None
 
 

@@ -4,8 +4,9 @@ function per command, named as it: `bench(parser)`, `tasks(parser)`, ...).
 Nothing here imports torch, transformers, datasets or matplotlib, nor a command's module: `h2o <command> --help`
 and argparse's own refusals (an unknown option, a bad value) answer at once; the command's module is imported only
 to run it (`h2o.eval.cli`). The few names the help shows whose source imports torch are copied here, each held equal
-to its source by a test (tests/test_cli_fast.py): the built-in models, the rule families, H2O's default scoring rule.
-An option's `type` that must ask the policies (sweep's --rules) imports them when that option is given.
+to its source by a test (tests/test_cli_fast.py): the built-in models, H2O's default scoring rule. The rule families and
+allocations come from `h2o.names`' table, generated from the registry; names are checked there too, without torch
+(sweep's --rules here, the commands' policy names in `h2o.eval.cli.name_refusal`).
 
 One vocabulary (issue 42): one option name per concept, with one meaning wherever it appears (the table and its
 deliberate differences: tests/test_vocabulary.py). A renamed option keeps its old name one release as a deprecated
@@ -25,15 +26,16 @@ import shutil
 import sys
 from pathlib import Path
 
+from h2o import names
+
 from . import data, retrieval, units
 from .head_score_cache import CALIBRATION_BOOK, DEFAULTS as HEAD_SCORE_DEFAULTS
 
 # checkpoints.list_models(), the embedded model (checkpoints.EMBEDDED, the default) first
 MODELS = ("smollm2-135m", "gemma3-270m", "random:pythia-160m", "random:pythia-410m", "random:pythia-1.4b",
           "random:pythia-2.8b", "random:llama-1b", "random:smollm2-135m", "random:tiny-gpt-neox", "random:tiny-llama")
-# h2o.policies.families(): the built-in rule families
-FAMILIES = ("streaming", "h2o", "h2o_mean", "h2o_sum", "tova", "a2sf", "vatp", "vatp_mean", "vatp_sum", "knorm",
-            "keydiff", "snapkv", "caote", "vlen", "vlen_mean", "vlen_sum", "kvzip", "recommended")
+# h2o.policies.families(): the built-in rule families (h2o.names' table, generated from the registry)
+FAMILIES = names.table().families
 DEFAULT_SCORE = "mean"  # h2o.DEFAULT_SCORE
 MIN_BUDGET = 8  # 4 sinks plus a window: the smallest budget a family is sized to (h2o.at_budget)
 
@@ -50,8 +52,8 @@ def budget(text: str) -> int:
     return value
 
 
-# the built-in allocations (h2o.policies.allocation.registered_allocations(): a test holds them equal)
-ALLOCATIONS = ("retrieval", "induction", "ablation", "adakv", "global", "headkv", "pyramid")
+# the built-in allocations (h2o.policies.allocation.registered_allocations(), in h2o.names' table)
+ALLOCATIONS = tuple(names.table().allocations)
 
 # bench: with the allocation that kept the most needles at the same bytes (docs/head-budgets.md): retrieval heads. A
 # random-weight model has no tokenizer, so no retrieval score: its default ranks the heads by induction instead.
@@ -301,7 +303,14 @@ def tasks(p) -> None:
     p.add_argument("--protocol", default="question-aware", choices=retrieval.PROTOCOLS,
                    help="question-aware: the whole prompt, question included, in one forward, compressed "
                         "after it; streaming: the context fed --context-chunk tokens per forward with eviction in "
-                        "force, then the question")
+                        "force, then the question; multi-question: --questions needles of one context, the first "
+                        "question's prompt compressed once, every question answered from its own fork of it; "
+                        "multi-turn: the same questions in turn in one conversation, each answer kept in the cache "
+                        f"(these two: tasks {', '.join(retrieval.MULTI_QUESTION_TASKS)}; results per question)")
+    p.add_argument("--questions", type=int, default=retrieval.DEFAULT_QUESTIONS,
+                   help="questions asked of each context under --protocol multi-question and multi-turn (at least "
+                        "2): niah_multikey asks its keys (more keys when more are asked), kv_retrieval as many pairs "
+                        "of its object; the other protocols ask one")
     p.add_argument("--context-chunk", type=int, default=128,
                    help="tokens of the context fed per forward, eviction in force (--protocol streaming)")
     p.add_argument("--min-solved", type=int, default=5,
@@ -369,12 +378,11 @@ def sweep(p) -> None:
 
 
 def rule_family(name: str) -> str:
-    """argparse type of sweep's --rules: a family, or <allocation>+<family> (asks the policies: imports torch)."""
-    from h2o.policies import families, is_family
-
-    if not is_family(name):
-        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(families())}, or "
-                                         f"<allocation>+<family>: {', '.join(ALLOCATIONS)}; e.g. adakv+h2o_mean)")
+    """argparse type of sweep's --rules: a family, or <allocation>+<family> (`h2o.names`: the registry's table, no
+    torch)."""
+    error = names.family_error(name)
+    if error:
+        raise argparse.ArgumentTypeError(error)
     return name
 
 

@@ -61,6 +61,15 @@ with the phrasing; the scorer does not. The templates above are each task's `DEF
 
 Scoring as RULER (scripts/eval/synthetic/constants.py): string_match_all is the share of references found as
 case-insensitive substrings of the answer; a case scores in [0, 1].
+
+Several questions of one context (`generate_cases(questions=n)`, the multi-question and multi-turn protocols of
+`h2o tasks`; tasks `MULTI_QUESTION_TASKS`): niah_multikey asks each of its keys in turn (the first at the asked
+depth; num_keys raised to n where n > 4), kv_retrieval n pairs of its object (the first at the asked index, the
+others drawn after the fit). The first question is the case's own (`suffix`, `references`); each follow-up
+(`Case.follow_ups`: its turn and references) is asked in a turn of its own after an answer: the chat template's
+end of the assistant's turn, a user turn with the question, the assistant's header, the answer opening (plain
+completion: "\n\n" + question + " " + opening). passkey, niah_multivalue and variable_tracking ask one question of
+a context (`ONE_QUESTION` says why) and refuse n > 1.
 """
 
 from __future__ import annotations
@@ -117,10 +126,31 @@ class Case:
     max_new_tokens: int
     scorer: str  # "first_number" or "string_match_all"
     phrasing: str  # how instruction, needle and question are worded (one of PHRASINGS)
+    # the questions after the first (multi-question cases; none otherwise), each (turn, references): `turn` asks it
+    # after the previous question's answer (the chat template's end of the assistant's turn, the user's turn with the
+    # question, the assistant's header and the answer opening; "\n\n" + question + opening without a template)
+    follow_ups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def prompt(self) -> str:
         return self.prefix + self.context + self.suffix
+
+    @property
+    def questions(self) -> int:
+        """How many questions the case asks: the first (`suffix`) and its follow-ups."""
+        return 1 + len(self.follow_ups)
+
+    def references_of(self, question: int) -> tuple[str, ...]:
+        """The references of question `question` (1-based: 1 is the first, `suffix`'s)."""
+        if not 1 <= question <= self.questions:
+            raise ValueError(f"question {question} of a case asking {self.questions}")
+        return self.references if question == 1 else self.follow_ups[question - 2][1]
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "Case":
+        """The case `dataclasses.asdict` gave (its tuples perhaps lists, after JSON)."""
+        return cls(**{**fields, "references": tuple(fields["references"]), "needles": tuple(fields["needles"]),
+                      "follow_ups": tuple((turn, tuple(refs)) for turn, refs in fields.get("follow_ups", ()))})
 
 
 def first_number_match(answer: str, reference: str) -> float:
@@ -137,12 +167,13 @@ def string_match_all(answer: str, references: Sequence[str]) -> float:
     return sum(r.lower() in low for r in references) / len(references)
 
 
-def score(case: Case, answer: str) -> float:
-    """The case's score of `answer`, in [0, 1]."""
+def score(case: Case, answer: str, question: int = 1) -> float:
+    """The case's score of `answer` to its question `question` (1-based; its references), in [0, 1]."""
+    references = case.references_of(question)
     if case.scorer == "first_number":
-        return first_number_match(answer, case.references[0])
+        return first_number_match(answer, references[0])
     if case.scorer == "string_match_all":
-        return string_match_all(answer, case.references)
+        return string_match_all(answer, references)
     raise ValueError(f"unknown scorer {case.scorer!r}")
 
 
@@ -155,10 +186,11 @@ def case_token_ids(tokenizer, case: Case) -> tuple[list[int], list[int], list[in
     return prefix, context, suffix
 
 
-def answer_positions(tokenizer, case: Case, prefix_tokens: int) -> list[int] | None:
+def answer_positions(tokenizer, case: Case, prefix_tokens: int, question: int = 1) -> list[int] | None:
     """Positions, within the prompt's ids (`prefix_tokens` of prefix before the context), of the context tokens that
-    spell an answer (a reference) inside a needle statement: the tokens a cache must hold for the answer to be
-    read from it. None where the tokenizer gives no character offsets (a slow tokenizer)."""
+    spell an answer (a reference of question `question`, 1-based) inside a needle statement: the tokens a cache must
+    hold for the answer to be read from it. None where the tokenizer gives no character offsets (a slow tokenizer)."""
+    references = case.references_of(question)
     try:
         enc = tokenizer(case.context, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):
@@ -166,11 +198,16 @@ def answer_positions(tokenizer, case: Case, prefix_tokens: int) -> list[int] | N
     spans = []
     for needle in case.needles:
         for start in (m.start() for m in re.finditer(re.escape(needle), case.context)):
-            spans += [(start + m.start(), start + m.end()) for ref in case.references
+            spans += [(start + m.start(), start + m.end()) for ref in references
                       for m in re.finditer(re.escape(ref), needle)]
     positions = [prefix_tokens + i for i, (a, b) in enumerate(enc["offset_mapping"])
                  if any(a < e and b > s for s, e in spans)]
     return positions or None
+
+
+def turn_token_ids(tokenizer, case: Case) -> list[list[int]]:
+    """The ids of each follow-up's turn (`Case.follow_ups`), each tokenized on its own without added special tokens."""
+    return [_ids(tokenizer, turn) for turn, _ in case.follow_ups]
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -212,8 +249,17 @@ def _var_name(rng: random.Random) -> str:
 PHRASINGS = ("answer-only", "restate", "completion")
 DEFAULT_PHRASING = {"passkey": "restate", "niah_multikey": "completion", "niah_multivalue": "completion",
                     "kv_retrieval": "completion", "variable_tracking": "completion"}
-# how a case is fed (h2o.eval.answers): the whole prompt in one forward, or the context in chunks, then the question
-PROTOCOLS = ("question-aware", "streaming")
+# how a case is fed (h2o.eval.answers): the whole prompt in one forward, or the context in chunks, then the question;
+# or several questions of one context: each from its own fork of the compressed first prompt, or in turn in one
+# conversation (the cases' `follow_ups`)
+SINGLE_PROTOCOLS = ("question-aware", "streaming")
+MULTI_PROTOCOLS = ("multi-question", "multi-turn")
+PROTOCOLS = SINGLE_PROTOCOLS + MULTI_PROTOCOLS
+DEFAULT_QUESTIONS = 4  # questions per context under the multi-question protocols (niah_multikey: RULER's 4 keys)
+MULTI_QUESTION_TASKS = ("niah_multikey", "kv_retrieval")  # tasks whose context holds several needles to ask
+ONE_QUESTION = {"passkey": "its context hides one pass key",
+                "niah_multivalue": "its one key's values are asked together, in one question",
+                "variable_tracking": "its one chain is asked as a whole, in one question"}
 _RULER_KEY = "One of the special magic numbers for {key} is: {value}."
 TEXTS = {
     "passkey": {
@@ -318,7 +364,9 @@ def _spec(task: str, rng: random.Random, avoid: _Avoid, depth: float, opts: dict
         return dict(instruction=t["instruction"], question=t["question"].format(key=keys[0]),
                     opening=t["opening"].format(key=keys[0]),
                     needles=[t["needle"].format(key=k, value=v) for k, v in zip(keys, values)], references=values[:1],
-                    depths=[depth] + [rng.random() for _ in keys[1:]])
+                    depths=[depth] + [rng.random() for _ in keys[1:]],
+                    asks=[(t["question"].format(key=k), t["opening"].format(key=k), (v,))
+                          for k, v in zip(keys, values)])
     if task == "niah_multivalue":
         key = avoid.draw(rng, _word_key)
         values = [avoid.draw(rng, _digits(7)) for _ in range(opts["num_values"])]
@@ -351,6 +399,23 @@ def _frame(tokenizer, instruction: str, question: str, opening: str, sep: str = 
         prefix, suffix = text.split(_MARK)
         return prefix, suffix + opening
     return instruction + sep, "\n\n" + question + (" " + opening if opening else "")
+
+
+def _turn(tokenizer, question: str, opening: str) -> str:
+    """The text that asks `question` after an answer: with a chat template, the end of the assistant's turn, the
+    user's turn with the question and the assistant's header (the template's own rendering of a conversation
+    [user, assistant, user], cut after the assistant's message), then the answer opening; without one, a plain
+    completion's "\n\n" + question + " " + opening."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK},
+                                              {"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+        if not isinstance(text, str) or text.count(_MARK) != 1:
+            raise ValueError("a follow-up question is asked after the assistant's answer in the tokenizer's chat "
+                             "template, but this template does not reproduce the assistant's message, so the turn "
+                             "cannot be cut from it")
+        return text.split(_MARK)[1] + opening
+    return "\n\n" + question + (" " + opening if opening else "")
 
 
 def _spans(text: str) -> list[tuple[int, int]]:
@@ -462,7 +527,7 @@ def _kv_line(pair: tuple[str, str], i: int, n: int) -> str:
     return ("{" if i == 0 else " ") + f'"{pair[0]}": "{pair[1]}"' + (",\n" if i < n - 1 else "}")
 
 
-def _kv_case(tokenizer, rng, length, depth, phrasing):
+def _kv_case(tokenizer, rng, length, depth, phrasing, questions=1):
     def new_uuid(r: random.Random) -> str:
         return str(uuid.UUID(int=r.getrandbits(128), version=4))
 
@@ -501,11 +566,20 @@ def _kv_case(tokenizer, rng, length, depth, phrasing):
                 fillers[j], err = new, err + delta
         err = render(n)[1] - length
     context = render(n)[0]
-    return context, prefix, suffix, f'"{key}": "{value}"', value
+    asks = [(t["question"].format(key=key), t["opening"], (value,), f'"{key}": "{value}"')]
+    if questions > 1:  # more pairs asked: filler pairs of the context, drawn after the fit (the context is the same)
+        if n - 1 < questions - 1:
+            raise ValueError(f"length {length} is too short for {questions} questions of kv_retrieval: its JSON "
+                             f"object holds {n} pairs")
+        for j in rng.sample(range(n - 1), questions - 1):
+            k, v = fillers[j]
+            asks.append((t["question"].format(key=k), t["opening"], (v,), f'"{k}": "{v}"'))
+    return context, prefix, suffix, asks
 
 
 def generate_cases(task: str, tokenizer, haystacks: dict[str, str], lengths: list[int], depths: list[float],
-                   cases: int, seed: int, phrasing: str | None = None, **task_options) -> list[Case]:
+                   cases: int, seed: int, phrasing: str | None = None, questions: int = 1,
+                   **task_options) -> list[Case]:
     """`cases` cases per (length, depth) cell, ordered by length, then depth, then index; deterministic for a seed.
 
     Each case draws from its own random.Random seeded with "seed/task/length/depth/index": a haystack (by
@@ -513,6 +587,13 @@ def generate_cases(task: str, tokenizer, haystacks: dict[str, str], lengths: lis
     default the task's `DEFAULT_PHRASING`) changes only the words around those draws: the same seed gives the
     same haystack start, needles' values and asked depths in every phrasing. task_options: num_keys (niah_multikey),
     num_values (niah_multivalue), num_hops (variable_tracking).
+
+    questions > 1 (the multi-question protocols; tasks in `MULTI_QUESTION_TASKS`): each case also asks
+    `questions - 1` follow-ups of its context (`Case.follow_ups`). niah_multikey asks every key in the order drawn,
+    the first at the asked depth (at least `questions` keys: num_keys is raised to it); kv_retrieval asks its pair at
+    the asked depth, then `questions - 1` other pairs of the object, drawn after the context is fitted. Up to the
+    follow-ups, a case is the one `questions=1` gives (the same context, prompt and first question; niah_multikey
+    with more than 4 questions has more keys).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
@@ -522,10 +603,19 @@ def generate_cases(task: str, tokenizer, haystacks: dict[str, str], lengths: lis
     unknown = set(task_options) - set(OPTIONS[task])
     if unknown:
         raise ValueError(f"{task} takes no option(s) {sorted(unknown)}; it takes {sorted(OPTIONS[task]) or 'none'}")
+    if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
+        raise ValueError(f"questions must be a positive integer, got {questions!r}")
+    if questions > 1 and task not in MULTI_QUESTION_TASKS:
+        raise ValueError(f"{task} asks one question of a context ({ONE_QUESTION[task]}); the tasks that ask several: "
+                         f"{', '.join(MULTI_QUESTION_TASKS)}")
     opts = {**OPTIONS[task], **task_options}
     for name, v in opts.items():
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if task == "niah_multikey" and questions > opts["num_keys"]:
+        if "num_keys" in task_options:
+            raise ValueError(f"{questions} questions need as many keys; num_keys is {opts['num_keys']}")
+        opts["num_keys"] = questions
     if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
         raise ValueError(f"cases must be a positive integer, got {cases!r}")
     if not lengths or not depths:
@@ -554,15 +644,19 @@ def generate_cases(task: str, tokenizer, haystacks: dict[str, str], lengths: lis
             for index in range(cases):
                 rng = random.Random(f"{seed}/{task}/{length}/{depth!r}/{index}")
                 if task == "kv_retrieval":
-                    context, prefix, suffix, needle, value = _kv_case(tokenizer, rng, length, depth, phrasing)
-                    needles, refs, source = (needle,), (value,), "random UUID pairs"
+                    context, prefix, suffix, asks = _kv_case(tokenizer, rng, length, depth, phrasing, questions)
+                    needles = tuple(needle for *_, needle in asks)  # the asked pairs, the first one first
+                    refs, source = asks[0][2], "random UUID pairs"
                 else:
                     name = names[rng.randrange(len(names))]
                     context, prefix, suffix, spec, source = _haystack_case(
                         tokenizer, rng, length, depth, name, haystacks[name], spans[name], opts, task, phrasing)
-                    needles, refs = tuple(spec["needles"]), tuple(spec["references"])
+                    needles, refs, asks = tuple(spec["needles"]), tuple(spec["references"]), spec.get("asks", [])
+                follow_ups = tuple((_turn(tokenizer, question, opening), tuple(references))
+                                   for question, opening, references, *_ in asks[1:questions])
                 out.append(Case(task=task, length=length, depth=depth, index=index, seed=seed, source=source,
                                 prefix=prefix, context=context, suffix=suffix, references=refs, needles=needles,
                                 max_new_tokens=max_new_tokens(task, phrasing), phrasing=phrasing,
-                                scorer="first_number" if task == "passkey" else "string_match_all"))
+                                scorer="first_number" if task == "passkey" else "string_match_all",
+                                follow_ups=follow_ups))
     return out

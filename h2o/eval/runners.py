@@ -40,6 +40,7 @@ that instead of a number. A decoding press compresses throughout, so its perplex
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import importlib.util
 import re
@@ -319,6 +320,13 @@ class CacheRunner:
     def budget_for(self, prompt: int) -> int | None:
         return self.policy.budget
 
+    def fork(self) -> "CacheRunner":
+        """A runner on `cache.fork()`: the context as this runner's cache holds it now; whatever runs on the fork
+        never changes this runner's cache (h2o tasks' multi-question protocol: every question from its own fork)."""
+        twin = copy.copy(self)
+        twin.cache = self.cache.fork()
+        return twin
+
     def close(self) -> None:
         pass
 
@@ -326,7 +334,8 @@ class CacheRunner:
 class PressRunner:
     """A kvpress press on a `DynamicCache`, run through kvpress's API (module docstring). `check` holds kvpress
     to what it promises: a prefill press keeps exactly compute_n_kept(prompt) tokens after the prefill, then one
-    more per token fed; a decoding press never more than its target + one interval."""
+    more per token fed; a decoding press never more than its target + one interval. It has no `fork` (kvpress's
+    press state and hooks are not copied): h2o tasks refuses it under --protocol multi-question."""
 
     def __init__(self, model, name: str, positions: str = "original", buffer: int = 64):
         from transformers import DynamicCache

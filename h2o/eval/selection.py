@@ -52,20 +52,24 @@ def ppl_cells(rows: list[dict], candidates: list[str], reference: str, tuning_te
 
 def task_cells(summary: list[dict], paired: list[dict], protocol: str, split: str, candidates: list[str],
                reference: str) -> list[dict]:
-    """One cell per candidate, task, phrasing (each and pooled) and budget of one `h2o tasks` run (its summary
-    and paired rows), against the reference policy on the same cases."""
-    ref = {(r["task"], r["phrasing"], r["budget"]): r for r in summary if r["policy"] == reference}
-    tests = {(p["task"], p["phrasing"], p["budget"], frozenset((p["policy_a"], p["policy_b"]))): p for p in paired}
+    """One cell per candidate, task, phrasing (each and pooled), question index (the multi-question protocols) and
+    budget of one `h2o tasks` run (its summary and paired rows), against the reference policy on the same cases."""
+    # a question index per row (the multi-question protocols ask several of a case; 1 elsewhere and in older runs)
+    ref = {(r["task"], r["phrasing"], r.get("question", 1), r["budget"]): r for r in summary
+           if r["policy"] == reference}
+    tests = {(p["task"], p["phrasing"], p.get("question", 1), p["budget"], frozenset((p["policy_a"], p["policy_b"]))): p
+             for p in paired}
     out = []
     for r in summary:
-        key = (r["task"], r["phrasing"], r["budget"])
+        key = (r["task"], r["phrasing"], r.get("question", 1), r["budget"])
         if r["policy"] not in candidates or r["kept_share"] is None or key not in ref or ref[key]["kept_share"] is None:
             continue
         base = ref[key]
         test = tests.get((*key, frozenset((r["policy"], reference))))
         surely = test is not None and test["verdict"] == f"{reference} better"
+        asked = f" / question {key[2]}" if any(x.get("question", 1) > 1 for x in summary) else ""
         out.append({"candidate": r["policy"], "kind": "tasks", "split": split,
-                    "where": f"{r['task']} / {protocol} / {r['phrasing']} @ {r['budget']}", "genre": None,
+                    "where": f"{r['task']} / {protocol} / {r['phrasing']}{asked} @ {r['budget']}", "genre": None,
                     "budget": r["budget"], "value": r["kept_share"], "reference_value": base["kept_share"],
                     "shown": f"{r['policy_solved']}/{r['control']} vs {base['policy_solved']}/{base['control']}",
                     "interval": r.get("interval") or "–", "below": r["kept_share"] < base["kept_share"],

@@ -15,9 +15,9 @@ What a policy observes, keeps and decides, and when, is the contract written in
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 
+from .. import names as _names
 from . import allocation
 from .allocation import Allocated, parse_allocation
 from .base import OBSERVATIONS, Observation, Policy, check_sizes, keep_indices, priorities
@@ -56,6 +56,12 @@ def policy_names() -> dict[str, str]:
     return {cls.GRAMMAR: cls.EXAMPLE for cls in _REGISTRY.values()}
 
 
+def decode_rules() -> list[str]:
+    """The rules `snapkv_..+<rule>` and `kvzip_..+<rule>` hand decoding to: every evicting rule that ranks tokens as
+    they come (not one that replays, nor SnapKV or StreamingLLM)."""
+    return [n for n, c in _REGISTRY.items() if c.evicts and not c.replays and n not in ("snapkv", "streaming")]
+
+
 def families() -> list[str]:
     """Rule families for sweeps: every registered evicting rule's NAME, and NAME_<rule> for each scoring rule
     of the rules that have one (h2o_mean, h2o_sum, ...)."""
@@ -79,10 +85,10 @@ def at_budget(family: str, budget: int, score: str | None = None, recent: int | 
     "recommended" is `h2o.recommended(budget)`, whose recent window is its own. "<allocation>+<family>" is the
     family's policy under that allocation, `budget` the average per KV head."""
     parts = allocation.split(family)
+    if not is_family(family):  # the whole name in the message, "did you mean" included (h2o.names)
+        raise ValueError(_names.unknown_family(family, families(), allocation.DEFAULTS, splits=parts is not None))
     if parts:
         return allocation.Allocated(allocation.parse_allocation(parts[0]), at_budget(parts[1], budget, score, recent))
-    if family not in families():
-        raise ValueError(f"unknown rule family {family!r}; choose from {', '.join(families())}")
     if family == "recommended":
         return recommended(budget)
     name, _, rule = family.partition("_")
@@ -122,7 +128,7 @@ def parse(spec: str | Policy, score: str | None = None) -> Policy:
             raise ValueError(f"policy {policy.name!r} has score rule {policy.score!r} but score={score!r} was given")
     elif not isinstance(spec, str):
         raise TypeError(f"policy must be a name or a policy object, got {type(spec).__name__}")
-    elif m := re.fullmatch(r"recommended_(\d+)", spec):
+    elif m := re.fullmatch(_names.RECOMMENDED_PATTERN, spec):
         if score is not None:
             raise ValueError(f"{spec!r} is the recommended policy with its own rule; score={score!r} does not apply")
         return recommended(int(m[1]))
@@ -142,29 +148,9 @@ def parse(spec: str | Policy, score: str | None = None) -> Policy:
 
 def unknown_policy(spec: str) -> str:
     """Why `spec` names no policy, and what to write instead: the grammar of the rule it starts with, or the names
-    it is closest to ("did you mean"), never the whole grammar."""
-    names = policy_names()  # grammar -> example, per registered rule
-    by_rule = {g.partition("_")[0]: (g, e) for g, e in names.items()}
-    by_rule["recommended"] = ("recommended_<budget>", "recommended_256")
-    head, plus, rest = spec.partition("+")
-    every = "every name: h2o.policy_names() (or `h2o --help`)"
-    if plus and allocation.split(spec) is None and head.partition("_")[0] not in by_rule:
-        word = head.partition("_")[0]
-        close = difflib.get_close_matches(word, sorted(allocation.DEFAULTS), n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(repr(c + head[len(word):] + '+' + rest) for c in close)}? " if close else ""
-        return (f"unknown policy {spec!r}: {head!r} is no allocation; {hint}allocations: "
-                f"{', '.join(sorted(allocation.DEFAULTS))} (e.g. 'retrieval_0.1_4+h2o_4_32_256'); {every}")
-    word = spec.partition("_")[0]
-    if word in by_rule:
-        grammar, example = by_rule[word]
-        return (f"unknown policy {spec!r}: {word} names are {grammar} (e.g. {example!r}), every size a whole number "
-                f">= 0; {every}")
-    close = difflib.get_close_matches(word, sorted(by_rule), n=3, cutoff=0.6)
-    if close:
-        hint = " or ".join(f"{by_rule[c][0]!r} (e.g. {by_rule[c][1]!r})" for c in close)
-        return f"unknown policy {spec!r}: did you mean {hint}? {every}"
-    return (f"unknown policy {spec!r}: rules are {', '.join(sorted(by_rule))} (e.g. 'h2o_4_32_256'), head and layer "
-            f"budgets '<allocation>+<rule>' (e.g. 'adakv+h2o_4_32_256'); {every}")
+    it is closest to ("did you mean"), never the whole grammar (`h2o.names.unknown_policy`, whose words the `h2o`
+    command also says before torch is imported)."""
+    return _names.unknown_policy(spec, policy_names(), allocation.DEFAULTS, splits=allocation.split(spec) is not None)
 
 
 def resolve(names: list[str], score: str | None = None) -> list[str]:

@@ -9,7 +9,6 @@ token-by-token feeding give the same scores.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,6 @@ import torch
 from . import register_policy
 from .base import Sized
 
-_NAME = re.compile(r"a2sf_(\d+)_(\d+)_(\d+)_([0-9]*\.?[0-9]+)")
 DEFAULT_GAMMA = 0.95
 
 
@@ -27,6 +25,7 @@ class A2SF(Sized):
     NAME = "a2sf"
     GRAMMAR = "a2sf_<sinks>_<recent>_<budget>_<gamma>"
     EXAMPLE = "a2sf_4_32_256_0.95"
+    PATTERN = Sized.PATTERN + r"_(?P<gamma>[0-9]*\.?[0-9]+)"
     observes = frozenset({"mass"})
     state = ("score",)
 
@@ -39,8 +38,8 @@ class A2SF(Sized):
 
     @classmethod
     def from_name(cls, name, score=None):
-        m = _NAME.fullmatch(name)
-        return cls(int(m[1]), int(m[2]), int(m[3]), float(m[4])) if m else None
+        m = cls.match(name)
+        return cls(int(m["sinks"]), int(m["recent"]), int(m["budget"]), float(m["gamma"])) if m else None
 
     @property
     def name(self) -> str:

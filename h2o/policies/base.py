@@ -44,6 +44,8 @@ from typing import ClassVar
 
 import torch
 
+from ..names import size_error
+
 OBSERVATIONS = ("mass", "last", "count", "vmass", "replay")
 
 
@@ -62,11 +64,16 @@ class Observation:
 class Policy:
     """Base of every policy. A policy is a frozen dataclass with its sizes as int fields and these
     class attributes: `NAME` (the name's first word), `GRAMMAR` and `EXAMPLE` (a name that parses),
-    `observes` (a subset of `OBSERVATIONS`), `state` (names of its per-slot tensors)."""
+    `PATTERN` (the regex of its names after NAME), `observes` (a subset of `OBSERVATIONS`), `state` (names of its
+    per-slot tensors)."""
 
     NAME: ClassVar[str]
     GRAMMAR: ClassVar[str]
     EXAMPLE: ClassVar[str]
+    # the regex of a name after NAME, which `from_name` reads (`match`); the groups sinks, recent (or window: the
+    # budget is then sinks + window) and budget are the sizes the `h2o` command checks before torch is imported
+    # (`h2o.names`, whose table is generated from the registry). None: `from_name` reads its names its own way.
+    PATTERN: ClassVar[str | None] = None
     observes: ClassVar[frozenset] = frozenset()
     state: ClassVar[tuple[str, ...]] = ()
     evicts: ClassVar[bool] = True
@@ -75,6 +82,11 @@ class Policy:
     # has scored it (`h2o.replay`), which needs the tokenizer (`h2o.make_cache(..., tokenizer=)`)
     replays: ClassVar[bool] = False
     # Every evicting policy also has `sinks`, `recent` and `budget` (ints: fields or properties).
+
+    @classmethod
+    def match(cls, name: str) -> "re.Match | None":
+        """`name` matched whole against NAME + PATTERN (None: no match, or no PATTERN)."""
+        return None if cls.PATTERN is None else re.fullmatch(re.escape(cls.NAME) + cls.PATTERN, name)
 
     @classmethod
     def from_name(cls, name: str, score: str | None = None) -> "Policy | None":
@@ -125,7 +137,9 @@ class Policy:
 @dataclass(frozen=True)
 class Sized(Policy):
     """The shape most rules share: the name <NAME>_<sinks>_<recent>_<budget>, those three ints, their checks.
-    A rule with more parameters extends `from_name` / `name` (see a2sf.py, snapkv.py)."""
+    A rule with more parameters extends `PATTERN`, `from_name` and `name` (see a2sf.py, snapkv.py)."""
+
+    PATTERN = r"_(?P<sinks>\d+)_(?P<recent>\d+)_(?P<budget>\d+)"
 
     sinks: int
     recent: int
@@ -136,8 +150,8 @@ class Sized(Policy):
 
     @classmethod
     def from_name(cls, name, score=None):
-        m = re.fullmatch(rf"{cls.NAME}_(\d+)_(\d+)_(\d+)", name)
-        return cls(int(m[1]), int(m[2]), int(m[3])) if m else None
+        m = cls.match(name)
+        return cls(int(m["sinks"]), int(m["recent"]), int(m["budget"])) if m else None
 
     @property
     def name(self) -> str:
@@ -150,13 +164,9 @@ def check_sizes(policy, recent_name: str = "recent") -> None:
         value = getattr(policy, field.name)
         if field.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"{type(policy).__name__}.{field.name} must be an int, got {value!r}")
-    sinks, recent, budget = policy.sinks, policy.recent, policy.budget
-    if sinks < 0 or recent < 0:
-        raise ValueError(f"sinks and {recent_name} must be >= 0 (got {sinks}, {recent})")
-    if budget <= 0:
-        raise ValueError(f"budget must be > 0 (got {budget})")
-    if sinks + recent > budget:
-        raise ValueError(f"sinks + {recent_name} ({sinks} + {recent}) exceeds the budget {budget}")
+    error = size_error(policy.sinks, policy.recent, policy.budget, recent_name)  # h2o.names: the `h2o` command
+    if error:  # says the same before torch is imported
+        raise ValueError(error)
 
 
 def keep_indices(

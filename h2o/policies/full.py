@@ -14,11 +14,12 @@ class Full(Policy):
     NAME = "full"
     GRAMMAR = "full"
     EXAMPLE = "full"
+    PATTERN = ""
     evicts = False
 
     @classmethod
     def from_name(cls, name, score=None):
-        return cls() if name == "full" else None
+        return cls() if cls.match(name) else None
 
     @classmethod
     def sized(cls, sinks, recent, budget):

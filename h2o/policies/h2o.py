@@ -13,7 +13,6 @@ fall behind the simpler baseline where the budget is tight.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from . import register_policy
@@ -25,12 +24,12 @@ DEFAULT_SCORE = "mean"
 
 def scored_name(cls, name: str, score: str | None):
     """The policy '<NAME>_<s>_<r>_<b>[_<rule>]' spells, checking `score` against a spelled rule."""
-    m = re.fullmatch(rf"{cls.NAME}_(\d+)_(\d+)_(\d+)(?:_(\w+))?", name)
+    m = cls.match(name)
     if not m:
         return None
-    if m[4] and score and score != m[4]:
-        raise ValueError(f"policy {name!r} names score rule {m[4]!r} but score={score!r} was given")
-    return cls(int(m[1]), int(m[2]), int(m[3]), m[4] or score or DEFAULT_SCORE)
+    if m["score"] and score and score != m["score"]:
+        raise ValueError(f"policy {name!r} names score rule {m['score']!r} but score={score!r} was given")
+    return cls(int(m["sinks"]), int(m["recent"]), int(m["budget"]), m["score"] or score or DEFAULT_SCORE)
 
 
 def check_rule(policy) -> None:
@@ -54,6 +53,7 @@ class H2O(Sized):
     NAME = "h2o"
     GRAMMAR = "h2o_<sinks>_<recent>_<budget>[_mean|_sum]"
     EXAMPLE = "h2o_4_32_256"
+    PATTERN = Sized.PATTERN + r"(?:_(?P<score>\w+))?"  # any word: a wrong one gets check_rule's message
     observes = frozenset({"mass"})
     state = ("score",)
     has_score = True

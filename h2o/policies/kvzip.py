@@ -18,7 +18,6 @@ as `snapkv_..+<rule>` does.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,6 @@ import torch
 from . import register_policy
 from .base import Sized
 
-_NAME = re.compile(r"kvzip_(\d+)_(\d+)_(\d+)(?:\+([a-z0-9]+)(.*))?")
 
 
 @register_policy
@@ -35,25 +33,26 @@ class KVzip(Sized):
     NAME = "kvzip"
     GRAMMAR = "kvzip_<sinks>_<recent>_<budget>[+<rule>]"
     EXAMPLE = "kvzip_4_32_256"
+    PATTERN = Sized.PATTERN + r"(?:\+(?P<then>[a-z0-9]+)(?P<rest>.*))?"
     observes = frozenset({"replay", "last"})
     state = ("score",)
     replays = True
 
     @classmethod
     def from_name(cls, name, score=None):
-        m = _NAME.fullmatch(name)
+        m = cls.match(name)
         if not m:
             return None
-        sizes = int(m[1]), int(m[2]), int(m[3])
-        if m[4] is None:
+        sizes = int(m["sinks"]), int(m["recent"]), int(m["budget"])
+        if m["then"] is None:
             return cls(*sizes)
-        from . import parse, registered
+        from . import decode_rules, parse
 
-        rules = [n for n, c in registered().items() if c.evicts and not c.replays and n not in ("snapkv", "streaming")]
-        if m[4] not in rules:
+        rules = decode_rules()
+        if m["then"] not in rules:
             raise ValueError(f"{name}: after '+' name a decode-time rule that ranks tokens ({', '.join(rules)}), "
                              "e.g. kvzip_4_32_256+tova")
-        return KVzipThen(*sizes, then=parse(f"{m[4]}_{m[1]}_{m[2]}_{m[3]}{m[5]}"))
+        return KVzipThen(*sizes, then=parse(f"{m['then']}_{m['sinks']}_{m['recent']}_{m['budget']}{m['rest']}"))
 
     def update(self, state, obs, seen):
         if obs.replay is not None:  # a replay: the largest attention each key got from the reconstruction

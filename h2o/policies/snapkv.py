@@ -18,7 +18,6 @@ is a registered rule's name and what its grammar spells after the sizes: `+tova`
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from . import register_policy
 from .base import Sized
 
-_NAME = re.compile(r"snapkv_(\d+)_(\d+)_(\d+)_(\d+)(?:\+([a-z0-9]+)(.*))?")
 DEFAULT_WINDOW = 16
 KERNEL = 5
 
@@ -38,6 +36,7 @@ class SnapKV(Sized):
     NAME = "snapkv"
     GRAMMAR = "snapkv_<sinks>_<recent>_<budget>_<window>[+<rule>]"
     EXAMPLE = "snapkv_4_32_256_16"
+    PATTERN = Sized.PATTERN + r"_(?P<window>\d+)(?:\+(?P<then>[a-z0-9]+)(?P<rest>.*))?"
     observes = frozenset({"mass"})
     state = ("score",)
 
@@ -51,19 +50,19 @@ class SnapKV(Sized):
 
     @classmethod
     def from_name(cls, name, score=None):
-        m = _NAME.fullmatch(name)
+        m = cls.match(name)
         if not m:
             return None
-        sizes = int(m[1]), int(m[2]), int(m[3]), int(m[4])
-        if m[5] is None:
+        sizes = int(m["sinks"]), int(m["recent"]), int(m["budget"]), int(m["window"])
+        if m["then"] is None:
             return cls(*sizes)
-        from . import parse, registered
+        from . import decode_rules, parse
 
-        rules = [n for n, c in registered().items() if c.evicts and not c.replays and n not in ("snapkv", "streaming")]
-        if m[5] not in rules:
+        rules = decode_rules()
+        if m["then"] not in rules:
             raise ValueError(f"{name}: after '+' name a decode-time rule that ranks tokens ({', '.join(rules)}), "
                              "e.g. snapkv_4_32_256_16+tova")
-        return SnapKVThen(*sizes, then=parse(f"{m[5]}_{m[1]}_{m[2]}_{m[3]}{m[6]}"))
+        return SnapKVThen(*sizes, then=parse(f"{m['then']}_{m['sinks']}_{m['recent']}_{m['budget']}{m['rest']}"))
 
     @classmethod
     def sized(cls, sinks, recent, budget):

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from . import register_policy
 from .base import Policy, check_sizes
-
-_NAME = re.compile(r"streaming_(\d+)_(\d+)")
-
 
 @register_policy
 @dataclass(frozen=True)
@@ -17,6 +13,7 @@ class Streaming(Policy):
     NAME = "streaming"
     GRAMMAR = "streaming_<sinks>_<window>"
     EXAMPLE = "streaming_4_252"
+    PATTERN = r"_(?P<sinks>\d+)_(?P<window>\d+)"
 
     sinks: int
     window: int
@@ -26,8 +23,8 @@ class Streaming(Policy):
 
     @classmethod
     def from_name(cls, name, score=None):
-        m = _NAME.fullmatch(name)
-        return cls(int(m[1]), int(m[2])) if m else None
+        m = cls.match(name)
+        return cls(int(m["sinks"]), int(m["window"])) if m else None
 
     @classmethod
     def sized(cls, sinks, recent, budget):
