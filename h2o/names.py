@@ -6,9 +6,9 @@ torch. `h2o/names_table.py` is generated from it: each built-in rule's NAME, GRA
 (NAME + `Policy.PATTERN`, which its `from_name` reads), each built-in allocation's name, grammar and example, the regex
 of an allocation's name and the rule families. After adding or changing a rule or an allocation, regenerate it:
 
-    python -m h2o.names
+    python -m h2o.names_generate
 
-(`python -m h2o.names --check` only says whether it is current; tests/test_names.py fails while the table and the
+(`python -m h2o.names_generate --check` only says whether it is current; tests/test_names.py fails while the table and the
 registry disagree.) The messages for a name that spells nothing (`unknown_policy`, `unknown_family`) and for sizes that
 do not fit (`size_error`) are written here once, for the registry and this check alike.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -62,26 +61,6 @@ class Table:
     decode_rules: tuple[str, ...]
 
     @classmethod
-    def from_registry(cls, builtin_only: bool = True) -> Table:
-        """The registry's table (imports torch); `builtin_only`: the package's rules and allocations, not a user's."""
-        from . import policies
-        from .policies.allocations import plan
-
-        def taken(c) -> bool:
-            return not builtin_only or c.__module__.startswith("h2o.")
-
-        rules = {}
-        for name, c in policies.registered().items():
-            if taken(c):
-                if c.PATTERN is None and builtin_only:
-                    raise ValueError(f"{c.__name__} has no PATTERN: a built-in rule's names need a regex (h2o.names)")
-                rules[name] = (c.GRAMMAR, c.EXAMPLE, None if c.PATTERN is None else re.escape(c.NAME) + c.PATTERN)
-        allocations = {n: (c.grammar(n), c.example(n)) for n, c in plan.registered_allocations().items() if taken(c)}
-        families = tuple(f for f in policies.families() if f == "recommended" or f.partition("_")[0] in rules)
-        decode_rules = tuple(n for n in policies.decode_rules() if n in rules)
-        return cls(rules, allocations, plan._NAME.pattern, families, decode_rules)
-
-    @classmethod
     def generated(cls) -> Table:
         """The table of h2o/names_table.py (no torch)."""
         from . import names_table as t
@@ -90,7 +69,7 @@ class Table:
 
     def source(self) -> str:
         """The text of h2o/names_table.py that holds this table."""
-        out = ['"""Generated from the registry (h2o.policies) by `python -m h2o.names`: do not edit. The built-in',
+        out = ['"""Generated from the registry (h2o.policies) by `python -m h2o.names_generate`: do not edit. The built-in',
                "rules, allocations and rule families for the `h2o` command's check of names before torch is imported",
                '(h2o.names); tests/test_names.py holds it to the registry."""', "",
                "# NAME: (GRAMMAR, EXAMPLE, the regex of its names: NAME + PATTERN), in registration order (the order",
@@ -266,26 +245,3 @@ def unknown_family(name: str, families: Iterable[str] | None = None, allocations
     hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
     return (f"unknown rule family {name!r}: {hint}families: {', '.join(families)}; or one under an allocation, "
             f"<allocation>+<family> ({', '.join(allocations)}), e.g. adakv+h2o_mean")
-
-
-# --- regeneration -----------------------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m h2o.names`: write h2o/names_table.py from the registry; `--check`: only say whether it is current
-    (exit 1 if not)."""
-    argv = sys.argv[1:] if argv is None else argv
-    source = Table.from_registry().source()
-    current = TABLE_FILE.read_text() if TABLE_FILE.exists() else None
-    if source == current:
-        print(f"{TABLE_FILE}: current")
-        return 0
-    if "--check" in argv:
-        print(f"{TABLE_FILE}: out of date with the registry: run python -m h2o.names", file=sys.stderr)
-        return 1
-    TABLE_FILE.write_text(source)
-    print(f"{TABLE_FILE}: written")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Generated from the registry (h2o.policies) by `python -m h2o.names`: do not edit. The built-in
+"""Generated from the registry (h2o.policies) by `python -m h2o.names_generate`: do not edit. The built-in
 rules, allocations and rule families for the `h2o` command's check of names before torch is imported
 (h2o.names); tests/test_names.py holds it to the registry."""
 

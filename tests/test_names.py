@@ -1,6 +1,6 @@
 """The torch-free name check of the `h2o` command (`h2o.names`) against the registry it is generated from (issue 42):
 the generated table is the registry's, every example is accepted by both, and a malformed name is refused by both in
-the same words ("did you mean" included). Regenerate the table with `python -m h2o.names`."""
+the same words ("did you mean" included). Regenerate the table with `python -m h2o.names_generate`."""
 
 import itertools
 import random
@@ -8,11 +8,11 @@ import random
 import pytest
 
 import h2o
-from h2o import names
+from h2o import names, names_generate
 from h2o.names import Table
 from h2o.policies import allocation
 
-REGENERATE = "h2o/names_table.py is not the registry's: regenerate it with `python -m h2o.names`"
+REGENERATE = "h2o/names_table.py is not the registry's: regenerate it with `python -m h2o.names_generate`"
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def live() -> Table:
     """The live registry's table, user rules and allocations included (test_user_allocation.py registers `halves` at
     its import, so where the whole suite runs the registry's messages name it): the messages are compared with the
     registry's through it; the generated table equals its built-in part (`test_the_table_is_the_registrys`)."""
-    return Table.from_registry(builtin_only=False)
+    return names_generate.from_registry(builtin_only=False)
 
 
 def registry_refusal(call, *args) -> str | None:
@@ -34,7 +34,7 @@ def registry_refusal(call, *args) -> str | None:
 def test_the_table_is_the_registrys():
     """Every built-in rule's NAME, GRAMMAR, EXAMPLE and name regex, every built-in allocation, the allocation name
     regex and the families: the generated file is what the registry generates now, character for character."""
-    assert names.TABLE_FILE.read_text() == Table.from_registry().source(), REGENERATE
+    assert names.TABLE_FILE.read_text() == names_generate.from_registry().source(), REGENERATE
     table = names.table()
     builtin = {n: c for n, c in h2o.policies.registered().items() if c.__module__.startswith("h2o.")}
     assert list(table.rules) == list(builtin), REGENERATE
@@ -49,11 +49,11 @@ def test_the_table_is_the_registrys():
 def test_the_table_can_fail(monkeypatch):
     """A rule whose grammar changed without the table regenerated is caught."""
     monkeypatch.setattr(h2o.policies.TOVA, "GRAMMAR", "tova_<sinks>_<recent>_<budget>_<new>")
-    assert names.TABLE_FILE.read_text() != Table.from_registry().source()
+    assert names.TABLE_FILE.read_text() != names_generate.from_registry().source()
 
 
 def test_the_module_check_says_whether_the_table_is_current(capsys):
-    assert names.main(["--check"]) == 0 and "current" in capsys.readouterr().out
+    assert names_generate.main(["--check"]) == 0 and "current" in capsys.readouterr().out
 
 
 EXAMPLES = ["retrieval_0.1_4+h2o_4_32_256_mean", "global+kvzip_4_32_256", "snapkv_4_32_256_16+tova",

@@ -154,7 +154,7 @@ def embedded():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", answers.SINGLE_PROTOCOLS)
+@pytest.mark.parametrize("protocol", retrieval.SINGLE_PROTOCOLS)
 def test_full_cache_finds_the_passkey_and_a_window_that_cannot_hold_it_does_not(embedded, protocol):
     model, tokenizer, haystacks = embedded
     case = retrieval.generate_cases("passkey", tokenizer, haystacks, [600], [0.2], 1, seed=0)[0]
