@@ -146,22 +146,10 @@ def respond(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, 
             for feed in filter(None, feeds):
                 runner.forward(torch.tensor([feed], device=device), logits_to_keep=1)
                 runner.check()
-            per_layer, compressed, kv = runner.kept_lengths(), runner.compressed(), runner.kv_bytes()
-            where = retrieval.answer_positions(tokenizer, case, len(prefix))
-            answer_held = None if where is None else runner.kept_share(where)
-            token, out = ids[-1], []
-            for _ in range(case.max_new_tokens):
-                logits = runner.forward(torch.tensor([[token]], device=device), logits_to_keep=1)
-                runner.check()
-                token = int(logits[0, -1].argmax())
-                if token in stop:
-                    break
-                out.append(token)
+            answer, _, _ = _ask(runner, tokenizer, case, 1, len(prefix), len(ids) - 1, ids[-1], stop, device)
     finally:
         runner.close()
-    text = tokenizer.decode(out, skip_special_tokens=True)
-    return Answer(text, retrieval.score(case, text), len(ids), max(per_layer), compressed,
-                  runner.budget_for(len(ids) - 1), kv, answer_held, list(per_layer))
+    return answer
 
 
 def respond_questions(model, tokenizer, case: retrieval.Case, policy: str, protocol: str, *,

@@ -190,14 +190,20 @@ def run(session, plan) -> int:
 
 # --- plots ---------------------------------------------------------------------------------------------
 
-def plot_kept_share(summary: list[dict], title: str):
-    """Kept share vs budget per task, pooled over the phrasings (the one phrasing when only one ran), with the
-    Wilson 95% interval as error bars."""
+def _task_axes(summary: list[dict]):
+    """One axis per task, and the rows to plot: pooled over the phrasings where several ran (else the one phrasing)."""
     plt = report.pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in summary))
     pooled = {t: any(r["phrasing"] == POOLED for r in summary if r["task"] == t) for t in tasks}
     summary = [r for r in summary if not pooled[r["task"]] or r["phrasing"] == POOLED]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False, layout="constrained")
+    return fig, axes, tasks, summary
+
+
+def plot_kept_share(summary: list[dict], title: str):
+    """Kept share vs budget per task, pooled over the phrasings (the one phrasing when only one ran), with the
+    Wilson 95% interval as error bars."""
+    fig, axes, tasks, summary = _task_axes(summary)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in summary if r["task"] == task and r["policy"] != "full"]
         full = next(r for r in summary if r["task"] == task and r["policy"] == "full")
@@ -226,11 +232,7 @@ def plot_kept_by_question(summary: list[dict], title: str):
     """The multi-question protocols: kept share vs question index per task, one line per policy and budget (pooled
     over the phrasings where several ran), with the Wilson 95% interval as error bars; the full cache's solved share
     of each question in grey."""
-    plt = report.pyplot()
-    tasks = list(dict.fromkeys(r["task"] for r in summary))
-    pooled = {t: any(r["phrasing"] == POOLED for r in summary if r["task"] == t) for t in tasks}
-    summary = [r for r in summary if not pooled[r["task"]] or r["phrasing"] == POOLED]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False, layout="constrained")
+    fig, axes, tasks, summary = _task_axes(summary)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in summary if r["task"] == task]
         full = sorted((r["question"], r["full_solved"] / r["cases"]) for r in rows if r["policy"] == "full")
