@@ -134,25 +134,35 @@ def replay_attention(query, key, chosen, scaling, block_elements=None, softcap=N
     """KVzip's score of one replay forward: per key, the largest attention probability any replay query of its KV
     head's group gives it, the softmax taken over the `chosen` keys only [B, Hkv, L] (the sinks, the chunk being
     reconstructed, the replay's own keys: the last q, causal). float32 [B, Hkv, L], 0 where not chosen; computed
-    block by block of queries (about `block_elements` probabilities a block)."""
+    block by block of queries (about `block_elements` probabilities a block).
+
+    Only the columns some row and head chose enter the product: a key no softmax takes over adds nothing to it, so
+    a replay chunk's scores cost its queries x (sinks + chunk + its own keys), not x the whole context."""
     b, hq, q, d = query.shape
     hkv, length = key.shape[1], key.shape[2]
     groups = hq // hkv
+    context = length - q
+    columns = chosen[..., :context].any(dim=1).any(dim=0).nonzero().squeeze(-1)  # older keys some softmax takes
+    m = columns.numel()
+    keys_t = torch.cat([key[:, :, columns], key[:, :, context:]], dim=2).to(torch.float32).transpose(-1, -2)
+    picked = torch.cat([chosen[..., columns], chosen[..., context:]], dim=-1)  # [B, Hkv, m + q]
     grouped = query.view(b, hkv, groups, q, d)
-    keys_t = key.to(torch.float32).transpose(-1, -2)
-    out = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device)
-    step = max(1, (block_elements or score_block_elements(key.device)) // max(1, b * hq * length))
+    scores = torch.zeros(b, hkv, m + q, dtype=torch.float32, device=key.device)
+    step = max(1, (block_elements or score_block_elements(key.device)) // max(1, b * hq * (m + q)))
     for start in range(0, q, step):
         stop = min(q, start + step)
-        n, visible = stop - start, length - q + stop
+        n, visible = stop - start, m + stop
         block = grouped[:, :, :, start:stop].reshape(b, hkv, groups * n, d).to(torch.float32) * scaling
         logits = _capped(torch.matmul(block, keys_t[..., :visible]).view(b, hkv, groups, n, visible), softcap)
-        logits.masked_fill_(~chosen[:, :, None, None, :visible], -torch.inf)
+        logits.masked_fill_(~picked[:, :, None, None, :visible], -torch.inf)
         if n > 1:  # the block's own later keys are in its queries' future
             logits[..., visible - n:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=key.device).triu_(1),
                                                    -torch.inf)
         best = logits.softmax(dim=-1).amax(dim=(2, 3))
-        torch.maximum(out[..., :visible], best, out=out[..., :visible])
+        torch.maximum(scores[..., :visible], best, out=scores[..., :visible])
+    out = torch.zeros(b, hkv, length, dtype=torch.float32, device=key.device)
+    out[..., columns] = scores[..., :m]
+    out[..., context:] = scores[..., m:]
     return out
 
 

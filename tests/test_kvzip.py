@@ -168,3 +168,25 @@ def test_kvzip_with_a_decode_rule_ranks_by_it_from_the_first_decode_step():
     assert kv.policy.name == "kvzip_2_4_12" and then.policy.name == "kvzip_2_4_12+tova"
     assert max(kv.kept_lengths()) <= 14 and max(then.kept_lengths()) <= 14
     assert bool((then.layers[0].state["decoding"] > 0).all())
+
+
+@pytest.mark.parametrize("block_elements", [None, 700])
+def test_replay_scores_over_the_chosen_columns_equal_the_softmax_over_every_column_masked(block_elements):
+    """`replay_attention` multiplies only the columns some row and head chose; the scores equal the definition
+    computed over every column (the unchosen ones masked), rows and heads choosing different keys."""
+    from h2o.attention import replay_attention
+
+    torch.manual_seed(3)
+    b, hq, hkv, q, length, d = 2, 6, 3, 7, 40, 8
+    query, key = torch.randn(b, hq, q, d), torch.randn(b, hkv, length, d)
+    chosen = torch.rand(b, hkv, length) < 0.3
+    chosen[..., :2] = True
+    chosen[..., length - q:] = True
+    chosen[1, 2, 20] = True  # a key one row and head alone chose
+    chosen[:, :, 21] = False  # a key nobody chose
+    got = replay_attention(query, key, chosen, 0.3, block_elements=block_elements)
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", query.view(b, hkv, hq // hkv, q, d), key) * 0.3
+    visible = chosen[:, :, None, None, :] & torch.ones(q, length, dtype=torch.bool).tril(length - q)
+    expected = logits.masked_fill(~visible, -torch.inf).softmax(-1).amax(dim=(2, 3))
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert got[1, 2, 20] > 0 and not got[..., 21].any() and not got[~chosen].any()
