@@ -20,15 +20,16 @@ def test_perf_reports_the_four_ratios_and_flat_kv_bytes(tmp_path, capsys):
     assert [r["ratio"] for r in ratios] == ["decode_h2o_over_streaming", "decode_h2o_over_full",
                                            "decode_streaming_over_full", "prefill_h2o_over_streaming",
                                            "decode_allocated_over_h2o"]
+    assert [r["at"] for r in ratios] == ["decode after 48"] * 3 + ["prefill 40, one forward", "adakv, decode after 48"]
     payload = json.loads((out / "perf.json").read_text())
     decode, prefill = payload["decode_s"], payload["prefill_s"]
-    assert {k: len(v) for k, v in decode.items()} == {"h2o": 6, "streaming": 6, "allocated": 6, "full": 6}
-    assert {k: len(v) for k, v in prefill.items()} == {"h2o": 2, "streaming": 2}
+    assert {k: len(v) for k, v in decode.items()} == {"h2o": 6, "streaming": 6, "allocated:adakv": 6, "full": 6}
+    assert {k: len(v) for k, v in prefill["prefill 40, one forward"].items()} == {"h2o": 2, "streaming": 2}
     # each ratio is the one of the measured minimums (and medians), and the goal column is the issue's
-    first = ratios[0]
+    first, prefill = ratios[0], prefill["prefill 40, one forward"]
     assert float(first["min"]) == pytest.approx(min(decode["h2o"]) / min(decode["streaming"]), rel=1e-6)
     assert float(ratios[3]["min"]) == pytest.approx(min(prefill["h2o"]) / min(prefill["streaming"]), rel=1e-6)
-    assert float(ratios[4]["min"]) == pytest.approx(min(decode["allocated"]) / min(decode["h2o"]), rel=1e-6)
+    assert float(ratios[4]["min"]) == pytest.approx(min(decode["allocated:adakv"]) / min(decode["h2o"]), rel=1e-6)
     assert [float(r["goal"]) for r in ratios] == [1.03, 1.05, 1.02, 1.15, 1.05]
     assert all(r["met"] == ("yes" if float(r["min"]) <= float(r["goal"]) else "no") for r in ratios)
     kv = {(r["policy"], int(r["tokens"])): int(r["kv_bytes"]) for r in csv.DictReader(open(out / "perf_kv.csv"))}
@@ -46,6 +47,9 @@ def test_perf_reports_the_four_ratios_and_flat_kv_bytes(tmp_path, capsys):
     (["--context", "20"], "must exceed budget \\+ buffer"),
     (["--policy", "full"], "must be evicting policies"),
     (["--decode-steps", "1"], "--decode-steps must be >= 2"),
+    (["--prefill-chunk", "40"], "a chunk shorter than every --prefill"),
+    (["--prefill", "40", "60", "--prefill-chunk", "-1"], "must be 0 \\(one forward\\)"),
+    (["--allocation", "none", "adakv"], "'none' is no allocation"),
     # what the static layout cannot time
     (["--compile", "--positions", "reindex"], "keeps original positions"),
     (["--compile", "--warmup", "0"], "--warmup must be >= 1"),
@@ -108,3 +112,25 @@ def test_perf_prefill_parts_profiles_the_attention_by_part(tmp_path):
         parts_sum = sum(v for k, v in ms.items() if k != "attention modules, in all")
         assert ms["attention modules, in all"] == pytest.approx(parts_sum)
     assert json.loads((out / "perf.json").read_text())["prefill_parts"][0]["part"] == "QKᵀ"
+
+
+def test_perf_times_every_length_chunking_and_allocation_and_a_replaying_rule_against_its_own_goal(tmp_path):
+    """Several --prefill lengths x --prefill-chunk, several --allocation: a ratio each, the configurations of one
+    prefill shape interleaved; a replaying policy's prefill ratio is named as such, with its goal (issue 41: 2.2)."""
+    out = tmp_path / "perf"
+    args = [a if a != "random:tiny-llama" else "smollm2-135m" for a in TINY]  # the replay needs a tokenizer
+    args[args.index("h2o_2_4_16")] = "kvzip_2_4_16"
+    assert main(["perf", *args, "--prefill", "30", "40", "--prefill-chunk", "0", "16",
+                 "--allocation", "adakv", "global", "--out", str(out)]) == 0
+    ratios = list(csv.DictReader(open(out / "perf.csv")))
+    prefill_rows = [r for r in ratios if r["ratio"].startswith("prefill")]
+    assert [(r["ratio"], r["at"], r["goal"]) for r in prefill_rows] == [
+        ("prefill_replaying_over_streaming", f"prefill {n}, {how}", "2.2")
+        for n in (30, 40) for how in ("one forward", "chunks of 16")]
+    assert [r["at"] for r in ratios if r["ratio"] == "decode_allocated_over_h2o"] == [
+        "adakv, decode after 48", "global, decode after 48"]
+    payload = json.loads((out / "perf.json").read_text())
+    for row in prefill_rows:
+        times = payload["prefill_s"][row["at"]]
+        assert float(row["min"]) == pytest.approx(min(times["h2o"]) / min(times["streaming"]), rel=1e-6)
+    assert set(payload["decode_s"]) == {"h2o", "streaming", "full", "allocated:adakv", "allocated:global"}

@@ -77,6 +77,7 @@ CONCEPTS = {
     "interleaved timed prefills per configuration": "--rounds",
     "lengths of the KV-bytes readings": "--kv-lengths",
     "tokens per forward of the KV-bytes run": "--kv-chunk",
+    "tokens per forward of the timed prefill": "--prefill-chunk",
     "untimed decode steps before the timed ones": "--warmup",
     "the prefill profiled part by part": "--prefill-parts",
     "torch.compile timed too": "--compile",

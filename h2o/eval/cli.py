@@ -256,8 +256,8 @@ def name_refusal(args) -> str | None:
             return error
     if args.command == "perf":  # the allocation is timed around --policy: "<allocation>+<policy>" is what it runs
         given = [args.policy, args.streaming]
-        if args.allocation != "none":
-            given.append(f"{args.allocation}+{args.policy}")
+        if args.allocation != ["none"]:
+            given += [f"{allocation}+{args.policy}" for allocation in args.allocation]
         for name in given:
             error = names.policy_error(name)
             if error:

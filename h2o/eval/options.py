@@ -403,13 +403,18 @@ def perf(p) -> None:
     p.add_argument("--streaming", default="streaming_4_252", type=streaming_policy,
                    help="the StreamingLLM policy (streaming_<sinks>_<window>) timed beside --policy, at the same "
                         "budget")
-    p.add_argument("--allocation", default="adakv",
-                   help=f"the allocation timed against the --policy rule uniform ({', '.join(ALLOCATIONS)}, or with "
-                        "parameters: adakv_0.2, retrieval_0.1_4, ...); 'none' to skip it")
+    p.add_argument("--allocation", nargs="+", default=["adakv"],
+                   help=f"the allocations timed against the --policy rule uniform, each its own ratio "
+                        f"({', '.join(ALLOCATIONS)}, or with parameters: adakv_0.2, retrieval_0.1_4, ...); 'none' to "
+                        "skip them")
     p.add_argument("--context", type=int, default=4096, help="prompt tokens before the timed decode steps")
     p.add_argument("--decode-steps", type=int, default=64, help="timed single-token steps per configuration, "
                    "interleaved")
-    p.add_argument("--prefill", type=int, default=2048, help="tokens of the timed prefill")
+    p.add_argument("--prefill", type=int, nargs="+", default=[2048],
+                   help="tokens of the timed prefill; several lengths give a prefill ratio each")
+    p.add_argument("--prefill-chunk", type=int, nargs="+", default=[0],
+                   help="tokens per forward of the timed prefill: 0 = the whole prefill in one forward, C = chunks of "
+                        "C tokens, eviction (and a replaying rule's replay) after each; several give a ratio each")
     p.add_argument("--rounds", type=int, default=5, help="interleaved prefills per configuration")
     p.add_argument("--kv-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
                    help="tokens fed before each KV-bytes reading")
