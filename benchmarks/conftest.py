@@ -41,6 +41,8 @@ class Sizes:
     batch_max_context: int = 0  # rows > 1 only at contexts up to this (a long prompt x a batch is a long prefill)
     positions: str = "original"  # "reindex" where contexts pass the model's trained context
     compiled_context: int = 4096  # prompt before the compiled decode steps (test_compiled.py; original positions)
+    cost_contexts: tuple[int, ...] = (1024, 4096)  # test_cost.py: replaying prefills and allocations' decode steps
+    cost_rounds: int = 3  # interleaved prefills of each configuration (test_cost.py)
 
 
 SIZES = {
@@ -59,6 +61,7 @@ SIZES = {
         policies=("full", "streaming_4_252", "h2o_4_32_256"),
         contexts=(2048,), references=(("full", 256),),
         ttft_rounds=2, ttft_warmup=0, tpot_rounds=65, memory_steps=8, compiled_context=2048,
+        cost_contexts=(1024,), cost_rounds=2,
     ),
 }
 
@@ -77,6 +80,8 @@ def _sizes(config) -> Sizes:
 def pytest_generate_tests(metafunc):
     """Device-dependent parameters, (policy, context, batch) triples: `case` for every policy at every context
     and batch, `speed_case` adds the full cache at the budgets' lengths (what a compressed decode step can reach)."""
+    if "cost_context" in metafunc.fixturenames:
+        metafunc.parametrize("cost_context", _sizes(metafunc.config).cost_contexts)
     for name in ("case", "speed_case"):
         if name in metafunc.fixturenames:
             sizes = _sizes(metafunc.config)
