@@ -16,7 +16,6 @@ import statistics
 import time
 
 import pytest
-import torch
 
 import h2o
 from h2o.eval.checkpoints import EMBEDDED
