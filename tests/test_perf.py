@@ -120,8 +120,8 @@ def test_perf_times_every_length_chunking_and_allocation_and_a_replaying_rule_ag
     out = tmp_path / "perf"
     args = [a if a != "random:tiny-llama" else "smollm2-135m" for a in TINY]  # the replay needs a tokenizer
     args[args.index("h2o_2_4_16")] = "kvzip_2_4_16"
-    assert main(["perf", *args, "--prefill", "30", "40", "--prefill-chunk", "0", "16",
-                 "--allocation", "adakv", "global", "--out", str(out)]) == 0
+    assert main(["perf", *args, "--prefill", "30", "40", "--prefill-chunk", "0", "16", "--rounds", "1",
+                 "--decode-steps", "2", "--kv-lengths", "32", "--allocation", "adakv", "global", "--out", str(out)]) == 0
     ratios = list(csv.DictReader(open(out / "perf.csv")))
     prefill_rows = [r for r in ratios if r["ratio"].startswith("prefill")]
     assert [(r["ratio"], r["at"], r["goal"]) for r in prefill_rows] == [
