@@ -18,7 +18,7 @@ HAS_RAY = importlib.util.find_spec("ray") is not None
 TASKS = ["tasks", "--tasks", "passkey", "--lengths", "300", "--depths", "0.3", "0.7", "--cases", "1",
          "--policies", "streaming", "h2o_mean", "--budget-ratio", "0.2", "--buffer", "0", "--min-solved", "1",
          "--phrasings", "restate", "--threads", "1", "--no-progress"]
-SWEEP = ["sweep", "--parts", "ppl", "--texts", "wikitext", "pg19:10146", "--ppl-tokens", "160", "--budgets", "32",
+SWEEP = ["sweep", "--parts", "ppl", "--texts", "wikitext", "pg19:10146", "--ppl-tokens", "96", "--budgets", "32",
          "--rules", "streaming", "h2o_mean", "--ppl-chunk", "16", "--buffer", "8", "--threads", "1", "--no-progress"]
 
 needs_model = pytest.mark.skipif(EMBEDDED_MISSING, reason=f"needs the embedded model ({checkpoints.SMOLLM2_PACKAGE})")
