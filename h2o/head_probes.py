@@ -32,6 +32,19 @@ ablation (heads found by ablation, as in "Not all heads matter", Tang et al. 202
     cases of max(0, log p(answer) - log p(answer | head restricted)); ablation = drop / the largest drop of any
     head (0 everywhere if no restriction lowers it). Raw drops are kept in `method["ablation_drops"]`.
 
+reconstruction (KVzip's context-independent head scores, Kim et al. 2025; opt-in: `reconstruction_tokens`)
+    About `reconstruction_tokens` tokens of the calibration texts, in windows of at most `RECONSTRUCTION_WINDOW`
+    (at seeded offsets, a window per text in turn, each after the BOS token where the tokenizer has one), each
+    fed once into a KVzip cache that holds the whole window (`kvzip_4_0_<window>`: this library's own replay,
+    `h2o.replay`): every context key gets its KVzip score, the largest probability any replay query of its group
+    gives it while the model repeats the window. A KV head's score = the MEAN of its keys' scores (the 4 sinks
+    excluded, as KVzip excludes its system prompt), averaged over the windows: a head that the reconstruction
+    reads all over the context (a copying head, which needs the whole context) scores high, one that reads its
+    sinks and neighbours scores near 0. The mean, not the max over keys: on SmolLM2 the max saturates near 1 in
+    about a third of the heads on one 1,024-token window and separates none of them. What DuoAttention-style
+    allocation ranks heads by (`reconstruction_<share>_<factor>+<rule>`, `h2o.policies.allocation`): the chosen
+    heads keep the whole context up to <factor> x budget, the rest the rule's few tokens; no replay at run time.
+
 The attention probabilities come from a probe attention function registered with transformers (the model's
 own eager attention, per layer, reduced at once: no layer's [heads, queries, keys] map outlives its layer);
 the model's attention implementation and train/eval mode are restored afterwards. No gradients, no cache.
@@ -63,7 +76,9 @@ from .policies.allocation import head_tables
 FORMAT = "h2o-head-scores"
 FORMAT_VERSION = 1
 ALGORITHM = 1  # bump when a score's definition changes: cached scores with another value are recomputed
-NAMES = ("induction", "echo", "retrieval", "ablation")
+NAMES = ("induction", "echo", "retrieval", "ablation", "reconstruction")
+RECONSTRUCTION_WINDOW = 1024  # tokens per replayed calibration window (two replay chunks of `h2o.replay.CHUNK`)
+RECONSTRUCTION_SINKS = 4  # the first keys of a window, excluded from its heads' means
 ABLATION_WINDOW = (4, 32)  # (sinks, recent) an ablated head keeps: h2o_4_32_256's
 PROBE = "h2o_head_probe"
 
@@ -206,6 +221,70 @@ def group_max(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
     if q_heads % kv_heads:
         raise ValueError(f"{q_heads} query heads do not split into {kv_heads} KV heads")
     return per_query_head.unflatten(-1, (kv_heads, q_heads // kv_heads)).amax(-1)
+
+
+def reconstruction_means(key_scores: torch.Tensor, times: torch.Tensor, sinks: int) -> torch.Tensor:
+    """[..., kv heads] the mean KVzip score of each head's keys, those that arrived before `sinks` excluded:
+    key_scores [..., kv heads, keys] (each key's largest replay attention), times [..., kv heads, keys] (its
+    arrival index)."""
+    if key_scores.shape != times.shape:
+        raise ValueError(f"key scores {tuple(key_scores.shape)} and arrival times {tuple(times.shape)} differ")
+    counted = times >= sinks
+    if not bool(counted.any(-1).all()):
+        raise ValueError(f"a head holds no key past the first {sinks} (sinks): nothing to average")
+    return (key_scores.float() * counted).sum(-1) / counted.sum(-1)
+
+
+def reconstruction_windows(tokenizer, texts: Sequence[str], tokens: int, seed: int = 0) -> list[list[int]]:
+    """About `tokens` tokens of `texts` in equal windows of at most `RECONSTRUCTION_WINDOW` (one text per window in turn,
+    each window at a seeded random offset; a text shorter than a window is taken whole), each after the BOS token
+    where the tokenizer has one."""
+    if tokens < 1:
+        raise ValueError(f"reconstruction_tokens must be >= 1, got {tokens}")
+    count = math.ceil(tokens / RECONSTRUCTION_WINDOW)
+    width = math.ceil(tokens / count)  # equal windows: 2,500 tokens are 3 windows of 834
+    encoded = [_encode(tokenizer, text) for text in texts]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        ids = encoded[i % len(encoded)]
+        if len(ids) < RECONSTRUCTION_SINKS + 2:
+            raise ValueError(f"calibration text {i % len(encoded)} has {len(ids)} tokens: too short to replay")
+        start = rng.randrange(0, len(ids) - width + 1) if len(ids) > width else 0
+        out.append(([bos] if bos is not None else []) + ids[start:start + width])
+    return out
+
+
+def reconstruction_scores(model, tokenizer, windows: Sequence[Sequence[int]], progress=None) -> torch.Tensor:
+    """[compressed layers, kv heads] float32: each KV head's mean KVzip score over `windows` (token id lists), each
+    window fed once into a KVzip cache that holds it whole, so that the replay scores every key and none is evicted.
+    The model's attention implementation and hooks are as they were afterwards (unless it already served h2o
+    caches, which it still does)."""
+    from . import models  # here: h2o.models imports this module's neighbours
+
+    device = model.get_input_embeddings().weight.device
+    served = models.serves_h2o(model)
+    total = None
+    try:
+        for ids in windows:
+            cache = models.make_cache(model, f"kvzip_{RECONSTRUCTION_SINKS}_0_{len(ids)}", buffer=0,
+                                      tokenizer=tokenizer)
+            with torch.no_grad():
+                model(torch.tensor([list(ids)], device=device), past_key_values=cache, use_cache=True)
+            layers = cache.compressed_layers()
+            if any(layer.length != len(ids) for layer in layers):  # never: the cache holds the window whole
+                raise RuntimeError("the reconstruction cache evicted part of its window")
+            means = torch.stack([reconstruction_means(layer.state["score"][0], layer.times[0], RECONSTRUCTION_SINKS)
+                                 for layer in layers]).cpu()
+            total = means if total is None else total + means
+            del cache
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if not served:
+            models.restore(model)
+    return (total / len(windows)).float().clamp(0, 1)
 
 
 # --- calibration needles ---------------------------------------------------------------------------
@@ -510,14 +589,27 @@ def check_ablation(tokenizer, texts, cases: int, ablation_cases: int) -> None:
                          "on: pass ablation_cases <= cases (or more cases)")
 
 
+def check_reconstruction(tokenizer, texts, reconstruction_tokens: int) -> None:
+    """reconstruction_tokens as `head_scores` honours it, or a ValueError: the reconstruction score replays
+    calibration text, so it needs a tokenizer (its replay prompts) and calibration texts."""
+    if isinstance(reconstruction_tokens, bool) or not isinstance(reconstruction_tokens, int) or reconstruction_tokens < 0:
+        raise ValueError(f"reconstruction_tokens must be an int >= 0, got {reconstruction_tokens!r}")
+    if reconstruction_tokens and (tokenizer is None or not texts):
+        missing = "no tokenizer" if tokenizer is None else "no calibration texts"
+        raise ValueError(f"reconstruction_tokens={reconstruction_tokens}: the reconstruction score replays calibration "
+                         f"text, which needs a tokenizer and calibration texts, and this call has {missing}: pass "
+                         "them, or reconstruction_tokens=0")
+
+
 def method_inputs(model, tokenizer=None, texts: Sequence[str] | None = None, *, seed: int = 0,
                   random_tokens: int = 256, repeats: int = 4, cases: int = 8, context_tokens: int = 768,
-                  ablation_cases: int = 0) -> dict:
+                  ablation_cases: int = 0, reconstruction_tokens: int = 0) -> dict:
     """Everything the scores depend on (JSON-able): equal inputs give equal scores. Caches compare this.
     An ablation_cases that `head_scores` cannot honour is a ValueError here too (`check_ablation`)."""
     from . import __version__
 
     check_ablation(tokenizer, texts, cases, ablation_cases)
+    check_reconstruction(tokenizer, texts, reconstruction_tokens)
     retrieval = tokenizer is not None and bool(texts) and cases > 0
     return {"algorithm": ALGORITHM, "h2o_version": __version__,
             "transformers_major": int(transformers.__version__.split(".")[0]),
@@ -529,7 +621,10 @@ def method_inputs(model, tokenizer=None, texts: Sequence[str] | None = None, *, 
             "texts_sha256": [_sha256(t) for t in texts] if retrieval else [],
             "tokenizer": (type(tokenizer).__name__, len(tokenizer)) if retrieval else None,
             **({"ablation_cases": ablation_cases, "ablation_window": list(ABLATION_WINDOW)}
-               if ablation_cases else {})}
+               if ablation_cases else {}),
+            **({"reconstruction_tokens": reconstruction_tokens, "reconstruction_window": RECONSTRUCTION_WINDOW,
+                "texts_sha256": [_sha256(t) for t in texts], "tokenizer": (type(tokenizer).__name__, len(tokenizer))}
+               if reconstruction_tokens else {})}
 
 
 def random_sequences(vocab_size: int, length: int, repeats: int, seed: int = 0,
@@ -555,13 +650,16 @@ def random_sequences(vocab_size: int, length: int, repeats: int, seed: int = 0,
 
 def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, seed: int = 0, random_tokens: int = 256,
                 repeats: int = 4, cases: int = 8, context_tokens: int = 768, progress=None,
-                text_names: Sequence[str] | None = None, ablation_cases: int = 0) -> HeadScores:
+                text_names: Sequence[str] | None = None, ablation_cases: int = 0,
+                reconstruction_tokens: int = 0) -> HeadScores:
     """Induction and echo scores of every KV head (from the model alone), and retrieval scores when a tokenizer and
     calibration `texts` (haystack strings) are given; see the module docstring for the definitions.
 
     progress: an optional tqdm-like object; `.update(1)` is called after each forward (`repeats` random
     sequences, then `cases` needle cases, then one per ablated head and case). text_names: labels of the texts,
-    recorded in `method`. ablation_cases: the needle cases the ablation score is measured on (0: no ablation score;
+    recorded in `method`. reconstruction_tokens: calibration tokens replayed for the reconstruction score (0: none;
+    about 3 forwards' worth of compute per token; it needs a tokenizer and texts, else a ValueError before any work).
+    ablation_cases: the needle cases the ablation score is measured on (0: no ablation score;
     it costs 1 + layers x KV heads forwards per case): at most `cases`, and it needs a tokenizer and texts; any
     other value is a ValueError before any work (`check_ablation`). `method` says, per score, what was computed
     or why it was omitted.
@@ -585,7 +683,8 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
                          f"model's {limit}")
     retrieval = tokenizer is not None and bool(texts) and cases > 0
     inputs = method_inputs(model, tokenizer, texts, seed=seed, random_tokens=random_tokens, repeats=repeats,
-                           cases=cases, context_tokens=context_tokens, ablation_cases=ablation_cases)
+                           cases=cases, context_tokens=context_tokens, ablation_cases=ablation_cases,
+                           reconstruction_tokens=reconstruction_tokens)
     needles = []
     if retrieval:
         if context_tokens < 16:
@@ -641,6 +740,15 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
             drops = ablation_drops(model, needles[:ablation_cases], layers, q_heads, kv_heads, trims, progress,
                                    ablated=compressed)
 
+    reconstruction = None
+    if reconstruction_tokens:
+        windows = reconstruction_windows(tokenizer, list(texts), reconstruction_tokens, seed)
+        reach = max(map(len, windows))
+        if limit and 2 * reach > limit:
+            raise ValueError(f"a reconstruction window and its replay run to about {2 * reach} positions, past the "
+                             f"model's {limit}")
+        reconstruction = reconstruction_scores(model, tokenizer, windows, progress)
+
     rows = torch.tensor(compressed)
     induction, echo, hits = induction[rows], echo[rows], hits[rows]
     scores = {"induction": group_max((induction / repeats).float(), kv_heads).clamp(0, 1),
@@ -684,5 +792,15 @@ def head_scores(model, tokenizer=None, texts: Sequence[str] | None = None, *, se
         method["ablation_drops"] = [[round(float(x), 6) for x in row] for row in drops]
     else:
         method["ablation"] = "omitted: ablation_cases = 0"
+    if reconstruction is not None:
+        scores["reconstruction"] = reconstruction
+        method["reconstruction"] = (f"KVzip's context-independent head score: {len(windows)} window(s) of calibration "
+                                    f"text ({sum(map(len, windows))} tokens, seed {seed}) each replayed in a KVzip cache "
+                                    "holding it whole; the mean of each KV head's keys' KVzip scores (the largest "
+                                    f"replay attention of its group), the first {RECONSTRUCTION_SINKS} keys excluded, "
+                                    "over the windows")
+        method["token_counts"]["reconstruction_windows"] = [len(w) for w in windows]
+    else:
+        method["reconstruction"] = "omitted: reconstruction_tokens = 0"
     method["seconds"] = round(time.perf_counter() - started, 3)
     return HeadScores(scores, method)

@@ -293,6 +293,11 @@ def _install_hook(model, hook) -> None:
         base.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def serves_h2o(model) -> bool:
+    """Whether the model runs h2o's attention now (`make_cache` switched it and no `restore` since)."""
+    return _attn_implementation(model) in _STOCK
+
+
 def restore(model) -> None:
     """Give the model back its own attention implementation and remove h2o's forward pre-hooks (the generation
     mode check, the reindex positions, a replaying rule's hold and replay; a no-op if `make_cache` changed nothing)."""

@@ -35,6 +35,7 @@ ALLOCATIONS = {
     "retrieval": ("retrieval_<share>_<factor>", "retrieval_0.1_4"),
     "induction": ("induction_<share>_<factor>", "induction_0.1_4"),
     "ablation": ("ablation_<share>_<factor>", "ablation_0.1_4"),
+    "reconstruction": ("reconstruction_<share>_<factor>", "reconstruction_0.1_4"),
     "adakv": ("adakv_<floor>", "adakv_0.2"),
     "global": ("global_<floor>", "global_0.2"),
     "headkv": ("headkv_<floor>[_<factor>]", "headkv_0.2"),

@@ -340,6 +340,8 @@ def test_h2o_heads_writes_the_table_csv_json_and_plot(tmp_path, monkeypatch, cap
     (["--random-sequences", 0], "--random-sequences must be >= 1"),
     (["--cases", -1], "--cases must be >= 0"),
     (["--cases", 2, "--ablation-cases", 1], "--ablation-cases needs needle cases in real text"),
+    (["--reconstruction-tokens", 64], "--reconstruction-tokens replays real text"),
+    (["--reconstruction-tokens", -1], "--reconstruction-tokens must be >= 0"),
     (["--model", "smollm2-135m", "--calibration-book", "99999999"], "no PG-19 test book '99999999'"),
 ])
 def test_h2o_heads_refuses_bad_input_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
@@ -366,14 +368,16 @@ def test_h2o_heads_on_the_embedded_model_finds_its_copying_heads(tmp_path, monke
     monkeypatch.setattr(head_score_cache, "cache_path", lambda name: tmp_path / "cache" / "head_scores.json")
     out = tmp_path / "out"
     assert h2o_cli("heads", "--random-tokens", 64, "--random-sequences", 1, "--cases", 1, "--context-tokens", 128,
-                   "--out", out) == 0
+                   "--reconstruction-tokens", 256, "--out", out) == 0
     scores = H.HeadScores.from_json(json.loads((out / "heads.json").read_text())["head_scores"])
-    assert scores.shape == (30, 3) and set(scores.scores) == {"induction", "echo", "retrieval"}
+    assert scores.shape == (30, 3) and set(scores.scores) == {"induction", "echo", "retrieval", "reconstruction"}
+    # the heads the model reads all over the context when it repeats it: the same two copying heads lead
+    assert set(scores.top("reconstruction", 3)) >= {(17, 1), (18, 2)}
     # the copying heads of SmolLM2-135M (FIELD-NOTES: layer 17 head 1, layer 18 head 2 lead by far)
     assert set(scores.top("induction", 2)) == {(17, 1), (18, 2)}
     assert {(17, 1), (18, 2)} & set(scores.top("retrieval", 3))
     assert scores.method["calibration_text"]["name"] == "pg19:3129"
-    assert (tmp_path / "cache" / "head_scores.json").is_file()
+    assert (tmp_path / "cache" / "head_scores_reconstruction256.json").is_file()  # its own file, beside the others
 
 
 # --- ablation: the answer's loss when one KV head keeps only its sinks and recent keys -----------------------
@@ -466,3 +470,80 @@ def test_method_says_what_was_computed_for_each_score(tok):
     assert set(ablated.scores) == {"induction", "echo", "retrieval", "ablation"}
     assert ablated.method["retrieval"].startswith("Retrieval Head") and ablated.method["ablation"].startswith("2 needle")
     assert ablated.method["inputs"]["ablation_cases"] == 2
+
+
+# --- reconstruction: KVzip's context-independent head score (how much of the context the replay reads) ------------
+
+def test_reconstruction_means_average_each_heads_key_scores_without_the_sinks():
+    scores = torch.tensor([[[0.9, 0.9, 0.2, 0.4, 0.0], [1.0, 0.1, 0.1, 0.1, 0.1]]])  # [1, 2 heads, 5 keys]
+    times = torch.arange(5).expand(1, 2, 5)
+    assert H.reconstruction_means(scores, times, sinks=2)[0].tolist() == pytest.approx([0.2, 0.1])
+    assert H.reconstruction_means(scores, times, sinks=0)[0].tolist() == pytest.approx([0.48, 0.28])
+    # arrival order, not slot order, says which keys are the sinks
+    shuffled = torch.tensor([[[3, 0, 1, 4, 2], [3, 0, 1, 4, 2]]])
+    assert H.reconstruction_means(scores, shuffled, sinks=2)[0].tolist() == pytest.approx([1.3 / 3, 0.4])
+    with pytest.raises(ValueError, match="no key past the first 5"):
+        H.reconstruction_means(scores, times, sinks=5)
+    with pytest.raises(ValueError, match="differ"):
+        H.reconstruction_means(scores, times[..., :4], sinks=1)
+
+
+def test_reconstruction_windows_are_seeded_bounded_and_start_with_bos(tok):
+    windows = H.reconstruction_windows(tok, [HAYSTACK, HAYSTACK[::-1]], 2500, seed=3)
+    assert [len(w) for w in windows] == [1 + 834] * 3  # ceil(2500 / 1024) = 3 windows of 834 tokens
+    assert all(w[0] == tok.bos_token_id for w in windows)
+    whole = H._encode(tok, HAYSTACK)
+    assert any(whole[i:i + 834] == windows[0][1:] for i in range(len(whole) - 833))  # a span of its text
+    assert windows == H.reconstruction_windows(tok, [HAYSTACK, HAYSTACK[::-1]], 2500, seed=3)
+    assert windows != H.reconstruction_windows(tok, [HAYSTACK, HAYSTACK[::-1]], 2500, seed=4)
+    short = H.reconstruction_windows(tok, ["A short text of a few words only."], 500)
+    assert short == [[tok.bos_token_id] + H._encode(tok, "A short text of a few words only.")]
+
+
+def test_the_reconstruction_score_is_the_kvzip_caches_own_mean_and_leaves_the_model_as_it_was(tok):
+    model = tiny_llama_for(tok)
+    scores = H.head_scores(model, tok, [HAYSTACK], random_tokens=16, repeats=1, cases=0, reconstruction_tokens=96,
+                           seed=1)
+    assert scores.method["reconstruction"].startswith("KVzip's context-independent head score: 1 window(s)")
+    assert scores.method["inputs"]["reconstruction_tokens"] == 96
+    assert model.config._attn_implementation == "sdpa" and not model.model._forward_pre_hooks
+    assert not model.model._forward_hooks
+    # by hand, through the public API: a KVzip cache holding the same window whole, its keys' scores averaged
+    (window,) = H.reconstruction_windows(tok, [HAYSTACK], 96, seed=1)
+    cache = h2o.make_cache(model, f"kvzip_4_0_{len(window)}", buffer=0, tokenizer=tok)
+    with torch.no_grad():
+        model(torch.tensor([window]), past_key_values=cache, use_cache=True)
+    h2o.restore(model)
+    expected = torch.stack([(layer.state["score"][0][:, 4:]).mean(-1) for layer in cache.compressed_layers()])
+    assert cache.kept_lengths() == [len(window)] * 2  # nothing evicted: every key scored
+    torch.testing.assert_close(scores["reconstruction"], expected.clamp(0, 1))
+    assert scores.shape == (2, 2) and float(scores["reconstruction"].max()) > 0
+
+
+@pytest.mark.parametrize("tokenizer, texts, tokens, message", [
+    (None, None, 64, "this call has no tokenizer"),
+    ("tok", None, 64, "this call has no calibration texts"),
+    ("tok", [HAYSTACK], -1, "reconstruction_tokens must be an int >= 0"),
+])
+def test_reconstruction_that_cannot_be_honoured_is_a_value_error_before_any_work(monkeypatch, tokenizer, texts, tokens,
+                                                                                 message):
+    model = tiny_model("llama")
+    tokenizer = object() if tokenizer == "tok" else tokenizer
+    for heavy in ("_forward", "needle_cases", "weights_fingerprint", "probed", "reconstruction_scores"):
+        monkeypatch.setattr(H, heavy, lambda *a, **k: pytest.fail("work was done before the check"))
+    with pytest.raises(ValueError, match=message):
+        H.head_scores(model, tokenizer, texts, random_tokens=8, repeats=1, cases=0, reconstruction_tokens=tokens)
+    with pytest.raises(ValueError, match=message):
+        H.method_inputs(model, tokenizer, texts, cases=0, reconstruction_tokens=tokens)
+
+
+def test_the_reconstruction_allocation_ranks_heads_by_it():
+    policy = h2o.parse("reconstruction_0.25_2+streaming_4_8")
+    assert policy.name == "reconstruction_0.25_2+streaming_4_8" and policy.allocation.score == "reconstruction"
+    plans = policy.plan(2, 2, {"reconstruction": torch.tensor([[0.1, 0.7], [0.2, 0.3]]),
+                               "retrieval": torch.tensor([[1.0, 0.0], [0.0, 0.0]])})
+    # the top quarter of 4 heads by reconstruction (layer 0, KV head 1, not retrieval's) holds 2 x 12; the other three
+    # share the rest: (4 x 12 - 24) / 3 = 8 each, StreamingLLM's sinks and a window of 4 (DuoAttention's streaming heads)
+    assert plans[0].groups == (((1,), 24), ((0,), 8)) and plans[1].groups == (((0, 1), 8),)
+    with pytest.raises(ValueError, match="'reconstruction' score"):
+        policy.plan(2, 2, {"retrieval": torch.rand(2, 2)})

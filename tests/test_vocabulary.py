@@ -102,6 +102,7 @@ CONCEPTS = {
     "random sequences averaged over": "--random-sequences",
     "needle cases of the ablation score": "--ablation-cases",
     "haystack tokens per calibration needle case": "--context-tokens",
+    "calibration tokens replayed for the reconstruction head score": "--reconstruction-tokens",
     "heads listed per score": "--top",
     "cached scores recomputed": "--recompute",
     # choose (reads results)

@@ -23,8 +23,11 @@ from pathlib import Path
 from . import data
 
 CALIBRATION_BOOK = "3129"  # PG-19 test book no evaluation uses (they use 10146, 10321, 24553, 2544)
-DEFAULTS = {"seed": 0, "random_tokens": 256, "repeats": 4, "cases": 8, "context_tokens": 768, "ablation_cases": 0}
+DEFAULTS = {"seed": 0, "random_tokens": 256, "repeats": 4, "cases": 8, "context_tokens": 768, "ablation_cases": 0,
+            "reconstruction_tokens": 0}
 ABLATION_CASES = 4  # what an allocation ranking heads by ablation asks for (`h2o.eval.runners.head_scores`)
+# what an allocation ranking heads by reconstruction asks for: two windows of 1,024 tokens of the calibration book
+RECONSTRUCTION_TOKENS = 2048
 
 
 def cache_path(model_name: str) -> Path:
@@ -52,13 +55,15 @@ def lookup(model, tokenizer, model_name: str, data_dir=None, progress=None, *, b
         raise TypeError(f"unknown head-score options: {', '.join(sorted(unknown))}")
     options = {**DEFAULTS, **options}
     texts, names = None, None
-    if tokenizer is not None and options["cases"] > 0:
+    if tokenizer is not None and (options["cases"] > 0 or options["reconstruction_tokens"] > 0):
         if text is None:
             text = data.load_document("pg19", book, data_dir)
         texts, names = [text[0]], [f"pg19:{book}"]
     path = cache_path(model_name)
     if options["ablation_cases"]:  # its own file: the scores without ablation stay cached beside it
         path = path.with_name(path.stem + f"_ablation{options['ablation_cases']}" + path.suffix)
+    if options["reconstruction_tokens"]:  # the same: its own file
+        path = path.with_name(path.stem + f"_reconstruction{options['reconstruction_tokens']}" + path.suffix)
     inputs = _normal(method_inputs(model, tokenizer, texts, **options))
     if path.is_file() and not recompute:
         try:

@@ -444,6 +444,9 @@ def heads(p) -> None:
     p.add_argument("--ablation-cases", type=int, default=HEAD_SCORE_DEFAULTS["ablation_cases"],
                    help="needle cases of the ablation score (each KV head restricted to sinks + recent in turn: "
                         "1 + layers x KV heads forwards per case; 0: no ablation score)")
+    p.add_argument("--reconstruction-tokens", type=int, default=HEAD_SCORE_DEFAULTS["reconstruction_tokens"],
+                   help="calibration tokens replayed for the reconstruction score (KVzip's context-independent head "
+                        "score, in windows of 1,024; what reconstruction_<share>_<factor> asks for: 2048; 0: none)")
     p.add_argument("--context-tokens", type=int, default=HEAD_SCORE_DEFAULTS["context_tokens"],
                    help="haystack tokens per needle case")
     p.add_argument("--seed", type=int, default=HEAD_SCORE_DEFAULTS["seed"], help="seed of the random tokens and the needles")

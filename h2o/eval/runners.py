@@ -248,10 +248,11 @@ def head_scores(model, name: str):
     if entry is None:
         raise ValueError(f"{name}: ranks KV heads by a head score, and none is known for this model "
                          "(h2o.eval.runners.provide_head_scores; the h2o commands provide them)")
-    from .head_score_cache import ABLATION_CASES
+    from .head_score_cache import ABLATION_CASES, RECONSTRUCTION_TOKENS
 
     needs = h2o.parse(name).allocation.score
-    options = {"ablation_cases": ABLATION_CASES} if needs == "ablation" else {}
+    options = ({"ablation_cases": ABLATION_CASES} if needs == "ablation" else
+               {"reconstruction_tokens": RECONSTRUCTION_TOKENS} if needs == "reconstruction" else {})
     key = tuple(sorted(options.items()))
     if key not in entry[1]:
         entry[1][key] = entry[0](**options)

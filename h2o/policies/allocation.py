@@ -9,7 +9,9 @@ window (the rule's, clamped to its own budget) and ranks the rest by the rule, w
 - ``retrieval_<share>_<factor>`` and ``induction_<share>_<factor>`` (retrieval heads, RazorAttention /
   DuoAttention without training): the top <share> of the model's KV heads by a head score
   (`h2o.head_scores`: "retrieval" from calibration needles, "induction" on repeated random tokens, or
-  ``ablation_<share>_<factor>``: "ablation", the answer's loss when the head keeps only sinks and recent) hold up
+  ``ablation_<share>_<factor>``: "ablation", the answer's loss when the head keeps only sinks and recent;
+  ``reconstruction_<share>_<factor>``: "reconstruction", KVzip's context-independent head score, how much of the
+  context the model reads when it repeats calibration text) hold up
   to <factor> x budget tokens (the whole context when that is longer than the prompt); every other head holds
   floor((N x budget - n x cap) / (N - n)) (N heads in all, n of them retrieval heads).
 - ``adakv_<floor>`` (Ada-KV): at each eviction a layer's budget (its heads x budget) is split across its KV

@@ -46,7 +46,7 @@ def _formable(policies: list[str], model: str) -> list[str]:
     left_out = set()
     for name, rule in allocated.items():
         try:
-            rule.plan(*shape, {score: torch.ones(shape) for score in ("retrieval", "induction", "ablation")})
+            rule.plan(*shape, {score: torch.ones(shape) for score in ("retrieval", "induction", "ablation", "reconstruction")})
         except ValueError as e:
             print(f"note: the default {name} is left out on {model}: {e}")
             left_out.add(name)

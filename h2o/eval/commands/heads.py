@@ -22,7 +22,7 @@ from ..head_score_cache import lookup
 NAME = "heads"
 HELP = "training-free KV-head scores: induction and echo on repeated random tokens, retrieval on calibration needles"
 COLUMNS = {"rank": "Rank", "layer": "Layer", "kv_head": "KV head", "induction": "Induction", "echo": "Echo",
-           "retrieval": "Retrieval", "ablation": "Ablation"}
+           "retrieval": "Retrieval", "ablation": "Ablation", "reconstruction": "Reconstruction"}
 
 
 def check(args) -> dict:
@@ -36,10 +36,15 @@ def check(args) -> dict:
     if args.ablation_cases and args.model.startswith("random:"):
         raise ValueError("--ablation-cases needs needle cases in real text, which a random-weight model has no tokenizer "
                          "for: use --ablation-cases 0 with random: models")
+    if args.reconstruction_tokens < 0:
+        raise ValueError(f"--reconstruction-tokens must be >= 0, got {args.reconstruction_tokens}")
+    if args.reconstruction_tokens and args.model.startswith("random:"):
+        raise ValueError("--reconstruction-tokens replays real text with the model's tokenizer, which a random-weight "
+                         "model has not: use --reconstruction-tokens 0 with random: models")
     if args.cases and args.context_tokens < 16:
         raise ValueError(f"--context-tokens must be >= 16, got {args.context_tokens}")
-    retrieval = args.cases > 0 and not args.model.startswith("random:")
-    text = data.load_document("pg19", args.calibration_book, args.data_dir) if retrieval else None
+    calibrated = (args.cases > 0 or args.reconstruction_tokens > 0) and not args.model.startswith("random:")
+    text = data.load_document("pg19", args.calibration_book, args.data_dir) if calibrated else None
     return {"text": text}
 
 
@@ -50,11 +55,14 @@ def run(session, plan) -> int:
     model, tokenizer = session.load_model(attn="sdpa")  # the scores run the probe's own attention, whatever this
     info = session.info
     options = {"seed": args.seed, "random_tokens": args.random_tokens, "repeats": args.random_sequences,
-               "cases": args.cases, "context_tokens": args.context_tokens, "ablation_cases": args.ablation_cases}
+               "cases": args.cases, "context_tokens": args.context_tokens, "ablation_cases": args.ablation_cases,
+               "reconstruction_tokens": args.reconstruction_tokens}
     retrieval = tokenizer is not None and args.cases > 0
     layers_heads = len(compressed_layers(model.config)) * h2o_kv_heads(model.config)
     ablated = args.ablation_cases * layers_heads if retrieval else 0
-    bar = session.progress(total=args.random_sequences + (args.cases if retrieval else 0) + ablated, desc="head scores")
+    windows = -(-args.reconstruction_tokens // 1024) if tokenizer is not None else 0
+    bar = session.progress(total=args.random_sequences + (args.cases if retrieval else 0) + ablated + windows,
+                           desc="head scores")
     try:
         scores, path, reused = lookup(model, tokenizer, args.model, args.data_dir, bar, book=args.calibration_book,
                                       text=plan["text"], recompute=args.recompute, **options)
@@ -99,6 +107,8 @@ def run(session, plan) -> int:
         notes.append(f"ablation: {args.ablation_cases} of the needle cases, each KV head in turn keeping only its first "
                      "4 and last 32 keys; the answer's mean log-probability drop, over the largest drop "
                      f"(the largest: {max(map(max, method['ablation_drops'])):.3f} nats)")
+    if "reconstruction" in names:
+        notes.append(f"reconstruction: {method['reconstruction']}")
     session.write_csv("heads.csv", rows)
     session.write_json("heads.json", head_scores=scores.to_json(), top=top,
                        cache={"path": str(path), "reused": reused}, notes=notes)

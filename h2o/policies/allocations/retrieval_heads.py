@@ -1,6 +1,13 @@
-"""Retrieval, induction and ablation heads (RazorAttention / DuoAttention without training): `retrieval_<share>_<factor>`,
-`induction_…`, `ablation_…`. The top <share> of the model's KV heads by a head score (`h2o.head_scores`) hold up to
-<factor> x budget tokens; every other head holds floor((N x budget - n x cap) / (N - n))."""
+"""Retrieval, induction, ablation and reconstruction heads (RazorAttention / DuoAttention without training):
+`retrieval_<share>_<factor>`, `induction_…`, `ablation_…`, `reconstruction_…`. The top <share> of the model's KV heads
+by a head score (`h2o.head_scores`) hold up to <factor> x budget tokens; every other head holds
+floor((N x budget - n x cap) / (N - n)).
+
+`reconstruction_<share>_<factor>+<rule>` is KVzip's context-independent variant, DuoAttention-style: the heads that
+the model reads all over the context when it reconstructs calibration text keep the whole context (up to <factor> x
+budget: <factor> = 1 / the budget's share of the prompt gives them all of it), the others the rule's share of what
+is left (with `streaming_…`: sinks and a window, DuoAttention's streaming heads). No replay at run time: the head
+scores are computed once per model."""
 
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ class HeadShare(Allocation):
     """The top `share` of KV heads by head score `score` hold up to `factor` x budget; the rest share what is left."""
 
     NAME = "retrieval"
-    NAMES = ("retrieval", "induction", "ablation")
+    NAMES = ("retrieval", "induction", "ablation", "reconstruction")
     GRAMMAR, EXAMPLE = "{name}_<share>_<factor>", "{name}_0.1_4"
     HELP = ("the top <share> of KV heads by the {name} head score hold up to <factor> x budget, every other head an "
             "equal share of the rest")
@@ -68,7 +75,7 @@ class HeadShare(Allocation):
         if self.score_name not in tables:
             raise ValueError(f"{self.name}: ranks heads by the '{self.score_name}' score, and the head scores given have "
                              f"only {', '.join(sorted(tables)) or 'none'} (a model without a tokenizer has no retrieval "
-                             "score: use induction_<share>_<factor>)")
+                             "score: use induction_<share>_<factor>; reconstruction needs one too)")
         table = tables[self.score_name]
         if tuple(table.shape) != (layers, heads):
             raise ValueError(f"{self.name}: head scores of shape {tuple(table.shape)} do not fit this model "
