@@ -16,9 +16,10 @@ _EXPORTS = {
     "register_allocation": "policies.allocation", "Allocation": "policies.allocation",
     "CompressedCache": "cache", "CompressedLayer": "compressed_layer", "UnobservedError": "compressed_layer",
     "head_scores": "head_probes", "HeadScores": "head_probes",
+    "fit_surrogate": "surrogate_fit", "Surrogate": "score_surrogate",
     **{name: "policies" for name in (
         "parse", "resolve", "keep_indices", "register_policy", "policy_names", "Policy", "Observation",
-        "families", "at_budget", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "KVzip", "recommended",
+        "families", "at_budget", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "KVzip", "KVzap", "recommended",
         "DEFAULT_SCORE")},
 }
 __all__ = list(_EXPORTS)
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("policies", "cache", "models", "attention", "rope", "eval", "head_probes"):  # submodules, on first use
+    if name in ("policies", "cache", "models", "attention", "rope", "eval", "head_probes", "score_surrogate"):  # submodules, on first use
         return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

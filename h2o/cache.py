@@ -49,7 +49,7 @@ class CompressedCache(Cache):
             check_static(policy, positions)
             from .static import StaticLayer
 
-            made = [StaticLayer(policy, buffer) for _ in compressed]
+            made = [StaticLayer(policy.at_layer(j), buffer) for j in range(len(compressed))]
         elif isinstance(policy, Allocated):  # head and layer budgets: one plan per compressed layer
             if kv_heads is None:
                 raise ValueError(f"{policy.name}: an allocation needs the model's number of KV heads (kv_heads=)")
@@ -57,12 +57,12 @@ class CompressedCache(Cache):
             # fixed plans of unequal budgets: fitted to a context shorter than the largest, row by row, so each row is
             # a layout of its own (h2o.context_fit)
             fitted = not policy.across_layers and fits(plans)
-            made = [RowsLayer(plan, policy.rule, buffer, reindex, rope) if fitted else
-                    CompressedLayer(policy.rule.with_budget(plan.groups[0][1]), buffer, reindex, rope,
+            made = [RowsLayer(plan, policy.rule.at_layer(j), buffer, reindex, rope) if fitted else
+                    CompressedLayer(policy.rule.at_layer(j).with_budget(plan.groups[0][1]), buffer, reindex, rope,
                                     rule_budget=policy.rule.budget)
                     if plan.uniform and not policy.across_layers else
-                    (RowsLayer if plan.joint else HeadGroupLayer)(plan, policy.rule, buffer, reindex, rope)
-                    for plan in plans]
+                    (RowsLayer if plan.joint else HeadGroupLayer)(plan, policy.rule.at_layer(j), buffer, reindex, rope)
+                    for j, plan in enumerate(plans)]
             if policy.across_layers:  # one budget for every compressed layer: they evict together after each forward
                 shared = SharedBudget(sum(plan.total for plan in plans), plans[0].floor, buffer)
                 for layer in made:
@@ -74,7 +74,7 @@ class CompressedCache(Cache):
                     layer.context_fit, layer.fit_offset = fit, offset
                     offset += len(plan.groups)
         elif policy.evicts:
-            made = [CompressedLayer(policy, buffer, reindex, rope) for _ in compressed]
+            made = [CompressedLayer(policy.at_layer(j), buffer, reindex, rope) for j in range(len(compressed))]
         else:
             made = [DynamicLayer() for _ in compressed]
         it = iter(made)
@@ -245,7 +245,9 @@ class CompressedCache(Cache):
         `bookkeeping`, the per-slot bookkeeping of every head), each storage once and whole. So a view keeps its whole
         buffer in the count (a compressed layer's buffers at their allocated capacity: up to buffer + 1 free slots
         per head after an eviction; a sliding-window layer's storage), and a tensor shared by two names counts once.
-        True at every moment a caller can look: after a prompt, a chunk, a step, a replay, a reset."""
+        True at every moment a caller can look: after a prompt, a chunk, a step, a replay, a reset. Not in it: what
+        belongs to the model and is shared by every cache made for it, as the model's weights are (a kvzap rule's
+        fitted surrogate, `h2o.score_surrogate.Surrogate`: `Surrogate.nbytes()`, a few MiB at most)."""
         return storage_bytes(t for name, t in self.held_tensors()
                              if bookkeeping or name.rpartition(".")[2] in ("keys", "values"))
 
@@ -364,11 +366,12 @@ def storage_bytes(tensors) -> int:
 def reachable_storages(root) -> dict:
     """Every tensor storage reachable from `root` (a cache) through the attributes of h2o's and transformers' cache
     objects, dicts, lists and tuples: {(device, data_ptr): bytes}. A walk independent of `held_tensors` (which names
-    what each layer kind holds), for checking that `kv_bytes()` leaves nothing out."""
+    what each layer kind holds), for checking that `kv_bytes()` leaves nothing out. It stops at what belongs to the
+    model (an object whose class says `MODEL_SIDE`: a kvzap rule's fitted surrogate), shared by every cache of it."""
     found, seen, stack = {}, set(), [root]
     while stack:
         obj = stack.pop()
-        if id(obj) in seen:
+        if id(obj) in seen or getattr(type(obj), "MODEL_SIDE", False):
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):

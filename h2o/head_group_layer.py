@@ -45,9 +45,9 @@ class HeadGroupLayer(DynamicLayer):
         super().__init__()
         self.plan = plan
         self.heads = sum(len(heads) for heads, _ in plan.groups)
-        self.sublayers = [CompressedLayer(rule.with_budget(budget), buffer, reindex, rope, joint=plan.joint,
-                                          rule_budget=rule.budget)
-                          for _, budget in plan.groups]
+        self.sublayers = [CompressedLayer(rule.with_budget(budget).for_heads(heads), buffer, reindex, rope,
+                                          joint=plan.joint, rule_budget=rule.budget)
+                          for heads, budget in plan.groups]
         self.whole = plan.groups[0][0] == tuple(range(self.heads))  # one group of every head, in order
         self.buffer, self.is_initialized = buffer, False
         self._index: dict = {}  # (device, query groups) -> per group (KV head index, query head index)

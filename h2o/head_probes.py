@@ -235,13 +235,14 @@ def reconstruction_means(key_scores: torch.Tensor, times: torch.Tensor, sinks: i
     return (key_scores.float() * counted).sum(-1) / counted.sum(-1)
 
 
-def reconstruction_windows(tokenizer, texts: Sequence[str], tokens: int, seed: int = 0) -> list[list[int]]:
+def reconstruction_windows(tokenizer, texts: Sequence[str], tokens: int, seed: int = 0,
+                           min_windows: int = 1) -> list[list[int]]:
     """About `tokens` tokens of `texts` in equal windows of at most `RECONSTRUCTION_WINDOW` (one text per window in turn,
     each window at a seeded random offset; a text shorter than a window is taken whole), each after the BOS token
-    where the tokenizer has one."""
+    where the tokenizer has one; at least `min_windows` of them."""
     if tokens < 1:
         raise ValueError(f"reconstruction_tokens must be >= 1, got {tokens}")
-    count = math.ceil(tokens / RECONSTRUCTION_WINDOW)
+    count = max(min_windows, math.ceil(tokens / RECONSTRUCTION_WINDOW))
     width = math.ceil(tokens / count)  # equal windows: 2,500 tokens are 3 windows of 834
     encoded = [_encode(tokenizer, text) for text in texts]
     bos = getattr(tokenizer, "bos_token_id", None)

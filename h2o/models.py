@@ -11,6 +11,7 @@ from . import attention
 from .cache import CompressedCache, check_windows
 from .replay import Replay
 from .policies import Policy, parse
+from .policies.allocation import Allocated
 
 # Decoder-only families whose attention goes through transformers' attention registry and applies rotate-half RoPE
 # before `cache.update`. Gemma 2 and 3 mix sliding-window layers (which the model bounds itself: the cache keeps
@@ -54,6 +55,23 @@ def rotary_embedding(model) -> tuple[torch.Tensor, int]:
     )
 
 
+def head_dim(config) -> int:
+    """Dimensions per attention head."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotary_dims(config) -> int:
+    """Dimensions per head that RoPE rotates (all, or the config's partial share: GPT-NeoX's rotary_pct), from the
+    config alone (a hybrid model's two RoPE bases rotate the same dimensions)."""
+    share = getattr(config, "partial_rotary_factor", None) or getattr(config, "rotary_pct", None)
+    for params in (getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)):
+        if share is None and isinstance(params, dict):  # transformers 5: in the RoPE parameters, per layer type or not
+            params = params.get("full_attention", params)
+            share = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    dims = int(head_dim(config) * (share or 1.0))
+    return dims - dims % 2
+
+
 def layer_windows(config) -> list[int | None]:
     """Per model layer: its sliding window (a layer the model bounds itself), or None (full attention: the layers a
     policy compresses). Read from `config.layer_types` where the config has it, else from `sliding_window` (and
@@ -94,7 +112,8 @@ def check_model(model) -> None:
 
 
 def make_cache(model, policy: str | Policy, positions: str = "original", buffer: int = 64,
-               score: str | None = None, head_scores=None, static: bool = False, tokenizer=None) -> CompressedCache:
+               score: str | None = None, head_scores=None, static: bool = False, tokenizer=None,
+               surrogate=None) -> CompressedCache:
     """A `transformers` Cache applying `policy` to `model`, for `generate` or manual forward loops.
 
     policy: "full", "streaming_<sinks>_<window>", "h2o_<sinks>_<recent>_<budget>[_mean|_sum]".
@@ -111,6 +130,9 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         and original positions.
     tokenizer: the model's tokenizer, which a replaying rule (KVzip: "kvzip_<sinks>_<recent>_<budget>[+<rule>]")
         needs for its replay prompts (`h2o.replay`); ignored by the others.
+    surrogate: a fitted surrogate of KVzip's scores (`h2o.fit_surrogate(model, tokenizer, [text])`), which a kvzap rule
+        ("kvzap_<sinks>_<recent>_<budget>[_mlp]", alone or under an allocation) ranks by; checked against the model's
+        shape; refused for the other rules (it would be ignored).
 
     For evicting policies the model's attention implementation is switched to the matching
     ``h2o_*`` function, and with positions="reindex" a forward pre-hook on the base model passes slot
@@ -128,6 +150,7 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
         check_windows(policy, windows, positions, static is True)
     rope = rotary_embedding(model) if positions == "reindex" else None
     check_model(model)
+    policy = bind_surrogate(policy, surrogate, model, windows)
     # built first: a bad allocation (head scores missing or of another model) is refused before the model is touched
     if not isinstance(static, bool):
         raise TypeError(f"static must be a bool, got {static!r}")
@@ -158,6 +181,31 @@ def make_cache(model, policy: str | Policy, positions: str = "original", buffer:
             if not [key for key, h in base._forward_hooks.items() if h is _replay_hook]:
                 base.register_forward_hook(_replay_hook, with_kwargs=True)
     return cache
+
+
+def bind_surrogate(policy, surrogate, model, windows):
+    """`policy` with `surrogate` bound to the rule that needs one (a kvzap rule, alone or under an allocation), checked
+    against the model's shape; a rule that needs one without it, or a surrogate given to a rule that does not read
+    it, is a ValueError."""
+    rule = policy.rule if isinstance(policy, Allocated) else policy
+    needs = getattr(rule, "needs_surrogate", False)
+    if not needs:
+        if surrogate is not None:
+            raise ValueError(f"{policy.name} does not rank by a surrogate of KVzip's scores: surrogate= would be ignored "
+                             "(a kvzap rule reads it: kvzap_<sinks>_<recent>_<budget>[_mlp])")
+        return policy
+    if surrogate is None:
+        raise ValueError(f"{policy.name} ranks tokens by a fitted surrogate of KVzip's scores: h2o.make_cache(model, "
+                         f"{policy.name!r}, surrogate=h2o.fit_surrogate(model, tokenizer, [calibration_text]))")
+    from .score_surrogate import Surrogate
+
+    if not isinstance(surrogate, Surrogate):
+        raise TypeError(f"surrogate must be an h2o.Surrogate (h2o.fit_surrogate, h2o.Surrogate.load), got "
+                        f"{type(surrogate).__name__}")
+    config = model.config
+    surrogate.check(sum(w is None for w in windows), kv_heads(config), head_dim(config), rotary_dims(config))
+    bound = rule.with_surrogate(surrogate)
+    return Allocated(policy.allocation, bound) if isinstance(policy, Allocated) else bound
 
 
 def _forward_tokens(cache, args, kwargs) -> torch.Tensor:

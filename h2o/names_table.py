@@ -29,6 +29,8 @@ RULES = {
         r"vlen_(?P<sinks>\d+)_(?P<recent>\d+)_(?P<budget>\d+)(?:_(?P<score>\w+))?"),
     "kvzip": ("kvzip_<sinks>_<recent>_<budget>[+<rule>]", "kvzip_4_32_256",
         r"kvzip_(?P<sinks>\d+)_(?P<recent>\d+)_(?P<budget>\d+)(?:\+(?P<then>[a-z0-9]+)(?P<rest>.*))?"),
+    "kvzap": ("kvzap_<sinks>_<recent>_<budget>[_mlp]", "kvzap_4_32_256",
+        r"kvzap_(?P<sinks>\d+)_(?P<recent>\d+)_(?P<budget>\d+)(?:_(?P<kind>mlp))?"),
 }
 # name: (grammar, example), in registration order
 ALLOCATIONS = {
@@ -46,7 +48,7 @@ ALLOCATION_PATTERN = "([a-z][a-z0-9]*)((?:_[0-9.]+)*)"
 # h2o.policies.families()
 FAMILIES = (
     "streaming", "h2o", "h2o_mean", "h2o_sum", "tova", "a2sf", "vatp", "vatp_mean", "vatp_sum", "knorm", "keydiff",
-    "snapkv", "caote", "vlen", "vlen_mean", "vlen_sum", "kvzip", "recommended",
+    "snapkv", "caote", "vlen", "vlen_mean", "vlen_sum", "kvzip", "kvzap", "recommended",
 )
 # h2o.policies.decode_rules(): what snapkv_..+<rule> and kvzip_..+<rule> may name
 DECODE_RULES = (

@@ -31,8 +31,28 @@ class Composed:
         return parse(f"snapkv_{sinks}_{recent}_{budget}_{min(3, budget)}+{self.rule}")
 
 
-EVICTING = [cls for cls in registered().values() if cls.evicts] + [Composed("tova"), Composed("h2o_mean"),
-                                                                     Composed("vatp_sum")]
+class Surrogated:
+    """A rule that ranks by a fitted surrogate (kvzap): sized like its class, with a random surrogate of 3 heads of
+    DIM dims bound (the rule's mechanics; `h2o.score_surrogate` fits real ones)."""
+
+    has_score = False
+
+    def __init__(self, cls):
+        from tiny import random_surrogate
+
+        self.cls, self.NAME, self.__name__ = cls, cls.NAME, cls.__name__
+        self.surrogate = random_surrogate(1, 3, DIM, 2)
+
+    def __getattr__(self, name):  # the class's other attributes (observes, replays, ...)
+        return getattr(self.cls, name)
+
+    def sized(self, sinks, recent, budget):
+        return self.cls.sized(sinks, recent, budget).with_surrogate(self.surrogate)
+
+
+EVICTING = [Surrogated(cls) if getattr(cls, "needs_surrogate", False) else cls
+            for cls in registered().values() if cls.evicts] + [Composed("tova"), Composed("h2o_mean"),
+                                                                 Composed("vatp_sum")]
 
 
 @st.composite

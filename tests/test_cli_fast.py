@@ -38,6 +38,7 @@ REFUSALS = {
     "heatmap": (["--no-such-option"], "h2o: error: unrecognized arguments: --no-such-option"),
     "perf": (["--decode-steps", "1.5"], "h2o perf: error: argument --decode-steps: invalid int value: '1.5'"),
     "heads": (["--top"], "h2o heads: error: argument --top: expected one argument"),
+    "surrogate": (["--calibration-tokens", "many"], "h2o surrogate: error: argument --calibration-tokens: invalid int value: 'many'"),
     "choose": (["--sweep", "sweep.json"], "h2o choose: error: the following arguments are required: --tasks, "
                                           "--tuning-texts"),
 }

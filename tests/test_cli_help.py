@@ -137,7 +137,7 @@ _BARE = textwrap.dedent("""
                 cli.main(argv)
             except SystemExit as exit:
                 code = exit.code
-        print(argv, code, repr(out.getvalue()[:60]), repr(err.getvalue()[-120:]))
+        print(argv, code, repr(out.getvalue()[:60]), repr(err.getvalue()[-240:]))
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "matplotlib")
                    or m.startswith("h2o.eval.") and m != "h2o.eval.cli")
     print("heavy:", heavy)

@@ -19,7 +19,7 @@ from transformers import CompileConfig
 
 import h2o
 from h2o.policies import registered
-from tiny import tiny_model, token_ids
+from tiny import tiny_model, token_ids, surrogate_kw
 
 BUFFER = 5  # an eviction every 6 decode steps
 STEPS = 24  # 4 eviction cycles
@@ -57,13 +57,13 @@ def kept(cache) -> torch.Tensor:
 def test_compiled_decode_is_one_graph_and_keeps_the_eager_tokens(rule):
     model = tiny_model("llama")
     ids = token_ids(40)
-    eager = h2o.make_cache(model, rule, buffer=BUFFER)
+    eager = h2o.make_cache(model, rule, **surrogate_kw(model, rule), buffer=BUFFER)
     ref, ref_held = greedy(model, eager, ids, STEPS, model.forward)
     h2o.restore(model)
 
     torch._dynamo.reset()
     counters.clear()
-    cache = h2o.make_cache(model, rule, buffer=BUFFER, static=True)
+    cache = h2o.make_cache(model, rule, **surrogate_kw(model, rule), buffer=BUFFER, static=True)
     compiled = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
     got, held = greedy(model, cache, ids, STEPS, compiled)
     h2o.restore(model)
@@ -140,7 +140,7 @@ def test_static_layout_without_compiling_equals_the_eager_cache_after_a_chunk():
 def test_what_the_static_cache_cannot_hold_is_refused(policy, options, error):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=error):
-        h2o.make_cache(model, policy, static=True, **options)
+        h2o.make_cache(model, policy, **surrogate_kw(model, policy), static=True, **options)
 
 
 def run_calls(model, cache, ids, mask, chunks, steps, tail):
@@ -181,7 +181,7 @@ def test_static_layout_equals_the_eager_cache_under_chunks_padding_and_batches(
         mask[row, :min(pads[row], ids.shape[1] - 1)] = 0  # every row has a real token
     results = []
     for static in (False, True):
-        cache = h2o.make_cache(model, rule, buffer=2, static=static)
+        cache = h2o.make_cache(model, rule, **surrogate_kw(model, rule), buffer=2, static=static)
         logits = run_calls(model, cache, ids, mask, chunks, steps, tail)
         results.append((logits, kept(cache)))
         h2o.restore(model)

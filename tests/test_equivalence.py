@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import h2o
 import tiny
-from tiny import TOKENIZER, tiny_model, token_ids
+from tiny import TOKENIZER, tiny_model, token_ids, surrogate_kw
 
 FAMILIES = ["llama", "gpt_neox", "qwen2", "qwen3", "mistral", "gemma3", "gemma2"]
 # Gemma 3 and 2 mix sliding-window layers (transformers' own, never evicted) with compressed full-attention ones
@@ -60,7 +60,7 @@ def test_budget_above_length_equals_dynamic_cache(family, attn, policy):
     model = tiny_model(family, attn)
     ids = token_ids(40)
     reference, _ = run_steps(model, reference_cache(model), ids, prefill=24)
-    cache = h2o.make_cache(model, policy, buffer=0, tokenizer=TOKENIZER)
+    cache = h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=0, tokenizer=TOKENIZER)
     ours, _ = run_steps(model, cache, ids, prefill=24)
     h2o.restore(model)
     torch.testing.assert_close(ours, reference, **TOL)
@@ -147,7 +147,7 @@ def masked_oracle_logits(model, ids, prefill, kept):
 def test_eviction_equals_full_attention_with_evicted_tokens_masked(family, attn, policy, buffer):
     model = tiny_model(family, attn)
     ids = token_ids(48, batch=2)
-    cache = h2o.make_cache(model, policy, buffer=buffer, tokenizer=TOKENIZER)
+    cache = h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=buffer, tokenizer=TOKENIZER)
     ours, kept = run_steps(model, cache, ids, prefill=20)
     h2o.restore(model)
     first = next(i for i, layer in enumerate(kept[0]) if layer is not None)  # the first compressed layer
@@ -214,11 +214,11 @@ def test_padded_batch_equals_rows_alone(family, attn, policy, positions):
     rows = [token_ids(30, seed=3)[0], token_ids(13, seed=4)[0]]
     ids, mask = left_pad(rows)
     settings = dict(max_new_tokens=25, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    batch_cache = h2o.make_cache(model, policy, positions=positions, buffer=5, tokenizer=TOKENIZER)
+    batch_cache = h2o.make_cache(model, policy, **surrogate_kw(model, policy), positions=positions, buffer=5, tokenizer=TOKENIZER)
     batch = model.generate(ids, attention_mask=mask, past_key_values=batch_cache, **settings)
     for i, row in enumerate(rows):
         alone = model.generate(row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long),
-                               past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5, tokenizer=TOKENIZER),
+                               past_key_values=h2o.make_cache(model, policy, **surrogate_kw(model, policy), positions=positions, buffer=5, tokenizer=TOKENIZER),
                                **settings)
         assert torch.equal(batch.sequences[i, ids.shape[1]:], alone.sequences[0, len(row):])
         torch.testing.assert_close(torch.stack(batch.logits)[:, i], torch.stack(alone.logits)[:, 0], **TOL)
@@ -333,7 +333,7 @@ ALLOCATED = ([f"adakv+{cls.sized(2, 4, 12).name}" for cls in RULES]
 def test_allocated_eviction_equals_full_attention_with_each_heads_evicted_tokens_masked(family, attn, policy):
     model = tiny_model(family, attn)
     ids = token_ids(48, batch=2)
-    cache = h2o.make_cache(model, policy, buffer=1, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
+    cache = h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=1, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
     ours, kept = run_steps_per_head(model, cache, ids, prefill=20)
     h2o.restore(model)
     lengths = cache.head_lengths()
@@ -353,10 +353,10 @@ def test_allocated_padded_batch_equals_rows_alone(policy, positions):
     ids, mask = left_pad(rows)
     settings = dict(max_new_tokens=25, do_sample=False, output_logits=True, return_dict_in_generate=True)
     batch = model.generate(ids, attention_mask=mask, **settings,
-                           past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5, head_scores=scores, tokenizer=TOKENIZER))
+                           past_key_values=h2o.make_cache(model, policy, **surrogate_kw(model, policy), positions=positions, buffer=5, head_scores=scores, tokenizer=TOKENIZER))
     for i, row in enumerate(rows):
         alone = model.generate(row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), **settings,
-                               past_key_values=h2o.make_cache(model, policy, positions=positions, buffer=5,
+                               past_key_values=h2o.make_cache(model, policy, **surrogate_kw(model, policy), positions=positions, buffer=5,
                                                               head_scores=scores, tokenizer=TOKENIZER))
         assert torch.equal(batch.sequences[i, ids.shape[1]:], alone.sequences[0, len(row):])
         torch.testing.assert_close(torch.stack(batch.logits)[:, i], torch.stack(alone.logits)[:, 0], **TOL)
@@ -368,9 +368,9 @@ def test_allocated_padded_batch_equals_rows_alone(policy, positions):
 def test_allocated_kv_bytes_never_exceed_the_uniform_rule(policy):
     model = tiny_model("llama", "sdpa", layers=3)
     ids = token_ids(60)
-    uniform = h2o.make_cache(model, h2o.parse(policy).rule, buffer=4, tokenizer=TOKENIZER)
+    uniform = h2o.make_cache(model, h2o.parse(policy).rule, **surrogate_kw(model, h2o.parse(policy).rule), buffer=4, tokenizer=TOKENIZER)
     run_steps(model, uniform, ids, prefill=30)
-    allocated = h2o.make_cache(model, policy, buffer=4, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
+    allocated = h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=4, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
     run_steps_per_head(model, allocated, ids, prefill=30)
     h2o.restore(model)
     assert allocated.evicted() and uniform.evicted()
@@ -389,7 +389,7 @@ def test_allocated_kv_bytes_never_exceed_the_uniform_rule(policy):
 def bytes_per_forward(model, policy, ids, mask, chunks, new_tokens, beams, scores):
     """Feed the prompt in `chunks`, then `generate` `new_tokens` with `beams` (the cache's rows repeated for them):
     per forward, (its rows, its tokens, the cache's KV bytes after it)."""
-    cache = h2o.make_cache(model, policy, buffer=4, head_scores=scores, tokenizer=TOKENIZER)
+    cache = h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=4, head_scores=scores, tokenizer=TOKENIZER)
     held = []
 
     def record(module, args, kwargs, out):

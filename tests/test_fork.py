@@ -6,7 +6,7 @@ import torch
 
 import h2o
 from h2o.cache import storage_bytes
-from tiny import TOKENIZER, tiny_model, token_ids
+from tiny import TOKENIZER, tiny_model, token_ids, surrogate_kw
 
 _MODELS: dict = {}
 
@@ -21,7 +21,7 @@ def scores_for(model):
     from h2o.models import compressed_layers
     shape = (len(compressed_layers(model.config)), h2o.models.kv_heads(model.config))
     g = torch.Generator().manual_seed(0)
-    return {name: torch.rand(shape, generator=g) for name in ("retrieval", "induction", "ablation")}
+    return {name: torch.rand(shape, generator=g) for name in ("retrieval", "induction", "ablation", "reconstruction")}
 
 
 def snapshot(cache) -> dict:
@@ -44,7 +44,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def make(model, policy, static=False):
-    return h2o.make_cache(model, policy, buffer=3, head_scores=scores_for(model), tokenizer=TOKENIZER, static=static)
+    return h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=3, head_scores=scores_for(model), tokenizer=TOKENIZER, static=static)
 
 
 CASES = [("llama", "h2o_2_4_12"), ("llama", "streaming_2_10"), ("llama", "tova_2_4_12"), ("llama", "snapkv_2_4_12_4"),

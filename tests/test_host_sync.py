@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import h2o
-from tiny import TOKENIZER, tiny_model, token_ids
+from tiny import TOKENIZER, tiny_model, token_ids, surrogate_kw
 
 LIBRARY = Path(h2o.__file__).parent
 READS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
@@ -62,7 +62,7 @@ def decode(model, cache, steps, counter, ids=None, mask=None):
 @pytest.mark.parametrize("policy", RULES)
 def test_decode_steps_read_nothing_back(monkeypatch, policy, positions, dtype):
     model = tiny_model("llama").to(dtype)
-    cache = h2o.make_cache(model, policy, positions=positions, buffer=2, tokenizer=TOKENIZER)
+    cache = h2o.make_cache(model, policy, **surrogate_kw(model, policy), positions=positions, buffer=2, tokenizer=TOKENIZER)
     counter = ReadCounter(monkeypatch)
     decode(model, cache, 9, counter)  # buffer 2: three evictions among the counted steps
     h2o.restore(model)

@@ -11,7 +11,7 @@ from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 import h2o
 from h2o.eval import checkpoints
 from h2o.models import compressed_layers, layer_windows
-from tiny import SLIDING_WINDOW, TOKENIZER, VOCAB, tiny_model, token_ids
+from tiny import SLIDING_WINDOW, TOKENIZER, VOCAB, tiny_model, token_ids, surrogate_kw
 
 # every registered evicting rule, KVzip, and allocations (per head, per layer, shared across layers)
 POLICIES = ([cls.sized(2, 3, 10).name for cls in h2o.policies.registered().values() if cls.evicts]
@@ -42,7 +42,7 @@ def test_hybrid_cache_invariants(policy):
     @given(st.lists(st.integers(1, 9), min_size=1, max_size=6), st.integers(4, 20), st.integers(0, 3))
     def check(chunks, prefill, buffer):
         ids = token_ids(prefill + sum(chunks), seed=prefill)
-        cache = h2o.make_cache(model, policy, buffer=buffer, head_scores=scores_for(model), tokenizer=TOKENIZER)
+        cache = h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=buffer, head_scores=scores_for(model), tokenizer=TOKENIZER)
         ref = DynamicCache(config=model.config)  # transformers' own cache of the same model, fed the same tokens
         seen = 0
         try:

@@ -19,7 +19,7 @@ from h2o.cache import reachable_storages
 from h2o.compressed_layer import UnobservedError
 from h2o.head_group_layer import HeadGroupLayer
 from h2o.models import compressed_layers, layer_windows
-from tiny import TOKENIZER, tiny_model, token_ids
+from tiny import TOKENIZER, tiny_model, token_ids, surrogate_kw
 
 BUDGET = 12
 SLOT_BYTES = 2 * 16 * 4  # a float32 key and value of 16 dims (every tiny model's head dim)
@@ -46,7 +46,7 @@ def model_for(mode: str):
 def head_scores_for(model):
     shape = (len(compressed_layers(model.config)), KV_HEADS)
     g = torch.Generator().manual_seed(0)
-    return {name: torch.rand(shape, generator=g) for name in ("retrieval", "induction", "ablation")}
+    return {name: torch.rand(shape, generator=g) for name in ("retrieval", "induction", "ablation", "reconstruction")}
 
 
 def policy_name(rule: str, allocation: str | None) -> str:
@@ -57,7 +57,7 @@ def formable(model, name: str) -> bool:
     """Whether the allocation can be formed at all on this model's heads (else make_cache refuses it before any
     work: tested in test_allocation); every other combination must run."""
     try:
-        h2o.make_cache(model, name, buffer=2, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
+        h2o.make_cache(model, name, **surrogate_kw(model, name), buffer=2, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
         return True
     except ValueError as error:
         assert "leave" in str(error) or "budget" in str(error), error
@@ -160,7 +160,7 @@ def test_storages_held_stay_within_the_uniform_rules_bound_for_every_rule_alloca
     model = model_for(mode)
     name = policy_name(rule, allocation)
     assume(allocation is None or formable(model, name))  # else refused before any work (tests/test_allocation.py)
-    cache = h2o.make_cache(model, name, buffer=buffer, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
+    cache = h2o.make_cache(model, name, **surrogate_kw(model, name), buffer=buffer, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
     try:
         if mode == "left-padded batch" and cache.replays:  # refused before the model runs, nothing written
             ids = token_ids(n, batch=batch)
@@ -207,7 +207,7 @@ def test_memory_held_after_a_prompt_is_memory_counted_and_no_more_than_the_unifo
     ids = token_ids(120, batch=batch)
     held = {}
     for name in (policy, "h2o_2_4_12"):
-        cache = h2o.make_cache(model, name, buffer=4, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
+        cache = h2o.make_cache(model, name, **surrogate_kw(model, name), buffer=4, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
         with torch.no_grad():
             model(ids, past_key_values=cache, use_cache=True)
         h2o.restore(model)
@@ -240,12 +240,12 @@ def test_a_reset_cache_replays_as_a_new_cache(policy):
     old prompt's last tokens (other kept tokens, logits off by up to 6.3)."""
     model = model_for("chunks")
     first, second = token_ids(40, seed=5), token_ids(40, seed=6)
-    reused = h2o.make_cache(model, policy, buffer=2, tokenizer=TOKENIZER)
+    reused = h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=2, tokenizer=TOKENIZER)
     with torch.no_grad():
         model(first, past_key_values=reused, use_cache=True)
         reused.reset()
         out = model(second, past_key_values=reused, use_cache=True).logits
-        fresh = h2o.make_cache(model, policy, buffer=2, tokenizer=TOKENIZER)
+        fresh = h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=2, tokenizer=TOKENIZER)
         expected = model(second, past_key_values=fresh, use_cache=True).logits
     h2o.restore(model)
     assert torch.equal(out, expected)
@@ -275,7 +275,7 @@ def test_a_cache_used_after_restore_is_refused_with_nothing_written(policy):
     """An allocation cache crashed inside stock SDPA after taking the new tokens; a uniform one ran one step past its
     budget (17 tokens with budget 16, buffer 0) before its error."""
     model = model_for("chunks")
-    cache = h2o.make_cache(model, policy, buffer=0, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
+    cache = h2o.make_cache(model, policy, **surrogate_kw(model, policy), buffer=0, head_scores=head_scores_for(model), tokenizer=TOKENIZER)
     ids = token_ids(17)
     with torch.no_grad():
         model(ids[:, :16], past_key_values=cache, use_cache=True)

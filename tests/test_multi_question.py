@@ -69,7 +69,7 @@ def model_for_tests():
         from h2o.models import compressed_layers
         shape = (len(compressed_layers(model.config)), h2o.models.kv_heads(model.config))
         g = torch.Generator().manual_seed(0)
-        scores = {name: torch.rand(shape, generator=g) for name in ("retrieval", "induction", "ablation")}
+        scores = {name: torch.rand(shape, generator=g) for name in ("retrieval", "induction", "ablation", "reconstruction")}
         runners.provide_head_scores(model, lambda **options: scores)
         runners.provide_tokenizer(model, TOKENIZER)
         _MODEL["llama"] = model

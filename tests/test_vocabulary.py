@@ -103,6 +103,7 @@ CONCEPTS = {
     "needle cases of the ablation score": "--ablation-cases",
     "haystack tokens per calibration needle case": "--context-tokens",
     "calibration tokens replayed for the reconstruction head score": "--reconstruction-tokens",
+    "calibration tokens the surrogate of KVzip's scores is fitted on": "--calibration-tokens",
     "heads listed per score": "--top",
     "cached scores recomputed": "--recompute",
     # choose (reads results)

@@ -69,3 +69,35 @@ class TinyTokenizer:
 
 
 TOKENIZER = TinyTokenizer()
+
+
+def random_surrogate(layers: int, heads: int, head_dim: int, rotary_dims: int, seed: int = 0):
+    """A surrogate of KVzip's scores (`h2o.Surrogate`) with random predictors, for a kvzap rule on random weights:
+    the rule's mechanics (binding, scoring, eviction) without a fit."""
+    from h2o.score_surrogate import HIDDEN, Surrogate
+
+    g = torch.Generator().manual_seed(seed)
+    f = rotary_dims // 2 + (head_dim - rotary_dims) + head_dim
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return Surrogate(rotary_dims, head_dim, {
+        "mean": r(layers, heads, f), "std": r(layers, heads, f).abs() + 0.5, "linear": r(layers, heads, f + 1),
+        "w1": r(layers, heads, f, HIDDEN), "b1": r(layers, heads, HIDDEN), "w2": r(layers, heads, HIDDEN),
+        "b2": r(layers, heads)})
+
+
+def surrogate_for(model, seed: int = 0):
+    """A random surrogate of `model`'s shape (its compressed layers, KV heads, head and rotary dims)."""
+    from h2o.models import compressed_layers, head_dim, kv_heads, rotary_dims
+
+    config = model.config
+    return random_surrogate(len(compressed_layers(config)), kv_heads(config), head_dim(config), rotary_dims(config), seed)
+
+
+def surrogate_kw(model, policy) -> dict:
+    """{"surrogate": a random one of the model's shape} for a rule that ranks by one (kvzap, alone or under an
+    allocation), else {}: what a test that runs every registered rule passes to h2o.make_cache."""
+    import h2o
+
+    parsed = h2o.parse(policy)
+    needs = getattr(getattr(parsed, "rule", parsed), "needs_surrogate", False)
+    return {"surrogate": surrogate_for(model)} if needs else {}

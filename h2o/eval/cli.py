@@ -1,4 +1,4 @@
-"""The `h2o` command: bench (the results table), tasks, stress, sweep, heatmap, perf, heads, choose.
+"""The `h2o` command: bench (the results table), tasks, stress, sweep, heatmap, perf, heads, surrogate, choose.
 
 Each command is a module of `h2o.eval.commands` on the skeleton of `h2o.eval.session`, its options in
 `h2o.eval.options`; this file only wires them up: it builds the parser and parses the arguments (`--help` and
@@ -28,6 +28,7 @@ HELPS = {
     "heatmap": "attention heatmaps (log scale) of chosen layers over a short text: sinks and heavy hitters",
     "perf": "bookkeeping cost: decode-step and prefill time ratios against their floors, KV bytes vs tokens",
     "heads": "training-free KV-head scores: induction and echo on repeated random tokens, retrieval on calibration needles",
+    "surrogate": "fit the surrogate of KVzip's scores that kvzap rules rank by, and report its held-out fit",
     "choose": "the joint criterion over sweep and tasks results: the rule never below StreamingLLM, best worst-case gap",
 }
 COMMANDS = tuple(HELPS)
@@ -79,6 +80,11 @@ also build them from policy families and budgets):
                                 KVzip: keys scored by a replay of the context (the model asked to
                                 repeat it) before any question; e.g. kvzip_4_32_256,
                                 global+kvzip_4_32_256 (one top-k over every layer and head)
+  kvzap_<sinks>_<recent>_<budget>[_mlp]
+                                KVzap-style: each key ranked by a surrogate of its KVzip score,
+                                predicted from the key and value (fitted once per model on
+                                calibration text: h2o surrogate); no replay. e.g. kvzap_4_32_256,
+                                global+kvzap_4_32_256, kvzap_4_32_256_mlp (the MLP, not the linear fit)
   recommended_<budget>          h2o.recommended(budget): the measured choice, e.g. recommended_256
   <allocation>+<rule>           head and layer budgets around any rule above; the rule's budget is
                                 the AVERAGE per KV head (never more KV bytes than the rule uniform):
@@ -86,6 +92,8 @@ also build them from policy families and budgets):
                                   score (h2o heads) hold <factor> x budget, the rest share what is left
                                 induction_<share>_<factor>  the same, heads ranked by induction score
                                 ablation_<share>_<factor>  the same, heads ranked by ablation score
+                                reconstruction_<share>_<factor>  the same, heads ranked by KVzip's
+                                  context-independent head score (h2o heads --reconstruction-tokens)
                                 adakv_<floor>  Ada-KV: a layer's budget split across its heads at
                                   every eviction by the rule's own scores, >= <floor> x budget each
                                 global_<floor>  one budget for the whole cache: every layer's and
@@ -115,7 +123,9 @@ EXAMPLES = {
               "h2o sweep --parts throughput --model random:pythia-410m"],
     "heatmap": ["h2o heatmap --layers 0 -1 --tokens 96"],
     "perf": ["h2o perf", "h2o perf --decode-steps 32 --rounds 3 --kv-lengths 1024 4096"],
-    "heads": ["h2o heads", "h2o heads --model random:tiny-llama --random-tokens 64 --recompute"],
+    "heads": ["h2o heads", "h2o heads --model random:tiny-llama --random-tokens 64 --recompute",
+              "h2o heads --reconstruction-tokens 2048"],
+    "surrogate": ["h2o surrogate", "h2o surrogate --model gemma3-270m --calibration-tokens 4096"],
     "choose": ["h2o choose --sweep results/sweep.json --tasks qa/tasks.json st/tasks.json --tuning-texts wikitext "
                "pg19:10146"],
 }

@@ -85,7 +85,8 @@ def add_shared_options(p: argparse.ArgumentParser, model: bool = True, command: 
 # offered): heatmap runs eager attention (output_attentions needs it) over the full text, no cache; heads runs its own
 # probe attention on its own framing (random tokens, chat-framed needles: no BOS of ours), no cache
 NOT_TAKEN = {"heatmap": ("--attn", "--positions", "--buffer", "--score"),
-             "heads": ("--attn", "--bos", "--positions", "--buffer", "--score")}
+             "heads": ("--attn", "--bos", "--positions", "--buffer", "--score"),
+             "surrogate": ("--attn", "--bos", "--positions", "--buffer", "--score")}
 
 
 def _add_model_options(p: argparse.ArgumentParser, leave_out=()) -> None:
@@ -454,6 +455,15 @@ def heads(p) -> None:
                    help="PG-19 test book of the needle haystacks (one that no evaluation uses)")
     p.add_argument("--top", type=int, default=8, help="heads listed per score")
     p.add_argument("--recompute", action="store_true", help="recompute even when cached scores with the same inputs exist")
+
+
+def surrogate(p) -> None:
+    p.add_argument("--calibration-tokens", type=int, default=4096,
+                   help="calibration tokens (windows of up to 1,024, the last held out) whose KVzip scores it is fitted on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows' offsets and of the MLP's initial weights")
+    p.add_argument("--calibration-book", default=CALIBRATION_BOOK,
+                   help="PG-19 test book of the calibration text (one that no evaluation uses)")
+    p.add_argument("--recompute", action="store_true", help="refit even when a cached surrogate with the same inputs exists")
 
 
 def choose(p) -> None:

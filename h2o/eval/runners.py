@@ -259,6 +259,29 @@ def head_scores(model, name: str):
     return entry[1][key]
 
 
+_SURROGATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [() -> its surrogate, cached]
+
+
+def provide_surrogate(model, compute) -> None:
+    """Where a kvzap rule gets `model`'s surrogate of KVzip's scores: `compute()`, called on first need (the session
+    registers `h2o.eval.surrogate_cache.surrogate_for`, which caches it on disk)."""
+    _SURROGATES[model] = [compute, None]
+
+
+def surrogate_for(model, name: str):
+    """The surrogate a kvzap rule (alone or under an allocation) ranks by; None for any other rule."""
+    policy = h2o.parse(name)
+    if not getattr(getattr(policy, "rule", policy), "needs_surrogate", False):
+        return None
+    entry = _SURROGATES.get(model)
+    if entry is None:
+        raise ValueError(f"{name}: ranks tokens by a surrogate of KVzip's scores, and none is known for this model "
+                         "(h2o.eval.runners.provide_surrogate; the h2o commands provide it)")
+    if entry[1] is None:
+        entry[1] = entry[0]()
+    return entry[1]
+
+
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its tokenizer (or None)
 
 
@@ -284,7 +307,7 @@ class CacheRunner:
         tokenizer = tokenizer_for(model, name) if getattr(policy, "replays", False) else None
         self.model = model
         self.cache = h2o.make_cache(model, policy, positions=positions, buffer=buffer, head_scores=scores,
-                                    tokenizer=tokenizer)
+                                    tokenizer=tokenizer, surrogate=surrogate_for(model, name))
         self.policy = self.cache.policy
         self.name, self.evicts = self.policy.name, self.policy.evicts
 

@@ -99,7 +99,12 @@ class Session:
             from . import head_score_cache
             return head_score_cache.scores_for(model, tokenizer, a.model, a.data_dir, **options)
 
+        def surrogate():  # for a kvzap rule: fitted on first need, cached beside the model
+            from . import surrogate_cache
+            return surrogate_cache.surrogate_for(model, tokenizer, a.model, a.data_dir)
+
         runners.provide_head_scores(model, head_scores)
+        runners.provide_surrogate(model, surrogate)
         runners.provide_tokenizer(model, tokenizer)
         return self.model, self.tokenizer
 

@@ -226,13 +226,15 @@ class _Worker:
 
         if setup["threads"]:
             torch.set_num_threads(setup["threads"])
-        from . import checkpoints, head_score_cache, runners
+        from . import checkpoints, head_score_cache, runners, surrogate_cache
 
         self.model, self.tokenizer = checkpoints.load_model(setup["model"], setup["device"], setup["dtype"],
                                                        setup["attn"], setup["device_map"])
         model, tokenizer = self.model, self.tokenizer
         runners.provide_head_scores(model, lambda **options: head_score_cache.scores_for(
             model, tokenizer, setup["model"], setup["data_dir"], **options))
+        runners.provide_surrogate(model, lambda: surrogate_cache.surrogate_for(
+            model, tokenizer, setup["model"], setup["data_dir"]))
         runners.provide_tokenizer(model, tokenizer)
 
     def info(self) -> dict:

@@ -58,8 +58,9 @@ def policy_names() -> dict[str, str]:
 
 def decode_rules() -> list[str]:
     """The rules `snapkv_..+<rule>` and `kvzip_..+<rule>` hand decoding to: every evicting rule that ranks tokens as
-    they come (not one that replays, nor SnapKV or StreamingLLM)."""
-    return [n for n, c in _REGISTRY.items() if c.evicts and not c.replays and n not in ("snapkv", "streaming")]
+    they come (not one that replays, nor one that needs a fitted surrogate, nor SnapKV or StreamingLLM)."""
+    return [n for n, c in _REGISTRY.items() if c.evicts and not c.replays and not getattr(c, "needs_surrogate", False)
+            and n not in ("snapkv", "streaming")]
 
 
 def families() -> list[str]:
@@ -175,9 +176,10 @@ from .snapkv import SnapKV  # noqa: E402
 from .caote import CAOTE  # noqa: E402
 from .vlen import VLen  # noqa: E402
 from .kvzip import KVzip  # noqa: E402
+from .kvzap import KVzap  # noqa: E402
 from .recommendation import recommended  # noqa: E402
 
 __all__ = ["Policy", "Observation", "OBSERVATIONS", "register_policy", "registered", "policy_names", "parse",
            "families", "at_budget",
-           "resolve", "keep_indices", "priorities", "Allocated", "parse_allocation", "is_family", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "KVzip", "recommended",
+           "resolve", "keep_indices", "priorities", "Allocated", "parse_allocation", "is_family", "check_sizes", "Full", "Streaming", "H2O", "TOVA", "A2SF", "VATP", "KNorm", "KeyDiff", "SnapKV", "CAOTE", "VLen", "KVzip", "KVzap", "recommended",
            "DEFAULT_SCORE", "SCORE_RULES"]

@@ -114,6 +114,16 @@ class Policy:
         not (sinks, recent, budget) fields override it (StreamingLLM: the window is the rest)."""
         return dataclasses.replace(self, budget=budget, recent=min(self.recent, budget - self.sinks))
 
+    def at_layer(self, layer: int) -> "Policy":
+        """This rule for compressed layer `layer` of a cache (its row in per-layer tables): itself, unless it holds
+        per-layer parameters (a fitted surrogate, `h2o.policies.kvzap`). `h2o.make_cache` asks every layer's rule."""
+        return self
+
+    def for_heads(self, heads: tuple[int, ...]) -> "Policy":
+        """This rule for a head group holding KV heads `heads` of its layer (an allocation's): itself, unless it holds
+        per-head parameters."""
+        return self
+
     def query_weights(self, q: int, device) -> torch.Tensor | None:
         """Weights of the q new queries in `mass` (None: every query counts 1)."""
         return None

@@ -147,7 +147,8 @@ def run(session, plan) -> int:
     runs = []
     for name in policies:
         cache = h2o.make_cache(model, name, positions=args.positions, buffer=args.buffer,
-                               tokenizer=runners.tokenizer_for(model, name) if parse(name).replays else None)
+                               tokenizer=runners.tokenizer_for(model, name) if parse(name).replays else None,
+                               surrogate=runners.surrogate_for(model, name))
         budget = parse(name).budget
         runs.append(Run(name, cache, None if budget is None else budget + args.buffer))
     context = trained_context(model)
