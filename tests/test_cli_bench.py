@@ -57,7 +57,7 @@ def test_bench_on_the_embedded_model(tmp_path, capsys):
     out = tmp_path / "r"
     code = main(["bench", "--policies", "streaming_4_60", "h2o_4_8_64", "--buffer", "8", "--ppl-tokens", "160",
                  "--ppl-chunk", "16", "--context", "96", "--new-tokens", "3", "--repeats", "1", "--out", str(out),
-                 "--cases", "1", "--lengths", "400", "--phrasings", "restate", "completion",
+                 "--cases", "1", "--lengths", "300", "--phrasings", "restate", "completion",
                  "--no-progress"])
     assert code == 0
     rows = {r["configuration"]: r for r in csv.DictReader(open(out / "bench.csv"))}
@@ -83,6 +83,6 @@ def test_bench_on_the_embedded_model(tmp_path, capsys):
     assert float(rows["h2o_4_8_64_mean"]["wikitext_ppl_after_eviction"]) > 1
     notes = json.loads((out / "bench.json").read_text())["notes"]
     assert any("chunked, 16 tokens per forward" in n and "10146.txt" in n for n in notes)
-    assert any(n.startswith("Passkey kept: 1 passkey cases of 400 tokens per phrasing") and "restate, completion" in n
+    assert any(n.startswith("Passkey kept: 1 passkey cases of 300 tokens per phrasing") and "restate, completion" in n
                and "paired (McNemar exact, 5%)" in n for n in notes)
     assert "| Passkey kept" in capsys.readouterr().out

@@ -18,7 +18,7 @@ HAS_RAY = importlib.util.find_spec("ray") is not None
 TASKS = ["tasks", "--tasks", "passkey", "--lengths", "300", "--depths", "0.3", "0.7", "--cases", "1",
          "--policies", "streaming", "h2o_mean", "--budget-ratio", "0.2", "--buffer", "0", "--min-solved", "1",
          "--phrasings", "restate", "--threads", "1", "--no-progress"]
-SWEEP = ["sweep", "--parts", "ppl", "--texts", "wikitext", "pg19:10146", "--ppl-tokens", "96", "--budgets", "32",
+SWEEP = ["sweep", "--parts", "ppl", "--texts", "wikitext", "pg19:10146", "--ppl-tokens", "64", "--budgets", "32",
          "--rules", "streaming", "h2o_mean", "--ppl-chunk", "16", "--buffer", "8", "--threads", "1", "--no-progress"]
 
 needs_model = pytest.mark.skipif(EMBEDDED_MISSING, reason=f"needs the embedded model ({checkpoints.SMOLLM2_PACKAGE})")
@@ -165,7 +165,7 @@ def test_a_killed_worker_has_its_units_run_elsewhere(tmp_path):
     import ray
 
     tokenizer = checkpoints.load_tokenizer(checkpoints.EMBEDDED)
-    cases = retrieval.generate_cases("passkey", tokenizer, {"text": open_haystack()}, [300], [0.2, 0.5, 0.8], 1, 0)
+    cases = retrieval.generate_cases("passkey", tokenizer, {"text": open_haystack()}, [300], [0.3, 0.7], 1, 0)
     work = [answers.case_unit(c, p, "question-aware", 128, "original", 0) for c in cases
             for p in ("full", "streaming_4_56")]
     setup = {"model": checkpoints.EMBEDDED, "device": "cpu", "dtype": None, "attn": "sdpa", "device_map": None,
