@@ -87,6 +87,7 @@ class Surrogate:
                 raise ValueError(f"surrogate tensor {name} has shape {tuple(self.tensors[name].shape)}, expected {shape}")
         self.tensors = {name: t.detach().float().contiguous() for name, t in self.tensors.items()}
         self._on: dict = {}  # device -> the tensors there
+        self._index: dict = {}  # (device, heads) -> their index tensor
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -111,6 +112,13 @@ class Surrogate:
                              f"of {self.head_dim} dims ({self.rotary_dims} rotary), and the model has {layers} x {heads} "
                              f"of {head_dim} ({rotary_dims}): fit one on this model (h2o.fit_surrogate, h2o surrogate)")
 
+    def _heads(self, heads: tuple[int, ...], device) -> torch.Tensor:
+        """The index tensor of `heads` on `device`, made once (a decode step copies nothing to the device)."""
+        key = (str(device), heads)
+        if key not in self._index:
+            self._index[key] = torch.tensor(heads, device=device)
+        return self._index[key]
+
     def _tensors(self, device) -> dict[str, torch.Tensor]:
         key = str(device)
         if key not in self._on:
@@ -124,7 +132,7 @@ class Surrogate:
         if kind not in KINDS:
             raise ValueError(f"surrogate kind must be one of {KINDS}, got {kind!r}")
         t = self._tensors(keys.device)
-        idx = torch.tensor(heads, device=keys.device)
+        idx = self._heads(tuple(heads), keys.device)
         x = features(keys, values, self.rotary_dims)  # [B, h, q, F]
         x = (x - t["mean"][layer, idx].unsqueeze(1)) / t["std"][layer, idx].unsqueeze(1)
         if kind == "linear":
