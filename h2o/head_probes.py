@@ -257,16 +257,15 @@ def reconstruction_windows(tokenizer, texts: Sequence[str], tokens: int, seed: i
     return out
 
 
-def reconstruction_scores(model, tokenizer, windows: Sequence[Sequence[int]], progress=None) -> torch.Tensor:
-    """[compressed layers, kv heads] float32: each KV head's mean KVzip score over `windows` (token id lists), each
-    window fed once into a KVzip cache that holds it whole, so that the replay scores every key and none is evicted.
-    The model's attention implementation and hooks are as they were afterwards (unless it already served h2o
-    caches, which it still does)."""
+def replayed_windows(model, tokenizer, windows: Sequence[Sequence[int]], progress=None):
+    """Per window (token id lists), the compressed layers of a KVzip cache fed that window once and holding it whole
+    (`kvzip_<RECONSTRUCTION_SINKS>_0_<window>`): every key scored by the replay, none evicted, slots in arrival order.
+    A generator; the model's attention implementation and hooks are as they were once it ends (unless it already
+    served h2o caches, which it still does). progress: `.update(1)` after each window."""
     from . import models  # here: h2o.models imports this module's neighbours
 
     device = model.get_input_embeddings().weight.device
     served = models.serves_h2o(model)
-    total = None
     try:
         for ids in windows:
             cache = models.make_cache(model, f"kvzip_{RECONSTRUCTION_SINKS}_0_{len(ids)}", buffer=0,
@@ -276,15 +275,23 @@ def reconstruction_scores(model, tokenizer, windows: Sequence[Sequence[int]], pr
             layers = cache.compressed_layers()
             if any(layer.length != len(ids) for layer in layers):  # never: the cache holds the window whole
                 raise RuntimeError("the reconstruction cache evicted part of its window")
-            means = torch.stack([reconstruction_means(layer.state["score"][0], layer.times[0], RECONSTRUCTION_SINKS)
-                                 for layer in layers]).cpu()
-            total = means if total is None else total + means
-            del cache
+            yield layers
+            del cache, layers
             if progress is not None:
                 progress.update(1)
     finally:
         if not served:
             models.restore(model)
+
+
+def reconstruction_scores(model, tokenizer, windows: Sequence[Sequence[int]], progress=None) -> torch.Tensor:
+    """[compressed layers, kv heads] float32: each KV head's mean KVzip score over `windows` (token id lists), each
+    window replayed whole (`replayed_windows`)."""
+    total = None
+    for layers in replayed_windows(model, tokenizer, windows, progress):
+        means = torch.stack([reconstruction_means(layer.state["score"][0], layer.times[0], RECONSTRUCTION_SINKS)
+                             for layer in layers]).cpu()
+        total = means if total is None else total + means
     return (total / len(windows)).float().clamp(0, 1)
 
 

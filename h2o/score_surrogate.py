@@ -38,12 +38,11 @@ HIDDEN = 32  # the MLP's hidden width
 RIDGE = 1.0  # the ridge penalty on standardised features
 MLP_STEPS = 400
 MLP_LR = 3e-3
-SINKS = 4  # the first keys of a window, never fitted on (a rule keeps its sinks whatever their score)
 FLOOR = 1e-6  # scores are clamped here before the log
 TOP_SHARE = 0.2  # the held-out overlap's budget
 FORMAT = "h2o-kvzip-surrogate"
 FORMAT_VERSION = 1
-ALGORITHM = 1  # bump when the fit changes: cached surrogates with another value are refitted
+ALGORITHM = 2  # bump when the fit or its record changes: cached surrogates with another value are refitted
 
 
 def features(keys: torch.Tensor, values: torch.Tensor, rotary_dims: int) -> torch.Tensor:

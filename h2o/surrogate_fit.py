@@ -8,39 +8,19 @@ import time
 
 import torch
 
-from .head_probes import reconstruction_windows
-from .models import compressed_layers, make_cache, restore, rotary_dims, serves_h2o
-from .score_surrogate import FLOOR, HIDDEN, KINDS, MLP_LR, MLP_STEPS, RIDGE, SINKS, TOP_SHARE, Surrogate, _spearman, \
+from .head_probes import RECONSTRUCTION_SINKS as SINKS, reconstruction_windows, replayed_windows
+from .models import compressed_layers, rotary_dims
+from .score_surrogate import FLOOR, HIDDEN, KINDS, MLP_LR, MLP_STEPS, RIDGE, TOP_SHARE, Surrogate, _spearman, \
     features, fit_heads, top_overlap
 
 
 def collect(model, tokenizer, windows, progress=None) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Per window, per compressed layer: (keys [H, n, D], values [H, n, Dv], KVzip scores [H, n]) of the window's keys
-    after the sinks, from a KVzip cache that holds the window whole (`h2o.head_probes.reconstruction_scores`' run)."""
-    device = model.get_input_embeddings().weight.device
-    served = serves_h2o(model)
-    out = []
-    try:
-        for ids in windows:
-            cache = make_cache(model, f"kvzip_{SINKS}_0_{len(ids)}", buffer=0, tokenizer=tokenizer)
-            with torch.no_grad():
-                model(torch.tensor([list(ids)], device=device), past_key_values=cache, use_cache=True)
-            rows = []
-            for layer in cache.compressed_layers():
-                if layer.length != len(ids):  # never: the cache holds the window whole
-                    raise RuntimeError("the calibration cache evicted part of its window")
-                order = layer.times[0, 0].argsort()  # arrival order (no eviction: the slots already are)
-                keep = order[SINKS:]
-                rows.append((layer.keys[0][:, keep].float().cpu(), layer.values[0][:, keep].float().cpu(),
-                             layer.state["score"][0][:, keep].float().cpu()))
-            out.append(rows)
-            del cache
-            if progress is not None:
-                progress.update(1)
-    finally:
-        if not served:
-            restore(model)
-    return out
+    after the sinks, from a KVzip cache that holds the window whole (`h2o.head_probes.replayed_windows`: no eviction,
+    so the slots are in arrival order)."""
+    return [[(layer.keys[0][:, SINKS:].float().cpu(), layer.values[0][:, SINKS:].float().cpu(),
+              layer.state["score"][0][:, SINKS:].float().cpu()) for layer in layers]
+            for layers in replayed_windows(model, tokenizer, windows, progress)]
 
 
 def fit_surrogate(model, tokenizer, texts, tokens: int = 4096, seed: int = 0, progress=None,
@@ -93,7 +73,7 @@ def fit_surrogate(model, tokenizer, texts, tokens: int = 4096, seed: int = 0, pr
         "model": str(model.config.name_or_path), "layers": compressed_layers(model.config),
         "texts": list(text_names) if text_names is not None else None, "seed": seed,
         "windows": [len(w) for w in windows], "held_out_window": len(windows) - 1,
-        "tokens_fitted": sum(len(w) - 1 - SINKS for w in windows[:-1]),
+        "tokens_fitted": x.shape[1],  # keys per head fitted on (the held-out window's not among them)
         "target": f"log(max(KVzip score, {FLOOR}))", "features": "rotated key pairs' norms, unrotated key dims, value",
         "linear": f"ridge regression on standardised features, penalty {RIDGE}",
         "mlp": f"{HIDDEN} hidden units (GELU), Adam lr {MLP_LR}, {MLP_STEPS} full-batch steps",
