@@ -23,14 +23,25 @@ def pytest_addoption(parser):
                     help="model for the PPL suite (default smollm2-135m; its gates were measured on it)")
 
 
+# Under pytest-xdist (`-n 2`, the CI command), tests that share an expensive set-up share one worker: the Ray tests
+# (two local Ray clusters started at once on a 2-core machine would only fight over its cores) and the tests that
+# load the embedded GGUF (30 s per worker that loads it). These groups run first: a group is one unit of work for
+# xdist, and the Ray group (~3.5 minutes) scheduled last was the suite's tail, one worker idle while the other ran it.
+SERIAL_GROUPS = {"test_units": "ray", "test_eval_models": "gguf"}
+
+
 def pytest_collection_modifyitems(config, items):
-    # Under pytest-xdist (`-n 2`, the CI command), the Ray tests share one worker: two local Ray clusters
-    # started at once on a 2-core machine would only fight over its cores.
     import pytest
 
+    grouped = []
     for item in items:
-        if item.module.__name__.endswith("test_units"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        group = SERIAL_GROUPS.get(item.module.__name__.rpartition(".")[2])
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+            grouped.append(item)
+    rank = {group: i for i, group in enumerate(SERIAL_GROUPS.values())}
+    first = sorted(grouped, key=lambda item: rank[SERIAL_GROUPS[item.module.__name__.rpartition(".")[2]]])
+    items[:] = first + [item for item in items if item not in set(first)]
 
 
 def _share_the_cores_between_xdist_workers():
