@@ -30,7 +30,14 @@ def pytest_addoption(parser):
 SERIAL_GROUPS = {"test_units": "ray", "test_eval_models": "gguf"}
 
 
-def pytest_collection_modifyitems(config, items):
+def _tryfirst(hook):
+    import pytest
+
+    return pytest.hookimpl(tryfirst=True)(hook)
+
+
+@_tryfirst  # before pytest-xdist's own hook, which reads the xdist_group marks into the node ids (a mark added after
+def pytest_collection_modifyitems(config, items):  # it, as this hook did until 2026-12-08, grouped nothing)
     import pytest
 
     grouped = []
@@ -42,6 +49,21 @@ def pytest_collection_modifyitems(config, items):
     rank = {group: i for i, group in enumerate(SERIAL_GROUPS.values())}
     first = sorted(grouped, key=lambda item: rank[SERIAL_GROUPS[item.module.__name__.rpartition(".")[2]]])
     items[:] = first + [item for item in items if item not in set(first)]
+
+
+def pytest_collection_finish(session):
+    """Say so when the groups above are not in force (pytest-xdist's loadgroup marks a grouped test by a suffix of its
+    node id; pytest 9.2 ignores the change, pytest-xdist#1386): the suite still passes, slower, with two Ray clusters
+    at once."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items
+            if SERIAL_GROUPS.get(item.module.__name__.rpartition(".")[2]) and "@" not in item.nodeid]
+    if lost:
+        import warnings
+
+        warnings.warn(f"pytest-xdist did not group {len(lost)} test(s) (e.g. {lost[0]}): this pytest breaks its "
+                      "loadgroup (pytest-xdist#1386); pip install 'pytest<9.2' (the test extra pins it)", stacklevel=1)
 
 
 def _share_the_cores_between_xdist_workers():

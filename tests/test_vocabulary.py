@@ -89,6 +89,7 @@ CONCEPTS = {
     "needle depths": "--depths",
     "wordings of the retrieval cases": "--phrasings",
     "retrieval protocol: question-aware, streaming, multi-question or multi-turn": "--protocol",
+    "retrieval protocols of bench's kept columns (question-aware, streaming), a column each": "--protocols",
     "questions asked of one context (the multi-question protocols)": "--questions",
     "fewest cases the full cache must solve for a score": "--min-solved",
     "seed of the generated inputs": "--seed",

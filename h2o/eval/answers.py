@@ -510,11 +510,16 @@ def passkey_kept(session, policies: list[str], haystacks: dict[str, str], n: int
 
 
 def tasks_kept(session, policies: list[str], haystacks: dict[str, str], task_names: list[str], n: int,
-               lengths: int | list[int], phrasings: list[str] | None = None) -> tuple[dict, str, list[dict]]:
+               lengths: int | list[int], phrasings: list[str] | None = None, protocol: str = "question-aware",
+               chunk: int | None = None) -> tuple[dict, str, list[dict]]:
     """n cases of each of `lengths` tokens per task and phrasing (depths spread over 0.1-0.9; phrasings default: each
-    task's retrieval.DEFAULT_PHRASING), question-aware, under every policy with the full-cache control:
-    ({task: {policy: its summary row, pooled over the phrasings}}, a note saying how it was measured, the paired
-    tests of `compare` pooled over the phrasings)."""
+    task's retrieval.DEFAULT_PHRASING), under `protocol` (question-aware, or streaming: the context fed `chunk` tokens
+    per forward), under every policy with the full-cache control: ({task: {policy: its summary row, pooled over the
+    phrasings}}, a note saying how it was measured, the paired tests of `compare` pooled over the phrasings)."""
+    if protocol not in PROTOCOLS or protocol in MULTI_PROTOCOLS:
+        raise ValueError(f"tasks_kept asks one question per case: question-aware or streaming, not {protocol!r}")
+    if protocol == "streaming" and (chunk is None or chunk < 1):
+        raise ValueError(f"the streaming protocol feeds the context in chunks: give chunk >= 1, got {chunk}")
     args = session.args
     lengths = [lengths] if isinstance(lengths, int) else list(dict.fromkeys(lengths))
     depths = [0.5] if n == 1 else [round(0.1 + 0.8 * i / (n - 1), 4) for i in range(n)]
@@ -522,9 +527,10 @@ def tasks_kept(session, policies: list[str], haystacks: dict[str, str], task_nam
              for c in retrieval.generate_cases(task, session.tokenizer, haystacks, lengths, depths, 1, 0,
                                                phrasing=phrasing)]
     variant_list = [Variant(p, budget_label(p), name=p) for p in policies if p != "full"]
-    # chunk: unused by the question-aware protocol (one prefill); the PPL chunk, as before, keeps the units' keys
-    rows = run_cases(session.model, session.tokenizer, cases, variant_list, "question-aware", chunk=args.ppl_chunk,
-                     positions=args.positions, buffer=args.buffer, run_units=session.run_units)
+    # chunk: unused by the question-aware protocol (one prefill); the PPL chunk there, as before, keeps the units' keys
+    rows = run_cases(session.model, session.tokenizer, cases, variant_list, protocol,
+                     chunk=chunk if protocol == "streaming" else args.ppl_chunk, positions=args.positions,
+                     buffer=args.buffer, run_units=session.run_units)
     summary, notes = summarize(rows, min_solved=1)
     what = "passkey" if list(task_names) == ["passkey"] else "retrieval"
     worded = (f"phrasings {', '.join(phrasings)}, pooled" if phrasings and len(phrasings) > 1 else
@@ -532,7 +538,7 @@ def tasks_kept(session, policies: list[str], haystacks: dict[str, str], task_nam
     note = (f"{what.capitalize()} kept: {n} {' / '.join(task_names)} cases of {' / '.join(map(str, lengths))} tokens"
             f"{' each' if len(task_names) > 1 or len(lengths) > 1 else ''} per phrasing (depths 0.1-0.9, haystacks "
             f"{', '.join(haystacks)}; "
-            f"{worded}), question-aware protocol; full: cases it solved; policies: solved among the full cache's "
+            f"{worded}), {protocol} protocol{f' (context in chunks of {chunk} tokens)' if protocol == 'streaming' else ''}; full: cases it solved; policies: solved among the full cache's "
             "solved cases (the full-cache control), with the Wilson 95% interval of the share; `h2o tasks` has "
             "more cases, lengths and phrasings, and the paired tests")
     pooled = {task: POOLED if any(r["phrasing"] == POOLED for r in summary if r["task"] == task) else None

@@ -57,6 +57,7 @@ ALLOCATIONS = tuple(names.table().allocations)
 
 # bench: with the allocation that kept the most needles at the same bytes (docs/head-budgets.md): retrieval heads. A
 # random-weight model has no tokenizer, so no retrieval score: its default ranks the heads by induction instead.
+BENCH_PROTOCOLS = ("question-aware", "streaming")  # the single-question protocols: one kept column each
 BENCH_POLICIES = ["full", "streaming_4_252", "h2o_4_32_256", "retrieval_0.1_4+h2o_4_32_256", "streaming_4_508",
                   "h2o_4_64_512"]
 RANDOM_MODEL_ALLOCATION = "induction_0.1_4+h2o_4_32_256"
@@ -279,6 +280,12 @@ def bench(p) -> None:
                    help="prompt lengths (tokens) of the retrieval cases")
     p.add_argument("--phrasings", nargs="+", default=list(retrieval.PHRASINGS), choices=retrieval.PHRASINGS,
                    help="wordings of the retrieval cases, crossed with them (the kept columns pool them)")
+    p.add_argument("--protocols", nargs="+", default=["question-aware"], choices=BENCH_PROTOCOLS,
+                   help="protocols of the kept columns, a column per task and protocol: question-aware (the whole "
+                        "prompt in one forward, compressed after it) and streaming (the context fed --context-chunk "
+                        "tokens per forward with eviction in force, then the question): h2o tasks --protocol")
+    p.add_argument("--context-chunk", type=int, default=128,
+                   help="tokens of the context fed per forward, eviction in force (--protocols streaming)")
     units.add_arguments(p)
 
 

@@ -20,11 +20,14 @@ TABLE = {
     "wikitext_ppl": "Wikitext PPL",
     "pg19_ppl": "PG-19 PPL",
     "text_ppl": "Text PPL",
+    "gap_closed": "Gap closed",
     "passkey_kept": "Passkey kept",
     "total_time_s": "Total Time (s)",
     "avg_attn_ms": "Avg Attn (ms)",
     "ttft_s": "TTFT (s)",
+    "ttft_over_full": "TTFT x full",
     "tpot_median_ms": "TPOT med (ms)",
+    "tpot_over_full": "TPOT x full",
     "throughput_tok_s": "Throughput (tok/s)",
     "peak_mem_mib": "Peak Mem (MiB)",
     "kv_mib": "KV MiB",
@@ -80,6 +83,9 @@ def check(args) -> dict:
         texts["text"] = data.load_text_file(args.add_text_file)
     if args.cases < 0:
         raise ValueError(f"--cases must be >= 0, got {args.cases}")
+    if args.context_chunk < 1:
+        raise ValueError(f"--context-chunk must be >= 1, got {args.context_chunk}")
+    args.protocols = list(dict.fromkeys(args.protocols))
     if min(args.lengths) < 1:
         raise ValueError(f"--lengths must be positive, got {min(args.lengths)}")
     if args.cases and not args.model.startswith("random:"):
@@ -116,13 +122,15 @@ def run(session, plan) -> int:
                     check_eviction_in_force(ppl["full"][name], ppl[policy][name])
         ppl_sources = {name: source for name, (_, source) in texts.items()}
 
-    passkey, passkey_note = {}, None
+    passkey, kept_notes = {}, []  # {(task, protocol): {policy: summary row}}
     if tokenizer is not None and args.cases:
         haystacks = {name: text for name, (text, _) in texts.items()}
-        passkey, passkey_note, paired = answers.tasks_kept(session, policies, haystacks, args.tasks,
-                                                           args.cases, args.lengths, args.phrasings)
-        passkey_note = "; ".join([passkey_note] + [answers.supported_note([c for c in paired if c["task"] == t],
-                                                                           f"{t} kept") for t in args.tasks])
+        for protocol in args.protocols:
+            kept, note, paired = answers.tasks_kept(session, policies, haystacks, args.tasks, args.cases,
+                                                    args.lengths, args.phrasings, protocol, args.context_chunk)
+            passkey.update({(task, protocol): k for task, k in kept.items()})
+            kept_notes.append("; ".join([note] + [answers.supported_note(
+                [c for c in paired if c["task"] == t], f"{t} kept ({protocol})") for t in args.tasks]))
 
     if tokenizer is None or "wikitext" not in texts:
         prompt = data.random_ids(model.config.vocab_size, args.context, args.batch)
@@ -138,6 +146,8 @@ def run(session, plan) -> int:
              "ppl_chunk": (1 if args.ppl_mode == "stream" else args.ppl_chunk) if ppl else None,
              "ppl_tokens": args.ppl_tokens if ppl else None,
              "positions": args.positions, "buffer": args.buffer}
+    gaps, gap_notes = gaps_closed(ppl, policies)
+    full_speed = speed["full"]
     rows = []
     for policy in policies:
         s = speed[policy]
@@ -147,14 +157,19 @@ def run(session, plan) -> int:
             row[f"{name}_ppl_after_eviction"] = ppl[policy][name].ppl(after_eviction=True)
         if ppl and policy not in ppl:  # measured for the others, not comparable for this one
             row.update({f"{name}_ppl": "n/c" for name in texts})
-        for task, kept in passkey.items():
-            k = kept[policy]
-            row[f"{task}_kept"] = answers.kept_text(k)  # n/c: never evicted, not scored
-            row[f"{task}_kept_share"] = k["kept_share"]
-            row[f"{task}_kept_low"], row[f"{task}_kept_high"] = k["kept_low"], k["kept_high"]
+        if policy in gaps:
+            row.update(gaps[policy])
+        for (task, protocol), kept in passkey.items():
+            k, column = kept[policy], kept_column(task, protocol)
+            row[column] = answers.kept_text(k)  # n/c: never evicted, not scored
+            row[f"{column}_share"] = k["kept_share"]
+            row[f"{column}_low"], row[f"{column}_high"] = k["kept_low"], k["kept_high"]
         row.update({
             "total_time_s": s.total_s, "avg_attn_ms": s.attn_ms_per_step, "ttft_s": s.ttft,
+            "ttft_over_full": s.ttft / full_speed.ttft,
             "tpot_median_ms": 1000 * s.tpot_median, "tpot_min_ms": 1000 * s.tpot_min,
+            "tpot_over_full": s.tpot_median / full_speed.tpot_median,
+            "tpot_min_over_full": s.tpot_min / full_speed.tpot_min,
             "throughput_tok_s": s.throughput, "peak_mem_mib": s.peak_mem_bytes / report.MIB,
             "peak_mem_kind": s.peak_mem_kind, "kv_mib": s.kv_bytes / report.MIB,
             **setup,
@@ -163,7 +178,9 @@ def run(session, plan) -> int:
 
     table = dict(TABLE)
     at = list(table).index("passkey_kept")
-    kept_columns = {f"{t}_kept": f"{'Passkey' if t == 'passkey' else t} kept" for t in passkey}
+    several = len(args.protocols) > 1
+    kept_columns = {kept_column(t, p): f"{'Passkey' if t == 'passkey' else t} kept" + (f" ({p})" if several else "")
+                    for t, p in passkey}
     table = {**dict(list(table.items())[:at]), **kept_columns, **dict(list(table.items())[at + 1:])}
     columns = {k: v for k, v in table.items() if k == "configuration" or any(k in r for r in rows)}
     mode = "token by token" if args.ppl_mode == "stream" else f"chunked, {args.ppl_chunk} tokens per forward"
@@ -174,7 +191,9 @@ def run(session, plan) -> int:
         "interleaved repeats; TPOT median (min in CSV/JSON); Avg Attn = time in the attention modules per decode "
         f"step, all layers; Peak Mem = {rows[0]['peak_mem_kind']}; KV MiB = exact cache bytes at the end",
     ]
-    notes += [passkey_note] if passkey_note else []
+    notes += gap_notes + kept_notes
+    notes.append("TTFT x full, TPOT x full: the policy's TTFT and median TPOT over the full cache's, measured "
+                 "interleaved in this run (TPOT min over min in CSV/JSON: tpot_min_over_full)")
     notes += [f"n/c (not comparable): {why}" for why in not_comparable]
     if any(v == "n/c" for r in rows for k, v in r.items() if k.endswith("_kept")):
         notes.append("n/c in a kept column: the policy never evicted while the prompts were fed (a decoding press "
@@ -191,6 +210,54 @@ def run(session, plan) -> int:
         f"; positions {args.positions}, lazy buffer {args.buffer}; speed after a {args.context}-token prompt"
     session.plot("bench.png", plot(rows, texts if ppl else {}, session.info["name"], args.context, setup_line))
     return session.finish([report.format_table(rows, columns)], notes)
+
+
+def kept_column(task: str, protocol: str) -> str:
+    """The kept column of a task under a protocol: `passkey_kept` (question-aware, as before), `passkey_kept_streaming`."""
+    return f"{task}_kept" if protocol == "question-aware" else f"{task}_kept_{protocol.replace('-', '_')}"
+
+
+def gaps_closed(ppl: dict, policies: list[str]) -> tuple[dict, list[str]]:
+    """Each measured policy's perplexity gap closed on each text against StreamingLLM at its budget, when that was
+    measured in the run: (StreamingLLM's PPL - the policy's) / (StreamingLLM's - the full cache's), 1 = the full
+    cache's perplexity, 0 = StreamingLLM's, < 0 worse, with its paired block-bootstrap 95% interval
+    (`h2o.eval.stats`); none where StreamingLLM is within the bootstrap's noise of the full cache (no gap to close).
+    ({policy: {<text>_gap_closed, <text>_gap_interval, ..., gap_closed: the worst over the texts}}, notes)."""
+    from .. import stats
+
+    if "full" not in ppl:
+        return {}, []
+    streaming = {describe(p).budget: p for p in ppl if p.startswith("streaming_")}
+    out, notes, without = {}, [], []
+    for policy in ppl:
+        if policy == "full" or policy in streaming.values():
+            continue
+        reference = streaming.get(describe(policy).budget)
+        if reference is None:
+            without.append(policy)
+            continue
+        row, worst = {}, None
+        for text, result in ppl[policy].items():
+            s, f = ppl[reference][text], ppl["full"][text]
+            if not stats.gap_supported(s.losses, f.losses):
+                row[f"{text}_gap_closed"], row[f"{text}_gap_interval"] = None, "no gap"
+                notes.append(f"{policy} on {text}: {reference}'s perplexity is within the block bootstrap's noise of "
+                             "the full cache's: no gap to close")
+                continue
+            gap = (s.ppl() - result.ppl()) / (s.ppl() - f.ppl())
+            row[f"{text}_gap_closed"] = gap
+            row[f"{text}_gap_interval"] = stats.interval_text(stats.gap_closed_interval(result.losses, s.losses, f.losses))
+            worst = gap if worst is None else min(worst, gap)
+        row["gap_closed"] = worst
+        row["gap_reference"] = reference
+        out[policy] = row
+    if out:
+        notes.insert(0, "Gap closed: the perplexity gap to the full cache closed against StreamingLLM at the same budget "
+                        "(1 = full, 0 = StreamingLLM, < 0 worse), the worst over the texts; each text's, with its paired "
+                        "block-bootstrap 95% interval, in CSV/JSON (<text>_gap_closed, <text>_gap_interval)")
+    if without:
+        notes.append(f"no gap closed for {', '.join(without)}: no StreamingLLM policy of the same budget in this run")
+    return out, notes
 
 
 FAMILY_COLORS = {"full": "#7f7f7f", "streaming": "#1f77b4", "h2o": "#d62728", "other": "#2ca02c",
