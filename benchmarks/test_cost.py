@@ -1,6 +1,7 @@
 """What query-agnostic compression costs (issue 41), on the embedded model (SmolLM2-135M: real weights, a tokenizer for
-the replay's prompts) on every device: the replaying rules' prefill against StreamingLLM's, and the decode step of the
-head and layer allocations against the same rule uniform.
+the replay's prompts) on every device: the replaying rules' prefill against StreamingLLM's, the decode step of the
+head and layer allocations against the same rule uniform, and a fork of a compressed context (compress once, ask many:
+`CompressedCache.fork`) against the compression it saves.
 
 Timed as `h2o perf` times: the two configurations compared advance in turn in one process, and the ratio of their
 minimums (and medians) is what a reader compares across runs, never the absolute times. pytest-benchmark times the
@@ -110,3 +111,34 @@ def test_allocation_decode_over_the_rule_uniform(benchmark, bench, embedded, all
         model, allocated, measure="decode_over_uniform", context_tokens=cost_context, decode_steps=DECODE_STEPS,
         reference=uniform, kv_bytes=held[allocated], reference_kv_bytes=held[uniform],
         **_ratios(list(benchmark.stats.stats.data), reference, GOALS["decode"])))
+
+
+FORKED = ("h2o_4_32_256", "global+kvzip_4_32_256", "retrieval_0.1_4+h2o_4_32_256")
+FORKS = 5
+
+
+@pytest.mark.parametrize("policy", FORKED)
+def test_fork_over_compress(benchmark, bench, embedded, policy, cost_context):
+    """One fork of a compressed context (what each further question costs before its own tokens) against the
+    compression it saves (the context's prefill, and a replaying rule's replay): the fork copies the kept keys and
+    values, never the free slots, and holds what the context holds."""
+    model, tokenizer, ids, scores = embedded
+    prompt = ids[:, :cost_context]
+    cache = h2o.make_cache(model, policy, tokenizer=tokenizer, head_scores=scores, positions=bench.sizes.positions,
+                           buffer=bench.sizes.buffer)
+    compress_s, _ = timed(bench.device, lambda: _prefill(bench, model, cache, prompt, 0))
+    held, seen = cache.kv_bytes(), cache.seen_tokens()
+    forks = []
+
+    def fork():  # the copies are queued on CUDA: the fork is done when they are
+        forks.append(cache.fork())
+        bench.sync()
+
+    benchmark.pedantic(fork, rounds=FORKS, warmup_rounds=1, iterations=1)
+    assert all(f.kv_bytes() == held and f.seen_tokens() == seen for f in forks), "a fork holds what the context holds"
+    assert cache.kv_bytes() == held and cache.seen_tokens() == seen, "forking leaves the context as it was"
+    fork_s = list(benchmark.stats.stats.data)
+    benchmark.extra_info.update(bench.info(
+        model, policy, measure="fork_over_compress", context_tokens=cost_context, kv_bytes=held,
+        compress_s=compress_s, fork_min_s=min(fork_s), fork_median_s=statistics.median(fork_s),
+        ratio_min=min(fork_s) / compress_s, ratio_median=statistics.median(fork_s) / compress_s))

@@ -48,7 +48,7 @@ ALLOCATION_PATTERN = "([a-z][a-z0-9]*)((?:_[0-9.]+)*)"
 # h2o.policies.families()
 FAMILIES = (
     "streaming", "h2o", "h2o_mean", "h2o_sum", "tova", "a2sf", "vatp", "vatp_mean", "vatp_sum", "knorm", "keydiff",
-    "snapkv", "caote", "vlen", "vlen_mean", "vlen_sum", "kvzip", "kvzap", "recommended",
+    "snapkv", "caote", "vlen", "vlen_mean", "vlen_sum", "kvzip", "kvzap", "kvzap_mlp", "recommended",
 )
 # h2o.policies.decode_rules(): what snapkv_..+<rule> and kvzip_..+<rule> may name
 DECODE_RULES = (

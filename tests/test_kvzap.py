@@ -226,3 +226,13 @@ def test_the_rotated_dims_read_from_the_config_are_those_the_model_rotates(famil
     assert rotary_dims(model.config) == expected
     if family != "gemma3":  # two RoPE modules (one per layer type): its frequencies are not read in one place
         assert rotary_embedding(model)[1] == expected
+
+
+def test_the_mlp_surrogate_is_a_family_of_its_own():
+    """`h2o tasks --policies kvzap_mlp` (a family sized per prompt) names the MLP, never the ridge silently."""
+    from h2o.policies import at_budget, families, is_family
+
+    assert "kvzap_mlp" in families() and is_family("global+kvzap_mlp")
+    assert at_budget("kvzap_mlp", 800).name == "kvzap_4_100_800_mlp" and at_budget("kvzap_mlp", 800).mlp
+    assert at_budget("global+kvzap_mlp", 800).name == "global_0.2+kvzap_4_100_800_mlp"
+    assert not at_budget("kvzap", 800).mlp

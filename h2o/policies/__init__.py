@@ -71,6 +71,7 @@ def families() -> list[str]:
     for name, cls in _REGISTRY.items():
         if cls.evicts:
             out += [name] + ([f"{name}_{rule}" for rule in SCORE_RULES] if cls.has_score else [])
+            out += [f"{name}_{variant}" for variant in getattr(cls, "FAMILY_VARIANTS", ())]
     return out + ["recommended"]
 
 
@@ -95,6 +96,8 @@ def at_budget(family: str, budget: int, score: str | None = None, recent: int | 
     name, _, rule = family.partition("_")
     cls = _REGISTRY[name]
     policy = cls.sized(4, budget // 8 if recent is None else recent, budget)
+    if rule in getattr(cls, "FAMILY_VARIANTS", ()):  # kvzap_mlp: the name's own suffix
+        return cls.from_name(f"{policy.name}_{rule}")
     if cls.has_score and (rule or score):
         policy = dataclasses.replace(policy, score=rule or score)
     return policy

@@ -31,6 +31,7 @@ class KVzap(Sized):
     PATTERN = Sized.PATTERN + r"(?:_(?P<kind>mlp))?"
     state = ("score",)
     needs_surrogate = True
+    FAMILY_VARIANTS = ("mlp",)  # h2o.policies.families(): kvzap_mlp, sized like kvzap (h2o tasks --policies kvzap_mlp)
 
     mlp: bool = False
     # bound by h2o.make_cache: the fitted surrogate, this layer's row in it and the KV heads a layer (or head group) holds
