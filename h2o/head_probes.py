@@ -151,15 +151,11 @@ class HeadScores:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (a temporary file beside it, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        from .files import atomic_path
+
+        with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HeadScores":

@@ -147,17 +147,13 @@ class Surrogate:
         """Write atomically (a temporary file beside it, then os.replace)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        from .files import atomic_path
+
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "rotary_dims": str(self.rotary_dims),
                 "head_dim": str(self.head_dim), "method": json.dumps(self.method)}
-        try:
+        with atomic_path(path) as tmp:
             save_file(self.tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Surrogate":

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from h2o.files import atomic_path
+
 MIB = 1 << 20
 
 
@@ -30,9 +32,8 @@ def prepare_output_dir(path: str | os.PathLike) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: Path, payload: dict) -> Path:
@@ -77,10 +78,11 @@ def pyplot():
 
 def save_figure(fig, path: Path) -> Path:
     """Write the figure atomically, then close it."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    pyplot().close(fig)
+    try:
+        with atomic_path(path, suffix=".tmp" + Path(path).suffix) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    finally:
+        pyplot().close(fig)
     return path
 
 
