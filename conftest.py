@@ -11,6 +11,23 @@ import os
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA unless run with --device cpu (benchmarks)")
     config.addinivalue_line("markers", "slow: loads the embedded pretrained model (SmolLM2-135M)")
+    # On xdist workers (-n N, which sets --dist load), the groups below share a worker (--dist loadgroup). Set here
+    # and only then: a --dist in addopts would make pytest-benchmark disable the benchmarks of a plain run.
+    if config.getoption("numprocesses", None) and config.getoption("dist", "no") == "load":
+        config.option.dist = "loadgroup"
+    if getattr(config, "workerinput", {}).get("h2o_loadgroup"):  # a worker re-parses its options: tell it
+        config.option.loadgroup = True
+
+
+def _optional_hook(hook):
+    import pytest
+
+    return pytest.hookimpl(optionalhook=True)(hook)
+
+
+@_optional_hook
+def pytest_configure_node(node):  # pytest-xdist, on the controller: what each worker is told at its start
+    node.workerinput["h2o_loadgroup"] = node.config.getoption("dist", "no") == "loadgroup"
 
 
 def pytest_addoption(parser):
