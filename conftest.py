@@ -7,6 +7,8 @@ pretrained model (they still run in CI).
 
 import os
 
+import pytest
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA unless run with --device cpu (benchmarks)")
@@ -19,13 +21,7 @@ def pytest_configure(config):
         config.option.loadgroup = True
 
 
-def _optional_hook(hook):
-    import pytest
-
-    return pytest.hookimpl(optionalhook=True)(hook)
-
-
-@_optional_hook
+@pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):  # pytest-xdist, on the controller: what each worker is told at its start
     node.workerinput["h2o_loadgroup"] = node.config.getoption("dist", "no") == "loadgroup"
 
@@ -42,30 +38,20 @@ def pytest_addoption(parser):
 
 # Under pytest-xdist (`-n 2`, the CI command), tests that share an expensive set-up share one worker: the Ray tests
 # (two local Ray clusters started at once on a 2-core machine would only fight over its cores) and the tests that
-# load the embedded GGUF (30 s per worker that loads it). These groups run first: a group is one unit of work for
-# xdist, and the Ray group (~3.5 minutes) scheduled last was the suite's tail, one worker idle while the other ran it.
+# load the embedded GGUF (30 s per worker that loads it). A group is one unit of work for xdist, which hands out the
+# largest first: these two run from the start, not as the suite's tail.
 SERIAL_GROUPS = {"test_units": "ray", "test_eval_models": "gguf"}
 
 
-def _tryfirst(hook):
-    import pytest
-
-    return pytest.hookimpl(tryfirst=True)(hook)
+def _group(item) -> str | None:
+    return SERIAL_GROUPS.get(item.module.__name__.rpartition(".")[2])
 
 
-@_tryfirst  # before pytest-xdist's own hook, which reads the xdist_group marks into the node ids (a mark added after
-def pytest_collection_modifyitems(config, items):  # it, as this hook did until 2026-12-08, grouped nothing)
-    import pytest
-
-    grouped = []
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks into the node ids
+def pytest_collection_modifyitems(config, items):
     for item in items:
-        group = SERIAL_GROUPS.get(item.module.__name__.rpartition(".")[2])
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-            grouped.append(item)
-    rank = {group: i for i, group in enumerate(SERIAL_GROUPS.values())}
-    first = sorted(grouped, key=lambda item: rank[SERIAL_GROUPS[item.module.__name__.rpartition(".")[2]]])
-    items[:] = first + [item for item in items if item not in set(first)]
+        if _group(item):
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
 
 
 def pytest_collection_finish(session):
@@ -74,8 +60,7 @@ def pytest_collection_finish(session):
     at once."""
     if not getattr(session.config.option, "loadgroup", False):
         return
-    lost = [item.nodeid for item in session.items
-            if SERIAL_GROUPS.get(item.module.__name__.rpartition(".")[2]) and "@" not in item.nodeid]
+    lost = [item.nodeid for item in session.items if _group(item) and "@" not in item.nodeid]
     if lost:
         import warnings
 

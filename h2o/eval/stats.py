@@ -70,6 +70,13 @@ def _block_sums(losses) -> tuple[np.ndarray, np.ndarray]:
     return np.add.reduceat(x, edges), np.diff(np.append(edges, len(x))).astype(np.float64)
 
 
+def gap_closed(rule_ppl: float, streaming_ppl: float, full_ppl: float) -> float:
+    """The share of StreamingLLM's perplexity gap to the full cache that a rule closes: (PPL streaming - PPL rule) /
+    (PPL streaming - PPL full); 1 is the full cache, 0 StreamingLLM, negative worse than StreamingLLM. The caller
+    decides whether there is a gap to close (`gap_supported`)."""
+    return (streaming_ppl - rule_ppl) / (streaming_ppl - full_ppl)
+
+
 def gap_closed_interval(rule, streaming, full, level: float = LEVEL, resamples: int = RESAMPLES,
                         seed: int = SEED) -> tuple[float, float] | None:
     """The paired block-bootstrap interval of the gap closed on one text, from the three runs' per-token losses

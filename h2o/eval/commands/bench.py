@@ -244,7 +244,7 @@ def gaps_closed(ppl: dict, policies: list[str]) -> tuple[dict, list[str]]:
                 notes.append(f"{policy} on {text}: {reference}'s perplexity is within the block bootstrap's noise of "
                              "the full cache's: no gap to close")
                 continue
-            gap = (s.ppl() - result.ppl()) / (s.ppl() - f.ppl())
+            gap = stats.gap_closed(result.ppl(), s.ppl(), f.ppl())
             row[f"{text}_gap_closed"] = gap
             row[f"{text}_gap_interval"] = stats.interval_text(stats.gap_closed_interval(result.losses, s.losses, f.losses))
             worst = gap if worst is None else min(worst, gap)

@@ -278,7 +278,7 @@ def _gap_closed(rows: list[dict], no_gap: set = frozenset()) -> None:
         base = streaming.get((r["text"], r["budget"]))
         if base is not None and r["family"] not in ("full", "streaming") and base != full[r["text"]] \
                 and (r["text"], r["budget"]) not in no_gap:
-            r["gap_closed"] = (base - r["ppl"]) / (base - full[r["text"]])
+            r["gap_closed"] = stats.gap_closed(r["ppl"], base, full[r["text"]])
 
 
 def plot_ppl(rows, title):
